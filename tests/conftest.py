@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TUNEBOOK_SHARED", ROOT.parent / "shared"))
+
+
+@pytest.fixture
+def shared_datasets() -> Path:
+    """../shared/datasets beside the checkout (real public samples); tests that need it skip without it."""
+    path = SHARED / "datasets"
+    if not path.is_dir():
+        pytest.skip(f"{path} is not present")
+    return path
+
+
+@pytest.fixture
+def write_params(tmp_path):
+    """Write a params YAML into tmp_path and return its path."""
+
+    def write(text: str, name: str = "p.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write

@@ -1,0 +1,91 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from tunebook.config import DataParams, PromptParams
+from tunebook.data import DataError, chat_prompt, read_rows, split_examples, to_examples, with_chat
+
+FIELDS = DataParams(train_path="x")
+ROW = {"id": "r1", "question": "Who?", "passages": ["Ada wrote it.", "Other text."], "answers": ["Ada"]}
+
+
+def test_reads_jsonl_json_csv_parquet(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps(ROW) + "\n\n", encoding="utf-8")
+    (tmp_path / "a.json").write_text(json.dumps([ROW]), encoding="utf-8")
+    pd.DataFrame([{**ROW, "passages": json.dumps(ROW["passages"]), "answers": "Ada"}]).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame([ROW]).to_parquet(tmp_path / "a.parquet")
+    for name in ("a.jsonl", "a.json", "a.csv", "a.parquet"):
+        rows = read_rows(str(tmp_path / name), "train")
+        [example] = to_examples(rows, FIELDS, name, nfkc=False)
+        assert example["passages"] == ROW["passages"] and example["answers"] == ["Ada"], name
+
+
+def test_missing_field_names_the_row(tmp_path):
+    rows = [ROW, {"id": "r2", "question": "Q", "passages": ["p"]}]
+    with pytest.raises(DataError, match=r"data.jsonl row 2: missing field\(s\) \['answers'\]"):
+        to_examples(rows, FIELDS, "data.jsonl", nfkc=False)
+
+
+def test_field_mapping_and_duplicate_ids():
+    rows = [{"q": "Who?", "ctx": "Ada wrote it.", "gold": "Ada"}]
+    fields = DataParams(train_path="x", question_field="q", passages_field="ctx", answers_field="gold", id_field=None)
+    [example] = to_examples(rows, fields, "s", nfkc=False)
+    assert example["passages"] == ["Ada wrote it."] and example["id"] == "1"
+    with pytest.raises(DataError, match="duplicate id 'r1'"):
+        to_examples([ROW, ROW], FIELDS, "s", nfkc=False)
+
+
+def test_bad_files_get_one_clear_message(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"question": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="not UTF-8 text .* line 1"):
+        read_rows(str(bad), "train")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(ROW) + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
+        read_rows(str(broken), "train")
+    with pytest.raises(DataError, match="Data file not found"):
+        read_rows(str(tmp_path / "nope.jsonl"), "train")
+    with pytest.raises(DataError, match="no rows"):
+        to_examples([], FIELDS, "empty.jsonl", nfkc=False)
+
+
+def test_nfkc_normalizes_full_width():
+    row = {**ROW, "answers": ["ＡＢＣ＝１"]}
+    [example] = to_examples([row], FIELDS, "s", nfkc=True)
+    assert example["answers"] == ["ABC=1"]
+
+
+def test_split_is_deterministic_and_keeps_groups_together():
+    examples = [{"id": str(i), "group": f"g{i // 4}"} for i in range(40)]
+    train, evaluation = split_examples(examples, 0.25, seed=1)
+    assert (train, evaluation) == split_examples(examples, 0.25, seed=1)
+    assert len(evaluation) == 12  # whole groups of 4 until at least 10 rows
+    assert not {e["group"] for e in train} & {e["group"] for e in evaluation}
+    with pytest.raises(DataError, match="leaves no training rows"):
+        split_examples(examples, 40, seed=1)
+
+
+def test_prompt_holds_instruction_numbered_passages_and_question():
+    prompt = PromptParams(system="Be brief.")
+    [example] = to_examples([ROW], FIELDS, "s", nfkc=False)
+    messages = chat_prompt(example, prompt)
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+    assert "[1] Ada wrote it.\n\n[2] Other text." in messages[1]["content"]
+    assert messages[1]["content"].endswith("Question: Who?")
+    assert with_chat(example, prompt)["completion"] == [{"role": "assistant", "content": "Ada"}]
+
+
+def test_default_dataset_is_reproducible_and_sound(tmp_path):
+    shipped = (ROOT / "data" / "minipedia_rag_qa.jsonl").read_bytes()
+    subprocess.run([sys.executable, str(ROOT / "data" / "build_minipedia_rag_qa.py")], check=True, capture_output=True)
+    assert (ROOT / "data" / "minipedia_rag_qa.jsonl").read_bytes() == shipped
+    rows = [json.loads(line) for line in shipped.decode().splitlines()]
+    assert len(rows) >= 400
+    for row in rows:
+        assert len(row["passages"]) == 3
+        assert any(row["answers"][0] in p for p in row["passages"]), row["id"]

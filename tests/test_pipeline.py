@@ -1,0 +1,98 @@
+"""The five notebooks, executed headless by papermill on params/smoke.yaml: every stage for real, on a few rows."""
+import json
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from conftest import ROOT
+from tunebook.runs import STAGES
+
+REQUIRED_METRIC_KEYS = {"model", "exact_match", "partial_match", "f1", "n", "seconds", "peak_memory_mb"}
+
+
+def tunebook(*args):
+    return subprocess.run([sys.executable, "-m", "tunebook", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs")
+    result = tunebook("run", "params/smoke.yaml", "--set", f"output_dir={out}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out / "smoke", result
+
+
+def test_all_stages_complete_with_executed_notebooks(smoke_run):
+    run_dir, _ = smoke_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [manifest["stages"][s]["status"] for s in STAGES] == ["complete"] * 5
+    for stage in STAGES:
+        executed = nbformat.read(run_dir / "notebooks" / f"{stage}.ipynb", as_version=4)
+        assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code"), stage
+
+
+def test_metrics_table(smoke_run):
+    run_dir, result = smoke_run
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["model"] for r in rows] == ["base", "finetuned", "int8_weight_only"]
+    for row in rows:
+        assert REQUIRED_METRIC_KEYS <= row.keys()
+        assert row["n"] == 8 and 0 <= row["exact_match"] <= row["partial_match"] <= 1
+        assert row["seconds"] > 0 and row["peak_memory_mb"] > 0
+    assert (run_dir / "metrics.csv").read_text().startswith("model,exact_match,partial_match,f1,n,")
+    assert "| base |" in result.stdout
+
+
+def test_artifacts_of_every_stage(smoke_run):
+    run_dir, _ = smoke_run
+    assert (run_dir / "dataset" / "hf" / "dataset_dict.json").exists()
+    assert len((run_dir / "dataset" / "eval.jsonl").read_text().splitlines()) == 8
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    assert (run_dir / "merged" / "config.json").exists()
+    assert (run_dir / "quantized" / "int8_weight_only" / "config.json").exists()
+    for label in ("base", "finetuned", "int8_weight_only"):
+        assert len((run_dir / "predictions" / f"{label}.jsonl").read_text().splitlines()) == 8
+
+
+def test_report_counts_match_predictions(smoke_run):
+    run_dir, _ = smoke_run
+    from tunebook.analysis import categorize
+
+    analysis = json.loads((run_dir / "analysis.json").read_text())
+    report = (run_dir / "report.html").read_text()
+    for counts in analysis["category_counts"]:
+        rows = [json.loads(line) for line in (run_dir / "predictions" / f"{counts['model']}.jsonl").read_text().splitlines()]
+        wrong = [r for r in rows if r["exact_match"] != 1]
+        assert counts["correct"] == len(rows) - len(wrong)
+        for category in ("empty", "normalization", "too_verbose", "truncated", "wrong"):
+            assert counts[category] == sum(categorize(r["prediction"], r["gold_answers"]) == category for r in wrong)
+        assert f"{counts['model']}: {len(wrong)} wrong of {len(rows)}" in report
+
+
+def test_existing_run_is_not_overwritten(smoke_run):
+    run_dir, _ = smoke_run
+    before = (run_dir / "metrics.json").read_bytes()
+    result = tunebook("run", "params/smoke.yaml", "--set", f"output_dir={run_dir.parent}")
+    assert result.returncode == 2 and "already exists" in result.stderr and "Traceback" not in result.stderr
+    assert (run_dir / "metrics.json").read_bytes() == before
+    resumed = tunebook("run", "params/smoke.yaml", "--set", f"output_dir={run_dir.parent}", "--resume")
+    assert resumed.returncode == 0 and "nothing to do" in resumed.stdout
+
+
+def test_rerun_of_later_stages(smoke_run):
+    run_dir, _ = smoke_run
+    result = tunebook("run", "params/smoke.yaml", "--set", f"output_dir={run_dir.parent}", "--stages", "05")
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["05_error_analysis"]["status"] == "complete"
+    assert manifest["stages"]["04_evaluate"]["status"] == "complete"
+
+
+def test_failed_stage_is_reported_and_marked(tmp_path):
+    result = tunebook("run", "params/smoke.yaml", "--set", f"output_dir={tmp_path}", "--set", "data.train_path=missing.jsonl")
+    assert result.returncode == 2
+    assert "Stage 01_build_dataset failed" in result.stderr and "Data file not found" in result.stderr
+    manifest = json.loads((tmp_path / "smoke" / "manifest.json").read_text())
+    assert manifest["stages"]["01_build_dataset"]["status"] == "failed"
