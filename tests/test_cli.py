@@ -39,7 +39,7 @@ def test_score_bad_input_is_one_message(tmp_path):
     bad.write_text('{"prediction": "a", "gold_answers": ["a"]}\n{"prediction": "b"}\n')
     result = tunebook("score", bad)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {bad} line 2: needs 'prediction' (text) and 'gold_answers' (a non-empty list of texts)."
+    assert result.stderr.strip() == f"error: {bad} row 2: needs 'prediction' (text) and 'gold_answers' (a non-empty list of texts)."
 
 
 def test_params_typo_stops_before_anything_runs(tmp_path):

@@ -138,6 +138,7 @@ def _kernel_name() -> str:
 
 
 def score_file(path: str, jsonl_out: str | None) -> int:
+    from tunebook.data import read_jsonl
     from tunebook.metrics import mean_scores, score
 
     source = Path(path)
@@ -146,22 +147,12 @@ def score_file(path: str, jsonl_out: str | None) -> int:
     if jsonl_out and Path(jsonl_out).resolve() == source.resolve():
         raise TunebookError("--jsonl-out must not be the input file (it would be overwritten).")
     rows = []
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise TunebookError(f"{source} is not UTF-8 text.") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TunebookError(f"{source} line {number}: not valid JSON ({e.msg}).") from None
-        prediction, golds = row.get("prediction") if isinstance(row, dict) else None, row.get("gold_answers") if isinstance(row, dict) else None
+    for number, row in enumerate(read_jsonl(source), start=1):
+        prediction, golds = row.get("prediction"), row.get("gold_answers")
         if isinstance(golds, str):
             golds = [golds]
         if not isinstance(prediction, str) or not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
-            raise TunebookError(f"{source} line {number}: needs 'prediction' (text) and 'gold_answers' (a non-empty list of texts).")
+            raise TunebookError(f"{source} row {number}: needs 'prediction' (text) and 'gold_answers' (a non-empty list of texts).")
         rows.append(score(prediction, golds))
     if not rows:
         raise TunebookError(f"{source}: no rows to score.")

@@ -37,9 +37,9 @@ def read_rows(path_or_id: str, split: str) -> list[dict]:
 
             records = pd.read_parquet(path).to_dict("records")
             return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in r.items()} for r in records]  # numpy -> lists
-        text = _read_text(path)
         if suffix == ".jsonl":
-            return _parse_jsonl(text, path)
+            return read_jsonl(path)
+        text = _read_text(path)
         if suffix == ".json":
             try:
                 data = json.loads(text)
@@ -61,9 +61,10 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text (bad byte 0x{raw[e.start]:02x} on line {line}). Re-save it as UTF-8.") from None
 
 
-def _parse_jsonl(text: str, path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a UTF-8 JSONL file (blank lines skipped); a bad line is named by its number."""
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -217,6 +218,9 @@ def build_dataset(run: Run) -> BuiltDataset:
                 print(f"Note: {len(overlap)} eval question(s) also occur in the training data.")
         else:
             train, evaluation = split_examples(examples, p.data.eval_size, p.seed)
+        # Shuffled (seeded) before any cap, so a capped split still spans every topic and source.
+        random.Random(p.seed).shuffle(train)
+        random.Random(p.seed + 1).shuffle(evaluation)
         train = train[: p.data.max_train_examples]
         evaluation = evaluation[: p.data.max_eval_examples]
         for name, rows in (("train", train), ("eval", evaluation)):
@@ -264,8 +268,7 @@ def build_dataset(run: Run) -> BuiltDataset:
 
 
 def load_split(run: Run, split: str) -> list[dict]:
-    path = Path(run.outputs_of("01_build_dataset")[f"{split}_jsonl"])
-    return _parse_jsonl(path.read_text(encoding="utf-8"), path)
+    return read_jsonl(Path(run.outputs_of("01_build_dataset")[f"{split}_jsonl"]))
 
 
 def plot_token_lengths(built: BuiltDataset, max_seq_length: int):
