@@ -11,7 +11,7 @@ export TUNEBOOK_CACHE
 MODEL := $(TUNEBOOK_CACHE)/models/SmolLM2-135M-Instruct/model.safetensors
 PARAMS ?= params/default.yaml
 
-.PHONY: run test setup model params-doc
+.PHONY: run test setup model
 
 run: setup model
 	$(PY) -m tunebook run $(PARAMS) --resume $(ARGS)

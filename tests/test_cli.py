@@ -53,3 +53,13 @@ def test_params_typo_stops_before_anything_runs(tmp_path):
 def test_params_command_lists_every_key():
     result = tunebook("params")
     assert result.returncode == 0 and "| `train.lora_r` |" in result.stdout
+
+
+def test_score_with_hotpot_rules(shared_datasets, tmp_path):
+    out = tmp_path / "scored.jsonl"
+    result = tunebook("score", shared_datasets / "metric_reference" / "cases.jsonl", "--metric", "hotpot", "--jsonl-out", out)
+    assert result.returncode == 0, result.stderr
+    cases = [json.loads(line) for line in (shared_datasets / "metric_reference" / "cases.jsonl").read_text().splitlines()]
+    for case, row in zip(cases, (json.loads(line) for line in out.read_text().splitlines())):
+        if case["hotpot_f1"] is not None:
+            assert row["f1"] == pytest.approx(case["hotpot_f1"], abs=1e-6), case["case_id"]

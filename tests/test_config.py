@@ -96,4 +96,4 @@ def test_readme_params_table_is_generated_from_the_schema():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = re.search(r"<!-- params-table:start -->\n(.*?)\n<!-- params-table:end -->", readme, re.S)
     assert table, "README.md lacks the generated params table markers"
-    assert table.group(1).strip() == schema_markdown().strip(), "README params table is stale: regenerate it with `python -m tunebook params`"
+    assert table.group(1).strip() == schema_markdown().strip(), "README params table is stale: run `python -m tunebook params --update-readme README.md`"

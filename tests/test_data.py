@@ -89,3 +89,12 @@ def test_default_dataset_is_reproducible_and_sound(tmp_path):
     for row in rows:
         assert len(row["passages"]) == 3
         assert any(row["answers"][0] in p for p in row["passages"]), row["id"]
+
+
+def test_dotted_fields_reach_into_nested_records():
+    rows = [{"id": "1", "question": "Who?", "context": "Ada wrote it.", "answers": {"text": ["Ada", "Ada L."], "answer_start": [0, 0]}}]
+    fields = DataParams(train_path="x", passages_field="context", answers_field="answers.text")
+    [example] = to_examples(rows, fields, "s", nfkc=False)
+    assert example["answers"] == ["Ada", "Ada L."]
+    with pytest.raises(DataError, match=r"missing field\(s\) \['answers.text'\]"):
+        to_examples([{**rows[0], "answers": {"answer_start": [0]}}], fields, "s", nfkc=False)

@@ -1,8 +1,8 @@
 """Command line: run the notebooks headless, score a predictions file, list the params, cache a model.
 
     python -m tunebook run params/default.yaml [--stages 04,05] [--set train.max_steps=10] [--resume | --overwrite]
-    python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl]
-    python -m tunebook params
+    python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric squad|hotpot|japanese]
+    python -m tunebook params [--update-readme README.md]
     python -m tunebook prepare-model [NAME]
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tunebook.config import DEFAULT_MODEL, load_params, schema_markdown
 from tunebook.errors import TunebookError
+from tunebook.metrics import SCORERS
 from tunebook.runs import STAGES, Run, save_params
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
@@ -38,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     score = sub.add_parser("score", help="Score a JSONL of predictions (fields: prediction, gold_answers).")
     score.add_argument("file")
     score.add_argument("--jsonl-out", help="Write one scored row per input row here, in order")
+    score.add_argument("--metric", choices=list(SCORERS), default="squad", help="Scoring rules (default: squad)")
 
-    sub.add_parser("params", help="List every params key with its default and meaning (markdown).")
+    params_cmd = sub.add_parser("params", help="List every params key with its default and meaning (markdown).")
+    params_cmd.add_argument("--update-readme", metavar="README", help="Rewrite the generated params table inside this file")
 
     prepare = sub.add_parser("prepare-model", help="Materialize an embedded model in the cache (done on first use anyway).")
     prepare.add_argument("name", nargs="?", default=DEFAULT_MODEL)
@@ -49,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return run_pipeline(args.params, args.overrides, args.stages, resume=args.resume, overwrite=args.overwrite)
         if args.command == "score":
-            return score_file(args.file, args.jsonl_out)
+            return score_file(args.file, args.jsonl_out, args.metric)
         if args.command == "params":
+            if args.update_readme:
+                return update_readme_table(Path(args.update_readme))
             print(schema_markdown())
             return 0
         from tunebook.models import materialize_embedded
@@ -130,6 +135,20 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
     return 0
 
 
+README_MARKERS = ("<!-- params-table:start -->\n", "\n<!-- params-table:end -->")
+
+
+def update_readme_table(readme: Path) -> int:
+    text = readme.read_text(encoding="utf-8")
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise TunebookError(f"{readme} has no {start.strip()} ... {end.strip()} markers.")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + schema_markdown() + end + rest.split(end, 1)[1], encoding="utf-8")
+    print(f"updated the params table in {readme}")
+    return 0
+
+
 def _kernel_name() -> str:
     """The kernel `make setup` registers for this environment, else the default python3 (Colab, GPU hosts)."""
     from jupyter_client.kernelspec import KernelSpecManager
@@ -137,9 +156,9 @@ def _kernel_name() -> str:
     return "tunebook" if "tunebook" in KernelSpecManager().find_kernel_specs() else "python3"
 
 
-def score_file(path: str, jsonl_out: str | None) -> int:
+def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
     from tunebook.data import read_jsonl
-    from tunebook.metrics import mean_scores, score
+    from tunebook.metrics import mean_scores
 
     source = Path(path)
     if not source.is_file():
@@ -153,7 +172,7 @@ def score_file(path: str, jsonl_out: str | None) -> int:
             golds = [golds]
         if not isinstance(prediction, str) or not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
             raise TunebookError(f"{source} row {number}: needs 'prediction' (text) and 'gold_answers' (a non-empty list of texts).")
-        rows.append(score(prediction, golds))
+        rows.append(SCORERS[metric](prediction, golds))
     if not rows:
         raise TunebookError(f"{source}: no rows to score.")
     means = mean_scores(rows)

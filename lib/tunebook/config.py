@@ -41,7 +41,7 @@ class DataParams(Section):
     id_field: str | None = Field("id", description="Column with a row id (empty = row number).")
     question_field: str = Field("question", description="Column with the question.")
     passages_field: str = Field("passages", description="Column with the retrieved passages: a list of strings, or one string.")
-    answers_field: str = Field("answers", description="Column with the gold answer(s): a list of strings, or one string.")
+    answers_field: str = Field("answers", description="Column with the gold answer(s): a list of strings, or one string. Dotted names reach into records, e.g. answers.text.")
     group_field: str | None = Field(None, description="Column whose rows stay on one side of the train/eval split (e.g. the source article), so eval passages are unseen.")
     eval_size: float = Field(0.2, gt=0, description="Rows held out for eval when eval_path is empty: a fraction (< 1) or a count (>= 1).")
     max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training rows (after the split); empty = all.")
@@ -83,6 +83,9 @@ class QuantizeParams(Section):
 
 
 class EvaluateParams(Section):
+    metric: Literal["squad", "hotpot", "japanese"] = Field(
+        "squad", description="Answer scoring: squad (SQuAD v1.1 EM/F1), hotpot (HotpotQA yes/no rule), japanese (AI王 NFKC EM, JGLUE char F1)."
+    )
     models: list[str] = Field(["base", "finetuned", "quantized"], description="Models to score: base, finetuned, and quantized (= every variant made in 03).")
     batch_size: int = Field(16, ge=1, description="Prompts generated together (left-padded, sorted by length).")
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in tokens (greedy decoding).")

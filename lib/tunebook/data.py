@@ -100,17 +100,18 @@ def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -
     examples, seen = [], set()
     for number, row in enumerate(rows, start=1):
         where = f"{source} row {number}"
-        missing = [f for f in wanted if row.get(f) is None or (isinstance(row[f], str) and not row[f].strip())]
+        values = {f: field_value(row, f) for f in wanted}
+        missing = [f for f, v in values.items() if v is None or (isinstance(v, str) and not v.strip())]
         if missing:
             raise DataError(
                 f"{where}: missing field(s) {missing}. Fields present: {sorted(row)}. "
                 "Map your columns with data.question_field / passages_field / answers_field / group_field."
             )
-        question = row[fields.question_field]
+        question = values[fields.question_field]
         if not isinstance(question, str):
             raise DataError(f"{where}: '{fields.question_field}' must be text, got {type(question).__name__}.")
-        passages = _text_list(row[fields.passages_field], where, fields.passages_field)
-        answers = _text_list(row[fields.answers_field], where, fields.answers_field)
+        passages = _text_list(values[fields.passages_field], where, fields.passages_field)
+        answers = _text_list(values[fields.answers_field], where, fields.answers_field)
         row_id = str(row.get(fields.id_field)) if fields.id_field and row.get(fields.id_field) not in (None, "") else str(number)
         if row_id in seen:
             raise DataError(f"{where}: duplicate id '{row_id}' in field '{fields.id_field}'.")
@@ -121,10 +122,20 @@ def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -
                 "question": norm(question.strip()),
                 "passages": [norm(p) for p in passages],
                 "answers": [norm(a.strip()) for a in answers],
-                "group": str(row[fields.group_field]) if fields.group_field else row_id,
+                "group": str(values[fields.group_field]) if fields.group_field else row_id,
             }
         )
     return examples
+
+
+def field_value(row: dict, name: str):
+    """row[name]; a dotted name reaches into nested records, e.g. answers.text for SQuAD on the hub."""
+    value = row
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 def _text_list(value, where: str, field: str) -> list[str]:

@@ -13,7 +13,7 @@ import time
 
 from tunebook.data import load_split
 from tunebook.generate import generate, peak_memory
-from tunebook.metrics import mean_scores, score
+from tunebook.metrics import SCORERS, mean_scores
 from tunebook.models import load_for_inference
 from tunebook.runs import Run, write_json_atomic
 
@@ -41,6 +41,7 @@ def evaluate(run: Run) -> list[dict]:
     p = run.params
     examples = load_split(run, "eval")
     models = models_to_evaluate(run)
+    score = SCORERS[p.evaluate.metric]
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
         predictions_dir.mkdir(exist_ok=True)

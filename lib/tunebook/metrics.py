@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 
 _PUNCTUATION = set(string.punctuation)
@@ -61,3 +62,91 @@ def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
     if not rows:
         return {k: 0.0 for k in keys}
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+# ---- HotpotQA answer metrics (official hotpot_evaluate_v1.py rules) ----
+
+_HOTPOT_SPECIAL = ("yes", "no", "noanswer")
+
+
+def hotpot_f1(prediction: str, gold: str) -> float:
+    """SQuAD token F1, except that yes / no / noanswer must match exactly (else 0)."""
+    pred, gold_norm = normalize_answer(prediction), normalize_answer(gold)
+    if (pred in _HOTPOT_SPECIAL or gold_norm in _HOTPOT_SPECIAL) and pred != gold_norm:
+        return 0.0
+    return token_f1(prediction, gold)
+
+
+def hotpot_score(prediction: str, golds: list[str]) -> dict[str, float]:
+    return {
+        "exact_match": max(exact_match(prediction, g) for g in golds),
+        "partial_match": max(partial_match(prediction, g) for g in golds),
+        "f1": max(hotpot_f1(prediction, g) for g in golds),
+    }
+
+
+# ---- Japanese QA: JGLUE (JSQuAD) character F1 and AI王 (JAQKET) answer normalization ----
+
+
+def jglue_normalize(text: str) -> str:
+    """JGLUE's JSQuAD normalization: lower-case, strip trailing 。, collapse whitespace; punctuation is kept."""
+    return " ".join(text.lower().rstrip("。").split())
+
+
+def char_f1(prediction: str, gold: str) -> float:
+    """JGLUE's character-level F1 over the normalized strings (both empty: 1, one empty: 0)."""
+    pred, gold_chars = list(jglue_normalize(prediction)), list(jglue_normalize(gold))
+    if not pred or not gold_chars:
+        return float(pred == gold_chars)
+    same = sum((Counter(pred) & Counter(gold_chars)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold_chars)
+    return 2 * precision * recall / (precision + recall)
+
+
+_BRACKETED = (re.compile(r"【.*?】"), re.compile(r"\(.*?\)"), re.compile(r"\[.*?\]"))
+
+
+def aio_normalize(text: str) -> str:
+    """The AI王 answer normalization, re-implemented: NFKC (with ～ kept as 〜), bracketed notes, ※ notes,
+    trailing 、/ annotations and 「」『』 quotes removed, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text.replace("～", "〜"))
+    for pattern in _BRACKETED:
+        text = pattern.sub("", text).strip() or text
+    text = text.split("※", 1)[0].strip()
+    if text and text[0] not in "「『":
+        text = re.sub(r"[、/].+$", "", text)
+    text = re.sub(r"「(.*?)」", r"\1", text)
+    text = re.sub(r"『(.*?)』.*", r"\1", text)
+    return " ".join(text.split())
+
+
+def japanese_score(prediction: str, golds: list[str]) -> dict[str, float]:
+    """EM after the AI王 normalization, JGLUE character F1, and partial match on the normalized strings."""
+    pred = aio_normalize(prediction)
+    gold_norms = [aio_normalize(g) for g in golds]
+    return {
+        "exact_match": max(float(pred == g) for g in gold_norms),
+        "partial_match": max(float(bool(g) and g in pred) for g in gold_norms),
+        "f1": max(char_f1(prediction, g) for g in golds),
+    }
+
+
+# ---- classification (scikit-learn's implementations) ----
+
+
+def classification_scores(predictions: list[str], labels: list[str], classes: list[str]) -> dict[str, float]:
+    """Accuracy, macro-F1 over `classes` (an invalid prediction counts as wrong), and the invalid-output rate."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if not labels:
+        raise ValueError("no labels to score")
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
+        "invalid_rate": sum(p not in classes for p in predictions) / len(predictions),
+    }
+
+
+SCORERS = {"squad": score, "hotpot": hotpot_score, "japanese": japanese_score}
