@@ -137,8 +137,14 @@ def item_html(row: dict, model: str = "") -> str:
         f'{head}<span class="cat cat-{row["category"]}">{row["category"]}</span> <small>{html.escape(CATEGORY_MEANING.get(row["category"], ""))}</small>'
         f"<p><b>Q:</b> {html.escape(row['question'])}</p>"
         f'<p><b>Gold:</b> {golds}<br><b>Prediction:</b> <span class="pred">{html.escape(row["prediction"]) or "(empty)"}</span>'
-        f" <small>F1 {row['f1']:.2f}</small></p>{passages}</div>"
+        f" <small>F1 {row['f1']:.2f}</small></p>{_full_output(row)}{passages}</div>"
     )
+
+
+def _full_output(row: dict) -> str:
+    """The model's whole output, when only its final-answer part was scored (reasoning outputs)."""
+    output = row.get("output", row["prediction"])
+    return "" if output == row["prediction"] else f'<p><b>Full output:</b> <span class="pred">{html.escape(output)}</span></p>'
 
 
 def _table_html(rows: list[dict]) -> str:

@@ -33,6 +33,14 @@ class ModelParams(Section):
     max_seq_length: int = Field(1024, ge=32, description="Longest prompt + answer in tokens; longer examples are dropped in 01 (and counted).")
 
 
+class RaftParams(Section):
+    enabled: bool = Field(False, description="Build RAFT-style examples: oracle passages + sampled distractors, some training rows without the oracle.")
+    oracle_field: str = Field("supporting_facts", description="Column listing the oracle passages as [title, sentence index] pairs (HotpotQA's supporting_facts).")
+    distractors: int = Field(3, ge=0, description="Distractor passages kept per example, sampled from the row's non-oracle passages.")
+    oracle_drop: float = Field(0.2, ge=0, le=1, description="Fraction P of training examples whose oracle passages are removed (eval always keeps them).")
+    cot: bool = Field(True, description="Training target = a short reasoning quoting the supporting sentences, then the final-answer line; false = the answer only.")
+
+
 class DataParams(Section):
     train_path: str = Field(..., description="Training data: a .jsonl, .json, .csv or .parquet file, or a Hugging Face hub dataset id.")
     eval_path: str | None = Field(None, description="Separate evaluation data (same formats); empty = hold out eval_size rows of train_path.")
@@ -40,13 +48,14 @@ class DataParams(Section):
     eval_split: str = Field("validation", description="Split name to read when eval_path is a hub dataset id.")
     id_field: str | None = Field("id", description="Column with a row id (empty = row number).")
     question_field: str = Field("question", description="Column with the question.")
-    passages_field: str = Field("passages", description="Column with the retrieved passages: a list of strings, or one string.")
+    passages_field: str = Field("passages", description="Column with the retrieved passages: a list of strings, one string, or [title, [sentences]] pairs (HotpotQA).")
     answers_field: str = Field("answers", description="Column with the gold answer(s): a list of strings, or one string. Dotted names reach into records, e.g. answers.text.")
     group_field: str | None = Field(None, description="Column whose rows stay on one side of the train/eval split (e.g. the source article), so eval passages are unseen.")
     eval_size: float = Field(0.2, gt=0, description="Rows held out for eval when eval_path is empty: a fraction (< 1) or a count (>= 1).")
     max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training rows (after the split); empty = all.")
     max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many eval rows; empty = all.")
     nfkc: bool = Field(False, description="Apply Unicode NFKC normalization to questions, passages and answers (full-width to half-width etc.).")
+    raft: RaftParams = Field(default_factory=RaftParams, description="RAFT data construction (retrieval-augmented fine-tuning).")
 
 
 class PromptParams(Section):
@@ -55,6 +64,7 @@ class PromptParams(Section):
         "Answer the question using the passages below. Reply with the answer only: a short span copied from a passage, not a sentence.",
         description="Instruction placed before the passages and the question in the user message.",
     )
+    final_answer_prefix: str | None = Field(None, description="For reasoning outputs: only the rest of the line after the first occurrence of this prefix (e.g. 'Answer:') is scored; empty = the whole output.")
 
 
 class TrainParams(Section):

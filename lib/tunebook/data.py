@@ -110,22 +110,71 @@ def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -
         question = values[fields.question_field]
         if not isinstance(question, str):
             raise DataError(f"{where}: '{fields.question_field}' must be text, got {type(question).__name__}.")
-        passages = _text_list(values[fields.passages_field], where, fields.passages_field)
+        titles, passages = _passages(values[fields.passages_field], where, fields.passages_field)
         answers = _text_list(values[fields.answers_field], where, fields.answers_field)
         row_id = str(row.get(fields.id_field)) if fields.id_field and row.get(fields.id_field) not in (None, "") else str(number)
         if row_id in seen:
             raise DataError(f"{where}: duplicate id '{row_id}' in field '{fields.id_field}'.")
         seen.add(row_id)
-        examples.append(
-            {
-                "id": row_id,
-                "question": norm(question.strip()),
-                "passages": [norm(p) for p in passages],
-                "answers": [norm(a.strip()) for a in answers],
-                "group": str(values[fields.group_field]) if fields.group_field else row_id,
-            }
-        )
+        example = {
+            "id": row_id,
+            "question": norm(question.strip()),
+            "passages": [norm(p) for p in passages],
+            "answers": [norm(a.strip()) for a in answers],
+            "group": str(values[fields.group_field]) if fields.group_field else row_id,
+        }
+        if fields.raft.enabled:
+            example.update(_oracle(field_value(row, fields.raft.oracle_field), titles, values[fields.passages_field], where, fields.raft.oracle_field))
+        examples.append(example)
     return examples
+
+
+def _passages(value, where: str, field: str) -> tuple[list[str | None], list[str]]:
+    """(titles, texts): plain strings have no title; [title, [sentences]] pairs become 'title: sentences'."""
+    if isinstance(value, list) and value and all(_is_titled(v) for v in value):
+        return [v[0] for v in value], [f"{v[0]}: {''.join(v[1]).strip()}" for v in value]
+    texts = _text_list(value, where, field)
+    return [None] * len(texts), texts
+
+
+def _is_titled(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], list)
+
+
+def _oracle(facts, titles: list, raw_passages, where: str, field: str) -> dict:
+    """Oracle passage titles and the supporting sentences they quote, from [title, sentence index] pairs."""
+    if not isinstance(facts, list) or not facts or not all(_is_fact(f) for f in facts):
+        raise DataError(f"{where}: data.raft.oracle_field '{field}' must be a list of [title, sentence index] pairs, got {facts!r:.80}.")
+    sentences = {v[0]: v[1] for v in raw_passages if _is_titled(v)}
+    missing = sorted({t for t, _ in facts if t not in sentences})
+    if missing:
+        raise DataError(f"{where}: oracle passage(s) {missing} are not among the row's passages {titles}.")
+    quotes = [sentences[t][i].strip() for t, i in facts if i < len(sentences[t])]
+    return {"titles": titles, "oracle_titles": sorted({t for t, _ in facts}), "quotes": quotes}
+
+
+def _is_fact(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def raft_example(example: dict, raft, rng: random.Random, *, train: bool, answer_prefix: str | None) -> dict:
+    """RAFT: keep the oracle passages (dropped for a fraction of training rows) plus k sampled distractors,
+    shuffled; the target is a reasoning that quotes the supporting sentences, then the final-answer line."""
+    oracle = [i for i, t in enumerate(example["titles"]) if t in example["oracle_titles"]]
+    others = [i for i in range(len(example["passages"])) if i not in oracle]
+    chosen = rng.sample(others, min(raft.distractors, len(others)))
+    keep_oracle = not (train and rng.random() < raft.oracle_drop)
+    if keep_oracle:
+        chosen += oracle
+    rng.shuffle(chosen)
+    answer = example["answers"][0]
+    if raft.cot:
+        quoted = " ".join(f"##begin_quote## {q} ##end_quote##" for q in example["quotes"])
+        target = f"The passages say: {quoted}\n{answer_prefix or 'Answer:'} {answer}"
+    else:
+        target = answer
+    kept = {k: v for k, v in example.items() if k not in ("titles", "oracle_titles", "quotes")}
+    return {**kept, "passages": [example["passages"][i] for i in chosen], "target": target, "oracle_kept": keep_oracle}
 
 
 def field_value(row: dict, name: str):
@@ -190,7 +239,7 @@ def with_chat(example: dict, prompt: PromptParams) -> dict:
     return {
         **example,
         "prompt": chat_prompt(example, prompt),
-        "completion": [{"role": "assistant", "content": example["answers"][0]}],
+        "completion": [{"role": "assistant", "content": example.get("target", example["answers"][0])}],
     }
 
 
@@ -234,6 +283,11 @@ def build_dataset(run: Run) -> BuiltDataset:
         random.Random(p.seed + 1).shuffle(evaluation)
         train = train[: p.data.max_train_examples]
         evaluation = evaluation[: p.data.max_eval_examples]
+        if p.data.raft.enabled:
+            rng = random.Random(p.seed)
+            prefix = p.prompt.final_answer_prefix
+            train = [raft_example(e, p.data.raft, rng, train=True, answer_prefix=prefix) for e in train]
+            evaluation = [raft_example(e, p.data.raft, rng, train=False, answer_prefix=prefix) for e in evaluation]
         for name, rows in (("train", train), ("eval", evaluation)):
             if not rows:
                 raise DataError(f"The {name} split is empty: check data.eval_size={p.data.eval_size} and data.eval_path.")

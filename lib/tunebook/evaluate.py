@@ -20,6 +20,15 @@ from tunebook.runs import Run, write_json_atomic
 METRIC_COLUMNS = ["model", "exact_match", "partial_match", "f1", "n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb"]
 
 
+def final_answer(output: str, prefix: str | None) -> str:
+    """The scored part of an output: the rest of the line after the first `prefix` (reasoning outputs; a model
+    may ramble on after its answer), else the whole output."""
+    if prefix and prefix in output:
+        rest = output.split(prefix, 1)[1].strip()
+        return rest.splitlines()[0].strip() if rest else ""
+    return output
+
+
 def models_to_evaluate(run: Run) -> list[tuple[str, str]]:
     """(label, model path or id) in table order."""
     wanted = run.params.evaluate.models
@@ -57,10 +66,10 @@ def evaluate(run: Run) -> list[dict]:
                 )
             del model
             gc.collect()
-            rows = [
-                {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": text, **score(text, e["answers"])}
-                for e, text in zip(examples, result.texts)
-            ]
+            rows = []
+            for e, text in zip(examples, result.texts):
+                answer = final_answer(text, p.prompt.final_answer_prefix)
+                rows.append({"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": answer, "output": text, **score(answer, e["answers"])})
             path = predictions_dir / f"{label}.jsonl"
             with open(path, "w", encoding="utf-8") as f:
                 for row in rows:
