@@ -131,30 +131,27 @@ def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -
 
 def _passages(value, where: str, field: str) -> tuple[list[str | None], list[str]]:
     """(titles, texts): plain strings have no title; [title, [sentences]] pairs become 'title: sentences'."""
-    if isinstance(value, list) and value and all(_is_titled(v) for v in value):
+    if isinstance(value, list) and value and all(_titled_pair(v, list) for v in value):
         return [v[0] for v in value], [f"{v[0]}: {''.join(v[1]).strip()}" for v in value]
     texts = _text_list(value, where, field)
     return [None] * len(texts), texts
 
 
-def _is_titled(value) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], list)
+def _titled_pair(value, second: type) -> bool:
+    """[title, X] with X of type `second`: a HotpotQA paragraph (X = sentences) or fact (X = sentence index)."""
+    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], second)
 
 
 def _oracle(facts, titles: list, raw_passages, where: str, field: str) -> dict:
     """Oracle passage titles and the supporting sentences they quote, from [title, sentence index] pairs."""
-    if not isinstance(facts, list) or not facts or not all(_is_fact(f) for f in facts):
+    if not isinstance(facts, list) or not facts or not all(_titled_pair(f, int) for f in facts):
         raise DataError(f"{where}: data.raft.oracle_field '{field}' must be a list of [title, sentence index] pairs, got {facts!r:.80}.")
-    sentences = {v[0]: v[1] for v in raw_passages if _is_titled(v)}
+    sentences = {v[0]: v[1] for v in raw_passages if _titled_pair(v, list)}
     missing = sorted({t for t, _ in facts if t not in sentences})
     if missing:
         raise DataError(f"{where}: oracle passage(s) {missing} are not among the row's passages {titles}.")
     quotes = [sentences[t][i].strip() for t, i in facts if i < len(sentences[t])]
     return {"titles": titles, "oracle_titles": sorted({t for t, _ in facts}), "quotes": quotes}
-
-
-def _is_fact(value) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
 def raft_example(example: dict, raft, rng: random.Random, *, train: bool, answer_prefix: str | None) -> dict:

@@ -46,14 +46,14 @@ def partial_match(prediction: str, gold: str) -> float:
     return float(gold_norm in normalize_answer(prediction))
 
 
-def score(prediction: str, golds: list[str]) -> dict[str, float]:
+def score(prediction: str, golds: list[str], f1=token_f1) -> dict[str, float]:
     """Per-example scores, each the max over the gold answers (as the SQuAD script does)."""
     if not golds:
         raise ValueError("at least one gold answer is needed")
     return {
         "exact_match": max(exact_match(prediction, g) for g in golds),
         "partial_match": max(partial_match(prediction, g) for g in golds),
-        "f1": max(token_f1(prediction, g) for g in golds),
+        "f1": max(f1(prediction, g) for g in golds),
     }
 
 
@@ -78,11 +78,7 @@ def hotpot_f1(prediction: str, gold: str) -> float:
 
 
 def hotpot_score(prediction: str, golds: list[str]) -> dict[str, float]:
-    return {
-        "exact_match": max(exact_match(prediction, g) for g in golds),
-        "partial_match": max(partial_match(prediction, g) for g in golds),
-        "f1": max(hotpot_f1(prediction, g) for g in golds),
-    }
+    return score(prediction, golds, f1=hotpot_f1)
 
 
 # ---- Japanese QA: JGLUE (JSQuAD) character F1 and AI王 (JAQKET) answer normalization ----
