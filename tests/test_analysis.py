@@ -1,4 +1,4 @@
-from tunebook.analysis import categorize, highlight, item_html, report_html, transitions
+from tunebook.analysis import categorize, confusion_matrix, highlight, is_right, item_html, report_html, transitions
 
 
 def test_categories():
@@ -29,3 +29,20 @@ def test_model_text_is_escaped_in_the_report():
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<img" not in page
     assert "&lt;script&gt;" in item_html(row)
+
+
+def test_confusion_matrix_counts_and_report_table():
+    rows = [
+        {"gold_answers": ["sports"], "prediction": "sports"},
+        {"gold_answers": ["sports"], "prediction": "movie"},
+        {"gold_answers": ["movie"], "prediction": "a <b>film</b>"},
+    ]
+    counts = confusion_matrix(rows, ["sports", "movie"])
+    assert counts == {"sports": {"sports": 1, "movie": 1, "(invalid)": 0}, "movie": {"sports": 0, "movie": 0, "(invalid)": 1}}
+    page = report_html("r", {}, [], None, {"finetuned": counts})
+    assert "Confusion matrices" in page and "<td>sports</td>" in page
+
+
+def test_right_uses_the_metric_s_rule():
+    assert is_right({"right": True, "exact_match": 0}) and not is_right({"right": False})
+    assert is_right({"exact_match": 1})  # prediction files written before `right` existed

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from tunebook.config import DataParams, PromptParams
-from tunebook.data import DataError, chat_prompt, read_rows, split_examples, to_examples, with_chat
+from tunebook.config import DataParams, ParamsError, PromptParams, RetrievalParams
+from tunebook.data import DataError, chat_prompt, class_labels, read_rows, retrieve_passages, split_examples, to_examples, with_chat
 
 FIELDS = DataParams(train_path="x")
 ROW = {"id": "r1", "question": "Who?", "passages": ["Ada wrote it.", "Other text."], "answers": ["Ada"]}
@@ -98,3 +98,51 @@ def test_dotted_fields_reach_into_nested_records():
     assert example["answers"] == ["Ada", "Ada L."]
     with pytest.raises(DataError, match=r"missing field\(s\) \['answers.text'\]"):
         to_examples([{**rows[0], "answers": {"answer_start": [0]}}], fields, "s", nfkc=False)
+
+
+def test_template_places_labels_title_and_a_cut_passage():
+    prompt = PromptParams(instruction="Pick a genre.", template="{instruction}\nGenres: {labels}\nTitle: {question}\n{passages}")
+    row = {"id": "1", "title": "Striker scores", "body": "The striker scored twice on Sunday.", "label": "sports"}
+    fields = DataParams(train_path="x", question_field="title", passages_field="body", answers_field="label", passage_max_chars=11)
+    [example] = to_examples([row], fields, "s", nfkc=False)
+    message = chat_prompt(example, prompt, ["movie", "sports"])[0]["content"]
+    assert message == "Pick a genre.\nGenres: movie, sports\nTitle: Striker scores\n[1] The striker"
+
+
+def test_template_placeholders_are_checked():
+    with pytest.raises(ValueError, match=r"unknown placeholder\(s\) \['context'\]"):
+        PromptParams(template="{instruction} {context}")
+    with pytest.raises(ValueError, match="literal braces"):
+        PromptParams(template="{instruction} {")
+
+
+def test_class_labels_come_from_training_and_unknown_gold_is_named():
+    train = [{"answers": ["sports"]}, {"answers": ["movie"]}]
+    assert class_labels(train, [{"answers": ["movie"]}], DataParams(train_path="x")) == ["movie", "sports"]
+    with pytest.raises(DataError, match=r"Gold label\(s\) \['peachy'\] are not among the training split's labels"):
+        class_labels(train, [{"answers": ["peachy"]}], DataParams(train_path="x"))
+    with pytest.raises(DataError, match=r"\['movie'\] are not among data.labels"):
+        class_labels(train, [], DataParams(train_path="x", labels=["sports"]))
+
+
+def test_retrieval_fills_passages_and_reports_gold_hits(tmp_path):
+    corpus = [
+        {"id": "apt", "text": "Use apt-get install to add packages to the system."},
+        {"id": "names", "text": "Release code names come from Toy Story characters."},
+        {"id": "kernel", "text": "The Linux kernel is packaged as linux-image."},
+    ]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in corpus), encoding="utf-8")
+    fields = DataParams(
+        train_path="x", question_field="q", answers_field="a",
+        retrieval=RetrievalParams(corpus_path=str(path), top_k=1, gold_id_field="doc"),
+    )
+    rows = [{"id": "1", "q": "How do I install packages?", "a": "apt-get install", "doc": "apt"},
+            {"id": "2", "q": "Where do release code names come from?", "a": "Toy Story", "doc": "kernel"}]
+    examples = retrieve_passages(to_examples(rows, fields, "s", nfkc=False), fields)  # no passages field needed
+    assert [e["doc_ids"] for e in examples] == [["apt"], ["names"]]
+    assert examples[0]["passages"] == [corpus[0]["text"]]
+    assert [e["gold_retrieved"] for e in examples] == [True, False]
+    bad = DataParams(train_path="x", question_field="q", answers_field="a", retrieval=RetrievalParams(corpus_path=str(path), text_field="body"))
+    with pytest.raises(DataError, match=r"docs.jsonl row 1: needs an id in 'id' and text in 'body'"):
+        retrieve_passages(examples, bad)

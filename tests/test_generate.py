@@ -29,3 +29,13 @@ def test_peak_memory_is_measured():
         block = bytearray(50 * 2**20)
     assert peak["mb"] > 50
     del block
+
+
+def test_constrained_decoding_returns_only_labels(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    labels = ["sports-watch", "movie-enter", "it-life-hack"]
+    question = [{"role": "user", "content": f"Pick the genre of 'The striker scored twice.' from: {', '.join(labels)}."}]
+    constrained = generate(model, tokenizer, CONVERSATIONS + [question], batch_size=2, max_new_tokens=32, labels=labels)
+    assert all(text in labels for text in constrained.texts), constrained.texts
+    free = generate(model, tokenizer, CONVERSATIONS, batch_size=3, max_new_tokens=8)
+    assert not any(text in labels for text in free.texts)  # without the constraint these prompts give no label

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tunebook.metrics import mean_scores, normalize_answer, score
+from tunebook.metrics import faq_score, normalize_answer, rouge_l, score, score_predictions
 
 
 def test_normalization_follows_squad():
@@ -22,9 +22,34 @@ def test_partial_match_empty_gold_and_empty_prediction():
     assert score("anything", ["the"])["partial_match"] == 0.0  # gold normalizes to empty: partial falls back to EM
 
 
-def test_mean_scores():
-    rows = [score("a b", ["a b"]), score("c", ["d"])]
-    assert mean_scores(rows) == {"exact_match": 0.5, "partial_match": 0.5, "f1": 0.5}
+def test_summary_is_the_mean_of_the_example_scores():
+    rows, summary = score_predictions("squad", ["a b", "c"], [["a b"], ["d"]])
+    assert summary == {"exact_match": 0.5, "partial_match": 0.5, "f1": 0.5}
+    assert [r["right"] for r in rows] == [True, False]
+
+
+def test_classification_counts_invalid_outputs_as_wrong():
+    labels = ["sports", "movie", "it"]
+    rows, summary = score_predictions("classification", ["sports", "movie", "it", "a film"], [["sports"], ["movie"], ["movie"], ["movie"]], labels)
+    assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
+    assert summary["accuracy"] == 0.5 and summary["invalid_rate"] == 0.25
+    # per-class F1: sports 1; movie 0.5 (precision 1, recall 1/3); it 0 (only a false positive)
+    assert summary["macro_f1"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+
+
+def test_rouge_l_and_faq_scores():
+    assert rouge_l("Use apt-get to install packages.", "Use apt-get to install packages.") == 1.0
+    # longest common subsequence "the cat on the mat": 5 of 6 and 5 of 7 tokens
+    assert rouge_l("the cat sat on the mat", "the cat was lying on the mat") == pytest.approx(2 * (5 / 6) * (5 / 7) / (5 / 6 + 5 / 7))
+    assert faq_score("nothing in common", ["Debian uses dpkg."]) == {"rouge_l": 0.0, "f1": 0.0}
+
+
+def test_faq_summary_has_embedding_similarity():
+    golds = [["Install packages with apt-get install or the aptitude program."], ["Debian releases get code names from Toy Story characters."]]
+    rows, summary = score_predictions("faq", ["You install packages with apt-get install.", ""], golds)
+    assert set(summary) == {"rouge_l", "embedding_similarity", "f1"}
+    assert rows[0]["embedding_similarity"] > 0.6 and rows[1]["embedding_similarity"] == 0.0  # empty answer: no credit
+    assert rows[0]["right"] is True and rows[1]["right"] is False
 
 
 def test_parity_with_official_squad_v1_1_script(shared_datasets):

@@ -1,6 +1,7 @@
 """Stage 05: why answers are wrong.
 
-Every wrong answer (exact match 0) gets one category, checked in this order:
+Every wrong answer gets one category (wrong = exact match 0; for long FAQ answers, ROUGE-L below
+metrics.FAQ_RIGHT_ROUGE_L), checked in this order:
 - empty: the model said nothing;
 - normalization: equal to a gold once width, case, punctuation and spacing are ignored (NFKC + casefold);
 - too_verbose: the prediction contains a gold (right answer, extra words);
@@ -52,6 +53,11 @@ def categorize(prediction: str, golds: list[str]) -> str:
     return "wrong"
 
 
+def is_right(row: dict) -> bool:
+    # `right` is written by 04 for every metric; older prediction files only have exact_match.
+    return bool(row.get("right", row.get("exact_match") == 1))
+
+
 def load_predictions(run: Run) -> dict[str, list[dict]]:
     """Predictions per model, each row joined with its eval example (passages) and its category."""
     files = run.outputs_of("04_evaluate")["predictions"]
@@ -61,7 +67,7 @@ def load_predictions(run: Run) -> dict[str, list[dict]]:
         rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         for row in rows:
             row["passages"] = passages.get(row["id"], [])
-            row["category"] = "correct" if row["exact_match"] == 1 else categorize(row["prediction"], row["gold_answers"])
+            row["category"] = "correct" if is_right(row) else categorize(row["prediction"], row["gold_answers"])
         result[label] = rows
     return result
 
@@ -82,7 +88,7 @@ def transitions(before: list[dict], after: list[dict]) -> dict[str, int]:
         a = after_by_id.get(b["id"])
         if a is None:
             continue
-        right_before, right_after = b["exact_match"] == 1, a["exact_match"] == 1
+        right_before, right_after = is_right(b), is_right(a)
         counts["fixed" if right_after and not right_before else "broken" if right_before and not right_after else "both_right" if right_after else "still_wrong"] += 1
     return {k: counts[k] for k in ("fixed", "broken", "still_wrong", "both_right")}
 
@@ -92,11 +98,24 @@ def analyze(run: Run) -> dict:
         predictions = load_predictions(run)
         counts = category_counts(predictions)
         compare = transitions(predictions["base"], predictions["finetuned"]) if {"base", "finetuned"} <= predictions.keys() else None
+        labels = run.outputs_of("04_evaluate").get("labels") or []
+        confusion = {m: confusion_matrix(rows, labels) for m, rows in predictions.items()} if labels else {}
         report = run.dir / "report.html"
-        report.write_text(report_html(run.params.run_name, predictions, counts, compare), encoding="utf-8")
-        write_json_atomic(run.dir / "analysis.json", {"category_counts": counts, "base_vs_finetuned": compare})
+        report.write_text(report_html(run.params.run_name, predictions, counts, compare, confusion), encoding="utf-8")
+        write_json_atomic(run.dir / "analysis.json", {"category_counts": counts, "base_vs_finetuned": compare, "confusion": confusion})
         outputs.update(report_html=str(report), analysis_json=str(run.dir / "analysis.json"))
-    return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare}
+    return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare, "labels": labels, "confusion": confusion}
+
+
+def confusion_matrix(rows: list[dict], labels: list[str]) -> dict:
+    """Classification: counts[gold][predicted] over the labels, plus an "(invalid)" column for outputs
+    that are no label (free generation)."""
+    columns = [*labels, "(invalid)"]
+    counts = {gold: dict.fromkeys(columns, 0) for gold in labels}
+    for r in rows:
+        gold, predicted = r["gold_answers"][0], r["prediction"].strip()
+        counts.setdefault(gold, dict.fromkeys(columns, 0))[predicted if predicted in labels else "(invalid)"] += 1
+    return counts
 
 
 # ---- rendering: one item renderer shared by the widget and the static report ----
@@ -137,8 +156,13 @@ def item_html(row: dict, model: str = "") -> str:
         f'{head}<span class="cat cat-{row["category"]}">{row["category"]}</span> <small>{html.escape(CATEGORY_MEANING.get(row["category"], ""))}</small>'
         f"<p><b>Q:</b> {html.escape(row['question'])}</p>"
         f'<p><b>Gold:</b> {golds}<br><b>Prediction:</b> <span class="pred">{html.escape(row["prediction"]) or "(empty)"}</span>'
-        f" <small>F1 {row['f1']:.2f}</small></p>{_full_output(row)}{passages}</div>"
+        f" <small>{_scores(row)}</small></p>{_full_output(row)}{passages}</div>"
     )
+
+
+def _scores(row: dict) -> str:
+    shown = {"f1": "F1", "rouge_l": "ROUGE-L", "embedding_similarity": "embedding sim."}
+    return " · ".join(f"{name} {row[key]:.2f}" for key, name in shown.items() if key in row)
 
 
 def _full_output(row: dict) -> str:
@@ -155,7 +179,19 @@ def _table_html(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def report_html(run_name: str, predictions: dict[str, list[dict]], counts: list[dict], compare: dict | None) -> str:
+def _confusion_html(model: str, counts: dict) -> str:
+    columns = list(next(iter(counts.values())))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        f"<tr><td>{html.escape(gold)}</td>"
+        + "".join(f'<td style="background:{"#cfe8fc" if c == gold else "#f8d0d0" if n else "#fff"}">{n}</td>' for c, n in row.items())
+        + "</tr>"
+        for gold, row in counts.items()
+    )
+    return f"<h3>{html.escape(model)}</h3><table><tr><th>gold \\ predicted</th>{head}</tr>{body}</table>"
+
+
+def report_html(run_name: str, predictions: dict[str, list[dict]], counts: list[dict], compare: dict | None, confusion: dict | None = None) -> str:
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>tunebook · {html.escape(run_name)} · error analysis</title>",
         f"<style>{_CSS}</style></head><body><h1>Error analysis · run {html.escape(run_name)}</h1>",
@@ -165,6 +201,8 @@ def report_html(run_name: str, predictions: dict[str, list[dict]], counts: list[
     ]
     if compare:
         parts += ["<h2>Base → fine-tuned</h2>", _table_html([compare])]
+    if confusion:
+        parts += ["<h2>Confusion matrices</h2>"] + [_confusion_html(m, c) for m, c in confusion.items()]
     for label, rows in predictions.items():
         wrong = [r for r in rows if r["category"] != "correct"]
         parts.append(f"<h2>{html.escape(label)}: {len(wrong)} wrong of {len(rows)}</h2>")

@@ -1,7 +1,7 @@
 """Command line: run the notebooks headless, score a predictions file, list the params, cache a model.
 
     python -m tunebook run params/default.yaml [--stages 04,05] [--set train.max_steps=10] [--resume | --overwrite]
-    python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric squad|hotpot|japanese]
+    python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric squad|hotpot|japanese|classification|faq]
     python -m tunebook params [--update-readme README.md]
     python -m tunebook prepare-model [NAME]
 """
@@ -158,25 +158,27 @@ def _kernel_name() -> str:
 
 def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
     from tunebook.data import read_jsonl
-    from tunebook.metrics import mean_scores
+    from tunebook.metrics import score_predictions
 
     source = Path(path)
     if not source.is_file():
         raise TunebookError(f"Predictions file not found: {source}")
     if jsonl_out and Path(jsonl_out).resolve() == source.resolve():
         raise TunebookError("--jsonl-out must not be the input file (it would be overwritten).")
-    rows = []
+    predictions, golds = [], []
     for number, row in enumerate(read_jsonl(source), start=1):
-        prediction, golds = row.get("prediction"), row.get("gold_answers")
-        if isinstance(golds, str):
-            golds = [golds]
-        if not isinstance(prediction, str) or not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
+        prediction, gold = row.get("prediction"), row.get("gold_answers")
+        if isinstance(gold, str):
+            gold = [gold]
+        if not isinstance(prediction, str) or not isinstance(gold, list) or not gold or not all(isinstance(g, str) for g in gold):
             raise TunebookError(f"{source} row {number}: needs 'prediction' (text) and 'gold_answers' (a non-empty list of texts).")
-        rows.append(SCORERS[metric](prediction, golds))
-    if not rows:
+        predictions.append(prediction)
+        golds.append(gold)
+    if not predictions:
         raise TunebookError(f"{source}: no rows to score.")
-    means = mean_scores(rows)
-    print(f"n={len(rows)}  exact_match={means['exact_match']:.4f}  partial_match={means['partial_match']:.4f}  f1={means['f1']:.4f}")
+    # Classification: the labels are the gold labels seen in the file.
+    rows, summary = score_predictions(metric, predictions, golds, labels=sorted({g[0] for g in golds}))
+    print(f"n={len(rows)}  " + "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
     if jsonl_out:
         tmp = Path(jsonl_out + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:

@@ -6,6 +6,7 @@ table is generated from it), notebooks and the CLI read params only through `loa
 from __future__ import annotations
 
 import difflib
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunebook.errors import TunebookError
 
 DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
+TEMPLATE_FIELDS = ("instruction", "passages", "question", "labels")
 
 
 class ParamsError(TunebookError):
@@ -41,6 +43,15 @@ class RaftParams(Section):
     cot: bool = Field(True, description="Training target = a short reasoning quoting the supporting sentences, then the final-answer line; false = the answer only.")
 
 
+class RetrievalParams(Section):
+    corpus_path: str | None = Field(None, description="Documents to retrieve each question's passages from with BM25 (bm25s): a .jsonl/.json/.csv/.parquet file or hub id; empty = passages come from data.passages_field.")
+    corpus_split: str = Field("train", description="Split name to read when corpus_path is a hub dataset id.")
+    id_field: str = Field("id", description="Corpus column with the document id.")
+    text_field: str = Field("text", description="Corpus column with the document text (what is searched and shown).")
+    top_k: int = Field(3, ge=1, description="Documents retrieved per question.")
+    gold_id_field: str | None = Field(None, description="Example column with the id of the document that answers it; 01 reports the retrieval hit rate (share of questions whose gold document is retrieved).")
+
+
 class DataParams(Section):
     train_path: str = Field(..., description="Training data: a .jsonl, .json, .csv or .parquet file, or a Hugging Face hub dataset id.")
     eval_path: str | None = Field(None, description="Separate evaluation data (same formats); empty = hold out eval_size rows of train_path.")
@@ -54,8 +65,11 @@ class DataParams(Section):
     eval_size: float = Field(0.2, gt=0, description="Rows held out for eval when eval_path is empty: a fraction (< 1) or a count (>= 1).")
     max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training rows (after the split); empty = all.")
     max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many eval rows; empty = all.")
+    passage_max_chars: int | None = Field(None, ge=1, description="Cut each passage to its first N characters (long articles); empty = keep whole passages.")
+    labels: list[str] | None = Field(None, description="Classification: the valid labels (empty = the distinct answers of the training split); shown by {labels} in prompt.template and used for constrained decoding.")
     nfkc: bool = Field(False, description="Apply Unicode NFKC normalization to questions, passages and answers (full-width to half-width etc.).")
     raft: RaftParams = Field(default_factory=RaftParams, description="RAFT data construction (retrieval-augmented fine-tuning).")
+    retrieval: RetrievalParams = Field(default_factory=RetrievalParams, description="BM25 retrieval of passages from a document corpus.")
 
 
 class PromptParams(Section):
@@ -64,7 +78,24 @@ class PromptParams(Section):
         "Answer the question using the passages below. Reply with the answer only: a short span copied from a passage, not a sentence.",
         description="Instruction placed before the passages and the question in the user message.",
     )
+    template: str = Field(
+        "{instruction}\n\nPassages:\n{passages}\n\nQuestion: {question}",
+        description="The user message; placeholders {instruction}, {passages} (numbered), {question}, {labels} (comma-separated).",
+    )
     final_answer_prefix: str | None = Field(None, description="For reasoning outputs: only the rest of the line after the first occurrence of this prefix (e.g. 'Answer:') is scored; empty = the whole output.")
+
+
+    @field_validator("template")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as e:
+            raise ValueError(f"not a valid template ({e}); write literal braces as {{{{ and }}}}") from None
+        unknown = names - set(TEMPLATE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
+        return value
 
 
 class TrainParams(Section):
@@ -93,12 +124,14 @@ class QuantizeParams(Section):
 
 
 class EvaluateParams(Section):
-    metric: Literal["squad", "hotpot", "japanese"] = Field(
-        "squad", description="Answer scoring: squad (SQuAD v1.1 EM/F1), hotpot (HotpotQA yes/no rule), japanese (AI王 NFKC EM, JGLUE char F1)."
+    metric: Literal["squad", "hotpot", "japanese", "classification", "faq"] = Field(
+        "squad",
+        description="Scoring: squad (SQuAD v1.1 EM/F1), hotpot (HotpotQA yes/no rule), japanese (AI王 NFKC EM, JGLUE char F1), classification (accuracy, macro-F1), faq (long answers: ROUGE-L, embedding similarity).",
     )
+    constrain_labels: bool = Field(True, description="Classification: decode only valid labels (every prediction is a label); false = free generation, invalid outputs counted.")
     models: list[str] = Field(["base", "finetuned", "quantized"], description="Models to score: base, finetuned, and quantized (= every variant made in 03).")
     batch_size: int = Field(16, ge=1, description="Prompts generated together (left-padded, sorted by length).")
-    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in tokens (greedy decoding).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in tokens (greedy decoding); classification uses the longest label instead.")
 
     @field_validator("models")
     @classmethod
@@ -127,7 +160,7 @@ class Params(Section):
 
 # Keys whose relative values are paths: resolved against the params file's folder (values given with
 # --set against the current folder), so a run behaves the same from the repo root, notebooks/ or Colab.
-PATH_KEYS = ("output_dir", "data.train_path", "data.eval_path", "model.name")
+PATH_KEYS = ("output_dir", "data.train_path", "data.eval_path", "data.retrieval.corpus_path", "model.name")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 

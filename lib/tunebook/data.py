@@ -94,9 +94,11 @@ def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -
     if not rows:
         raise DataError(f"{source}: no rows.")
     norm = (lambda s: unicodedata.normalize("NFKC", s)) if nfkc else (lambda s: s)
-    wanted = [fields.question_field, fields.passages_field, fields.answers_field]
-    if fields.group_field:
-        wanted.append(fields.group_field)
+    retrieved = bool(fields.retrieval.corpus_path)  # passages come from the corpus, not from the row
+    wanted = [fields.question_field, fields.answers_field]
+    wanted += [fields.retrieval.gold_id_field] if retrieved and fields.retrieval.gold_id_field else []
+    wanted += [] if retrieved else [fields.passages_field]
+    wanted += [fields.group_field] if fields.group_field else []
     examples, seen = [], set()
     for number, row in enumerate(rows, start=1):
         where = f"{source} row {number}"
@@ -110,7 +112,7 @@ def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -
         question = values[fields.question_field]
         if not isinstance(question, str):
             raise DataError(f"{where}: '{fields.question_field}' must be text, got {type(question).__name__}.")
-        titles, passages = _passages(values[fields.passages_field], where, fields.passages_field)
+        titles, passages = ([], []) if retrieved else _passages(values[fields.passages_field], where, fields.passages_field)
         answers = _text_list(values[fields.answers_field], where, fields.answers_field)
         row_id = str(row.get(fields.id_field)) if fields.id_field and row.get(fields.id_field) not in (None, "") else str(number)
         if row_id in seen:
@@ -119,10 +121,12 @@ def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -
         example = {
             "id": row_id,
             "question": norm(question.strip()),
-            "passages": [norm(p) for p in passages],
+            "passages": [norm(p)[: fields.passage_max_chars] for p in passages],
             "answers": [norm(a.strip()) for a in answers],
             "group": str(values[fields.group_field]) if fields.group_field else row_id,
         }
+        if retrieved and fields.retrieval.gold_id_field:
+            example["gold_doc"] = str(values[fields.retrieval.gold_id_field])
         if fields.raft.enabled:
             example.update(_oracle(field_value(row, fields.raft.oracle_field), titles, values[fields.passages_field], where, fields.raft.oracle_field))
         examples.append(example)
@@ -221,21 +225,61 @@ def split_examples(examples: list[dict], eval_size: float, seed: int) -> tuple[l
     return train, evaluation
 
 
-def user_message(example: dict, prompt: PromptParams) -> str:
+def retrieve_passages(examples: list[dict], fields: DataParams) -> list[dict]:
+    """Each example's passages = the top_k corpus documents for its question (BM25, bm25s); with a gold
+    document id, `gold_retrieved` says whether retrieval found it (a miss is not the model's fault)."""
+    import bm25s
+
+    r = fields.retrieval
+    corpus = read_rows(r.corpus_path, r.corpus_split)
+    ids, texts = [], []
+    for number, row in enumerate(corpus, start=1):
+        doc_id, text = field_value(row, r.id_field), field_value(row, r.text_field)
+        if doc_id is None or not isinstance(text, str) or not text.strip():
+            raise DataError(
+                f"{r.corpus_path} row {number}: needs an id in '{r.id_field}' and text in '{r.text_field}' "
+                f"(data.retrieval.id_field / text_field). Fields present: {sorted(row)}."
+            )
+        ids.append(str(doc_id))
+        texts.append(unicodedata.normalize("NFKC", text) if fields.nfkc else text)
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    k = min(r.top_k, len(texts))
+    hits, _ = retriever.retrieve(bm25s.tokenize([e["question"] for e in examples], stopwords="en", show_progress=False), k=k, show_progress=False)
+    result = []
+    for example, found in zip(examples, hits):
+        doc_ids = [ids[i] for i in found]
+        extra = {"gold_retrieved": example["gold_doc"] in doc_ids} if "gold_doc" in example else {}
+        result.append({**example, "passages": [texts[i][: fields.passage_max_chars] for i in found], "doc_ids": doc_ids, **extra})
+    return result
+
+
+def class_labels(train: list[dict], evaluation: list[dict], fields: DataParams) -> list[str]:
+    """The valid labels: data.labels, else the distinct first answers of the training split; an eval
+    gold outside them is named (it could never be predicted)."""
+    labels = fields.labels or sorted({e["answers"][0] for e in train})
+    unknown = sorted({e["answers"][0] for e in train + evaluation} - set(labels))
+    if unknown:
+        where = "data.labels" if fields.labels else "the training split's labels"
+        raise DataError(f"Gold label(s) {unknown[:5]} are not among {where} {labels}.")
+    return labels
+
+
+def user_message(example: dict, prompt: PromptParams, labels: list[str] = ()) -> str:
     passages = "\n\n".join(f"[{i}] {p.strip()}" for i, p in enumerate(example["passages"], start=1))
-    return f"{prompt.instruction}\n\nPassages:\n{passages}\n\nQuestion: {example['question']}"
+    return prompt.template.format(instruction=prompt.instruction, passages=passages, question=example["question"], labels=", ".join(labels))
 
 
-def chat_prompt(example: dict, prompt: PromptParams) -> list[dict]:
+def chat_prompt(example: dict, prompt: PromptParams, labels: list[str] = ()) -> list[dict]:
     messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
-    return messages + [{"role": "user", "content": user_message(example, prompt)}]
+    return messages + [{"role": "user", "content": user_message(example, prompt, labels)}]
 
 
-def with_chat(example: dict, prompt: PromptParams) -> dict:
+def with_chat(example: dict, prompt: PromptParams, labels: list[str] = ()) -> dict:
     """The example plus its prompt/completion messages (TRL's conversational prompt-completion format)."""
     return {
         **example,
-        "prompt": chat_prompt(example, prompt),
+        "prompt": chat_prompt(example, prompt, labels),
         "completion": [{"role": "assistant", "content": example.get("target", example["answers"][0])}],
     }
 
@@ -288,13 +332,17 @@ def build_dataset(run: Run) -> BuiltDataset:
         for name, rows in (("train", train), ("eval", evaluation)):
             if not rows:
                 raise DataError(f"The {name} split is empty: check data.eval_size={p.data.eval_size} and data.eval_path.")
+        if p.data.retrieval.corpus_path:
+            train, evaluation = retrieve_passages(train, p.data), retrieve_passages(evaluation, p.data)
+        labels = class_labels(train, evaluation, p.data) if p.evaluate.metric == "classification" else []
         tokenizer = load_tokenizer(p.model.name)
         splits, table = {}, []
         for name, rows in (("train", train), ("eval", evaluation)):
-            rows = [with_chat(e, p.prompt) for e in rows]
+            rows = [with_chat(e, p.prompt, labels) for e in rows]
             lengths = count_tokens(rows, tokenizer)
             kept = [dict(e, n_tokens=n) for e, n in zip(rows, lengths) if n <= p.model.max_seq_length]
             golds_in_passages = sum(any(a in " ".join(e["passages"]) for a in e["answers"]) for e in kept)
+            retrieval_hits = {"gold_doc_retrieved": sum(e["gold_retrieved"] for e in kept)} if kept and "gold_retrieved" in kept[0] else {}
             if not kept:
                 raise DataError(
                     f"The {name} split is empty after dropping examples longer than model.max_seq_length="
@@ -307,6 +355,7 @@ def build_dataset(run: Run) -> BuiltDataset:
                     "examples": len(kept),
                     "dropped_too_long": len(rows) - len(kept),
                     "gold_in_passages": golds_in_passages,
+                    **retrieval_hits,
                     "tokens_median": sorted(lengths)[len(lengths) // 2],
                     "tokens_max": max(lengths),
                 }
@@ -324,6 +373,7 @@ def build_dataset(run: Run) -> BuiltDataset:
             train_jsonl=str(final / "train.jsonl"),
             eval_jsonl=str(final / "eval.jsonl"),
             table=table,
+            labels=labels,
             lengths={k: [e["n_tokens"] for e in v] for k, v in splits.items()},
         )
     return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=outputs, dataset_dir=final)

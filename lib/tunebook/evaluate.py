@@ -11,13 +11,15 @@ import gc
 import json
 import time
 
-from tunebook.data import load_split
+from pathlib import Path
+
+from tunebook.data import load_split, read_jsonl
 from tunebook.generate import generate, peak_memory
-from tunebook.metrics import SCORERS, mean_scores
+from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import load_for_inference
 from tunebook.runs import Run, write_json_atomic
 
-METRIC_COLUMNS = ["model", "exact_match", "partial_match", "f1", "n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb"]
+TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb"]
 
 
 def final_answer(output: str, prefix: str | None) -> str:
@@ -50,7 +52,9 @@ def evaluate(run: Run) -> list[dict]:
     p = run.params
     examples = load_split(run, "eval")
     models = models_to_evaluate(run)
-    score = SCORERS[p.evaluate.metric]
+    labels = run.outputs_of("01_build_dataset").get("labels") or []
+    constrain = labels if p.evaluate.metric == "classification" and p.evaluate.constrain_labels else None
+    hit_rate = _retrieval_hit_rate(examples)
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
         predictions_dir.mkdir(exist_ok=True)
@@ -62,24 +66,26 @@ def evaluate(run: Run) -> list[dict]:
                 load_seconds = time.time() - started
                 result = generate(
                     model, tokenizer, [e["prompt"] for e in examples],
-                    batch_size=p.evaluate.batch_size, max_new_tokens=p.evaluate.max_new_tokens, desc=label,
+                    batch_size=p.evaluate.batch_size, max_new_tokens=p.evaluate.max_new_tokens, desc=label, labels=constrain,
                 )
             del model
             gc.collect()
-            rows = []
-            for e, text in zip(examples, result.texts):
-                answer = final_answer(text, p.prompt.final_answer_prefix)
-                rows.append({"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": answer, "output": text, **score(answer, e["answers"])})
+            answers = [final_answer(text, p.prompt.final_answer_prefix) for text in result.texts]
+            scores, summary = score_predictions(p.evaluate.metric, answers, [e["answers"] for e in examples], labels)
+            rows = [
+                {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": answer, "output": text, **s}
+                for e, text, answer, s in zip(examples, result.texts, answers, scores)
+            ]
             path = predictions_dir / f"{label}.jsonl"
             with open(path, "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             files[label] = str(path)
-            means = mean_scores(rows)
             table.append(
                 {
                     "model": label,
-                    **{k: round(v, 4) for k, v in means.items()},
+                    **{k: round(v, 4) for k, v in summary.items()},
+                    **hit_rate,
                     "n": len(rows),
                     "seconds": round(result.seconds, 2),
                     "examples_per_second": round(result.examples_per_second, 3),
@@ -87,21 +93,27 @@ def evaluate(run: Run) -> list[dict]:
                     "peak_memory_mb": round(peak["mb"], 1),
                 }
             )
-            print(f"{label}: EM {means['exact_match']:.3f}  partial {means['partial_match']:.3f}  F1 {means['f1']:.3f}  ({result.seconds:.1f}s)")
+            print(f"{label}: " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items()) + f"  ({result.seconds:.1f}s)")
         write_json_atomic(run.dir / "metrics.json", table)
         with open(run.dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["model", *TIMING_COLUMNS])
             writer.writeheader()
             writer.writerows(table)
-        outputs.update(metrics_json=str(run.dir / "metrics.json"), metrics_csv=str(run.dir / "metrics.csv"), predictions=files)
+        outputs.update(metrics_json=str(run.dir / "metrics.json"), metrics_csv=str(run.dir / "metrics.csv"), predictions=files, labels=labels)
     return table
 
 
-def plot_metrics(table: list[dict]):
+def _retrieval_hit_rate(examples: list[dict]) -> dict:
+    """Share of eval questions whose gold document was retrieved (a column only when retrieval was used)."""
+    flags = [e["gold_retrieved"] for e in examples if "gold_retrieved" in e]
+    return {"retrieval_hit_rate": round(sum(flags) / len(flags), 4)} if flags else {}
+
+
+def plot_metrics(table: list[dict], metric: str = "squad"):
     import matplotlib.pyplot as plt
 
     labels = [r["model"] for r in table]
-    keys = ("exact_match", "partial_match", "f1")
+    keys = SUMMARY_KEYS[metric]
     fig, ax = plt.subplots(figsize=(7, 3))
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
@@ -109,5 +121,26 @@ def plot_metrics(table: list[dict]):
     ax.set_xticks([x + width for x in range(len(labels))], labels)
     ax.set_ylim(0, 1)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusions(run: Run):
+    """Classification runs: one confusion matrix per model (rows: gold, columns: predicted); else None."""
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    outputs = run.outputs_of("04_evaluate")
+    labels = outputs.get("labels")
+    if not labels:
+        return None
+    files = outputs["predictions"]
+    fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 5.5), squeeze=False)
+    for ax, (model, path) in zip(axes[0], files.items()):
+        rows = read_jsonl(Path(path))
+        ConfusionMatrixDisplay.from_predictions(
+            [r["gold_answers"][0] for r in rows], [r["prediction"].strip() for r in rows], labels=labels, ax=ax, colorbar=False, xticks_rotation=60
+        )
+        ax.set_title(model)
     fig.tight_layout()
     return fig

