@@ -11,13 +11,17 @@ export TUNEBOOK_CACHE
 MODEL := $(TUNEBOOK_CACHE)/models/SmolLM2-135M-Instruct/model.safetensors
 PARAMS ?= params/default.yaml
 
-.PHONY: run test setup model
+.PHONY: run test setup model bench-accuracy
 
 run: setup model
 	$(PY) -m tunebook run $(PARAMS) --resume $(ARGS)
 
 test: setup model
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every recipe's base vs fine-tuned model on CPU (about 75 minutes); refreshes the README's accuracy table.
+bench-accuracy: setup model
+	$(PY) bench/accuracy.py --readme README.md
 
 setup: $(VENV)/.installed
 

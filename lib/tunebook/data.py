@@ -319,6 +319,8 @@ def build_dataset(run: Run) -> BuiltDataset:
                 print(f"Note: {len(overlap)} eval question(s) also occur in the training data.")
         else:
             train, evaluation = split_examples(examples, p.data.eval_size, p.seed)
+        # Labels from the whole training split, so that a cap below cannot drop a class.
+        labels = class_labels(train, evaluation, p.data) if p.evaluate.metric == "classification" else []
         # Shuffled (seeded) before any cap, so a capped split still spans every topic and source.
         random.Random(p.seed).shuffle(train)
         random.Random(p.seed + 1).shuffle(evaluation)
@@ -334,7 +336,6 @@ def build_dataset(run: Run) -> BuiltDataset:
                 raise DataError(f"The {name} split is empty: check data.eval_size={p.data.eval_size} and data.eval_path.")
         if p.data.retrieval.corpus_path:
             train, evaluation = retrieve_passages(train, p.data), retrieve_passages(evaluation, p.data)
-        labels = class_labels(train, evaluation, p.data) if p.evaluate.metric == "classification" else []
         tokenizer = load_tokenizer(p.model.name)
         splits, table = {}, []
         for name, rows in (("train", train), ("eval", evaluation)):
