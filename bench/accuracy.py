@@ -27,32 +27,41 @@ MARKERS = ("<!-- accuracy-table:start -->\n", "\n<!-- accuracy-table:end -->")
 OUTPUT_DIR = ROOT / "outputs" / "bench"
 
 # Fine-tuned (and base) models are scored; quantized copies are left to the quantize benchmarks.
-COMMON = ["evaluate.models=[base,finetuned]", "train.epochs=1"]
+COMMON = ["evaluate.models=[base,finetuned]"]
 # name: (recipe, CPU caps). Caps keep each run near 10 minutes; see each recipe for its full settings.
 RUNS = {
-    "squad_rag": ("squad_rag", ["data.max_train_examples=128", "data.max_eval_examples=100"]),
-    "jaqket_rag": ("jaqket_rag", ["data.max_train_examples=48", "data.max_eval_examples=60"]),
-    "hotpotqa_raft": ("hotpotqa_raft", ["data.max_train_examples=48", "data.max_eval_examples=40", "evaluate.max_new_tokens=128"]),
+    "squad_rag": ("squad_rag", ["train.epochs=1", "data.max_train_examples=128", "data.max_eval_examples=100"]),
+    "jaqket_rag": ("jaqket_rag", ["train.epochs=1", "data.max_train_examples=48", "data.max_eval_examples=60"]),
+    "hotpotqa_raft": ("hotpotqa_raft", ["train.epochs=1", "data.max_train_examples=48", "data.max_eval_examples=40", "evaluate.max_new_tokens=128"]),
     "hotpotqa_answer_only": (
         "hotpotqa_raft",
-        ["data.raft.cot=false", "data.max_train_examples=48", "data.max_eval_examples=40", "evaluate.max_new_tokens=128"],
+        ["train.epochs=1", "data.raft.cot=false", "data.max_train_examples=48", "data.max_eval_examples=40", "evaluate.max_new_tokens=128"],
     ),
-    "livedoor_genre": ("livedoor_genre", ["data.max_train_examples=96"]),
-    "debian_faq": ("debian_faq", ["data.max_train_examples=64", "evaluate.max_new_tokens=192"]),
+    "livedoor_genre": ("livedoor_genre", ["train.epochs=2", "data.max_train_examples=96"]),
+    "debian_faq": ("debian_faq", ["train.epochs=1", "data.max_train_examples=64", "evaluate.max_new_tokens=192"]),
 }
 SHOWN = {"exact_match": "EM", "f1": "F1", "accuracy": "accuracy", "macro_f1": "macro-F1", "rouge_l": "ROUGE-L", "embedding_similarity": "emb. sim."}
 
 
 def run_one(name: str) -> dict:
+    """Run one recipe through the pipeline, unless a complete run with exactly these params is there already
+    (so an interrupted benchmark goes on where it stopped, and only changed recipes run again)."""
+    from tunebook.config import dump_params, load_params
+
     recipe, caps = RUNS[name]
     overrides = [*COMMON, *caps, f"output_dir={OUTPUT_DIR}", f"run_name={name}"]
     command = [sys.executable, "-m", "tunebook", "run", f"params/{recipe}.yaml", "--overwrite"]
     command += [arg for o in overrides for arg in ("--set", o)]
-    print(f"\n##### {name}: {' '.join(command[1:])}", flush=True)
-    started = time.time()
-    subprocess.run(command, cwd=ROOT, check=True)
-    seconds = time.time() - started
     run_dir = OUTPUT_DIR / name
+    previous = _complete_run(run_dir, dump_params(load_params(ROOT / "params" / f"{recipe}.yaml", overrides)))
+    if previous:
+        print(f"\n##### {name}: a complete run with the same params is in {run_dir}; reusing it", flush=True)
+        seconds = previous
+    else:
+        print(f"\n##### {name}: {' '.join(command[1:])}", flush=True)
+        started = time.time()
+        subprocess.run(command, cwd=ROOT, check=True)
+        seconds = time.time() - started
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     stages = manifest["stages"]
     splits = {row["split"]: row for row in stages["01_build_dataset"]["outputs"]["table"]}
@@ -69,6 +78,21 @@ def run_one(name: str) -> dict:
         "base": metrics["base"],
         "finetuned": metrics["finetuned"],
     }
+
+
+def _complete_run(run_dir: Path, params_yaml: str) -> float | None:
+    """Seconds the earlier run took, when it is complete and used exactly `params_yaml`; else None."""
+    from tunebook.runs import STAGES
+
+    manifest_file, params_file = run_dir / "manifest.json", run_dir / "params.yaml"
+    if not (manifest_file.exists() and params_file.exists()) or params_file.read_text(encoding="utf-8") != params_yaml:
+        return None
+    stages = json.loads(manifest_file.read_text(encoding="utf-8"))["stages"]
+    if not all(stages.get(s, {}).get("status") == "complete" for s in STAGES):
+        return None
+    from datetime import datetime
+
+    return (datetime.fromisoformat(stages[STAGES[-1]]["finished"]) - datetime.fromisoformat(stages[STAGES[0]]["started"])).total_seconds()
 
 
 def _metric(run_dir: Path) -> str:
@@ -111,14 +135,14 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    started = time.time()
     runs = [run_one(name) for name in (args.only or RUNS)]
     results = {
         "machine": f"{_cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
         "model": "embedded:SmolLM2-135M-Instruct",
         "common_overrides": COMMON,
-        "total_seconds": round(time.time() - started, 1),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "total_seconds": round(sum(r["seconds"] for r in runs), 1),
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
