@@ -97,3 +97,9 @@ def test_readme_params_table_is_generated_from_the_schema():
     table = re.search(r"<!-- params-table:start -->\n(.*?)\n<!-- params-table:end -->", readme, re.S)
     assert table, "README.md lacks the generated params table markers"
     assert table.group(1).strip() == schema_markdown().strip(), "README params table is stale: run `python -m tunebook params --update-readme README.md`"
+
+
+def test_raft_and_retrieval_do_not_combine(write_params):
+    path = write_params("data:\n  train_path: x.jsonl\n  raft: {enabled: true}\n  retrieval: {corpus_path: docs.jsonl}\n")
+    with pytest.raises(ParamsError, match="cannot be combined with data.retrieval.corpus_path"):
+        load_params(path)

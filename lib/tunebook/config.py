@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunebook.errors import TunebookError
 
@@ -70,6 +70,12 @@ class DataParams(Section):
     nfkc: bool = Field(False, description="Apply Unicode NFKC normalization to questions, passages and answers (full-width to half-width etc.).")
     raft: RaftParams = Field(default_factory=RaftParams, description="RAFT data construction (retrieval-augmented fine-tuning).")
     retrieval: RetrievalParams = Field(default_factory=RetrievalParams, description="BM25 retrieval of passages from a document corpus.")
+
+    @model_validator(mode="after")
+    def _raft_needs_row_passages(self) -> "DataParams":
+        if self.raft.enabled and self.retrieval.corpus_path:
+            raise ValueError("data.raft needs each row's own passages (its oracle), so it cannot be combined with data.retrieval.corpus_path")
+        return self
 
 
 class PromptParams(Section):

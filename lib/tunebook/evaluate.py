@@ -10,7 +10,6 @@ import csv
 import gc
 import json
 import time
-
 from pathlib import Path
 
 from tunebook.data import load_split, read_jsonl
