@@ -28,16 +28,14 @@ OUTPUT_DIR = ROOT / "outputs" / "bench"
 
 # Fine-tuned (and base) models are scored; quantized copies are left to the quantize benchmarks.
 COMMON = ["evaluate.models=[base,finetuned]"]
+HOTPOT_CAPS = ["train.epochs=1", "data.max_train_examples=48", "data.max_eval_examples=40", "evaluate.max_new_tokens=128", "train.eval_loss_examples=8"]
 # name: (recipe, CPU caps). Caps keep each run near 10 minutes; see each recipe for its full settings.
 RUNS = {
     "squad_rag": ("squad_rag", ["train.epochs=1", "data.max_train_examples=128", "data.max_eval_examples=100"]),
     "jaqket_rag": ("jaqket_rag", ["train.epochs=1", "data.max_train_examples=48", "data.max_eval_examples=60"]),
-    "hotpotqa_raft": ("hotpotqa_raft", ["train.epochs=1", "data.max_train_examples=48", "data.max_eval_examples=40", "evaluate.max_new_tokens=128"]),
-    "hotpotqa_answer_only": (
-        "hotpotqa_raft",
-        ["train.epochs=1", "data.raft.cot=false", "data.max_train_examples=48", "data.max_eval_examples=40", "evaluate.max_new_tokens=128"],
-    ),
-    "livedoor_genre": ("livedoor_genre", ["train.epochs=2", "data.max_train_examples=96"]),
+    "hotpotqa_raft": ("hotpotqa_raft", HOTPOT_CAPS),
+    "hotpotqa_answer_only": ("hotpotqa_raft", [*HOTPOT_CAPS, "data.raft.cot=false"]),
+    "livedoor_genre": ("livedoor_genre", ["train.epochs=2", "data.max_train_examples=96", "train.eval_loss_examples=8"]),
     "debian_faq": ("debian_faq", ["train.epochs=1", "data.max_train_examples=64", "evaluate.max_new_tokens=192"]),
 }
 SHOWN = {"exact_match": "EM", "f1": "F1", "accuracy": "accuracy", "macro_f1": "macro-F1", "rouge_l": "ROUGE-L", "embedding_similarity": "emb. sim."}
