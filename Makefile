@@ -19,7 +19,7 @@ run: setup model
 test: setup model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Every recipe's base vs fine-tuned model on CPU (about 75 minutes); refreshes the README's accuracy table.
+# Every recipe's base vs fine-tuned model on CPU (about 80 minutes); refreshes the README's accuracy table.
 bench-accuracy: setup model
 	$(PY) bench/accuracy.py --readme README.md
 

@@ -2,7 +2,7 @@
 
 Each recipe runs through the real pipeline (`python -m tunebook run params/<recipe>.yaml`, all five notebooks)
 with the CPU caps below (training rows, one epoch, eval rows) so that the whole benchmark fits a stated budget
-of about 75 minutes on a 2-core CPU with the embedded SmolLM2-135M-Instruct. Train and eval rows are disjoint
+of about 80 minutes on a 2-core CPU with the embedded SmolLM2-135M-Instruct. Train and eval rows are disjoint
 (each recipe's own seeded split). The uncapped recipes are for a GPU; their results are in the README.
 
     python bench/accuracy.py [--only livedoor_genre ...] [--readme README.md]
@@ -114,7 +114,7 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
-        keys = [k for k in SHOWN if k in r["finetuned"]]
+        keys = [k for k in r["finetuned"] if k in SHOWN]  # the metric's own order
         cell = lambda row: " · ".join(f"{SHOWN[k]} {row[k]:.2f}" for k in keys)  # noqa: E731
         hit = f" (retrieval hit rate {r['finetuned']['retrieval_hit_rate']:.2f})" if "retrieval_hit_rate" in r["finetuned"] else ""
         lines.append(
