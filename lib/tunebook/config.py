@@ -118,6 +118,7 @@ class TrainParams(Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: str | list[str] = Field("all-linear", description="Layers that get LoRA adapters: 'all-linear' or a list such as [q_proj, v_proj].")
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA scaling (alpha / sqrt(r)).")
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: scale of the uniform noise added to input embeddings while training (5 is common); empty = off.")
     eval_steps: int | None = Field(None, ge=1, description="Steps between eval-loss measurements; empty = about 4 per run.")
     eval_loss_examples: int = Field(64, ge=1, description="Eval rows used for the eval-loss curve (generation metrics use the whole eval split).")
     logging_steps: int = Field(5, ge=1, description="Steps between training-loss log points.")

@@ -38,6 +38,8 @@ def finetune(run: Run) -> TrainResult:
     _check_trl(backend)
     from datasets import load_from_disk
 
+    import torch
+
     with run.stage("02_finetune") as outputs:
         splits = load_from_disk(dataset_dir)
         train_ds = splits["train"].select_columns(["prompt", "completion"])
@@ -48,7 +50,10 @@ def finetune(run: Run) -> TrainResult:
         _check_labels(trainer, len(train_ds))
         print(f"Training {backend} backend, {len(train_ds)} examples, {steps} steps, device {'cuda' if has_cuda() else 'cpu'}.")
         started = time.time()
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        except torch.OutOfMemoryError:
+            raise TunebookError(out_of_memory_message(p)) from None
         seconds = time.time() - started
         adapter_dir, merged_dir = run.dir / "adapter", run.dir / "merged"
         _save(backend, trainer.model, tokenizer, adapter_dir, merged_dir)
@@ -66,6 +71,17 @@ def finetune(run: Run) -> TrainResult:
             tokens_per_second=round(trainer.state.num_input_tokens_seen / seconds, 1) if trainer.state.num_input_tokens_seen else None,
         )
     return TrainResult(log_history=history, summary=outputs)
+
+
+def out_of_memory_message(p: Params) -> str:
+    """What to turn when training runs out of GPU memory, with the values in use."""
+    return (
+        f"Out of GPU memory while training {p.model.name} (train.batch_size={p.train.batch_size}, "
+        f"model.max_seq_length={p.model.max_seq_length}, model.load_in_4bit={str(p.model.load_in_4bit).lower()}, "
+        f"train.lora_r={p.train.lora_r}). Turn these, in this order: halve train.batch_size and double train.grad_accum "
+        "(same effective batch); lower model.max_seq_length (01 reports the token lengths); set model.load_in_4bit: true; "
+        "lower train.lora_r. Nothing of this run's earlier stages was lost: re-run with --resume."
+    )
 
 
 def _check_trl(backend: str) -> None:
@@ -165,6 +181,7 @@ def _trainer(p: Params, model, tokenizer, peft_config, train_ds, eval_ds, output
         # Recomputing activations saves GPU memory; on CPU it only costs time.
         gradient_checkpointing=has_cuda(),
         include_num_input_tokens_seen=True,
+        neftune_noise_alpha=p.train.neftune_noise_alpha,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config)
     trainer.add_callback(_progress_printer())
