@@ -149,12 +149,9 @@ def main() -> int:
     (RESULTS / "accuracy.md").write_text(table + "\n", encoding="utf-8")
     print(table)
     if args.readme:
-        text = args.readme.read_text(encoding="utf-8")
-        start, end = MARKERS
-        if start not in text or end not in text:
-            raise SystemExit(f"{args.readme} has no accuracy-table markers; table left in {RESULTS / 'accuracy.md'}")
-        head, rest = text.split(start, 1)
-        args.readme.write_text(head + start + table + end + rest.split(end, 1)[1], encoding="utf-8")
+        from tunebook.cli import replace_section
+
+        replace_section(args.readme, MARKERS, table)
     return 0
 
 

@@ -188,7 +188,7 @@ def _confusion_html(model: str, counts: dict) -> str:
         + "</tr>"
         for gold, row in counts.items()
     )
-    return f"<h3>{html.escape(model)}</h3><table><tr><th>gold \\ predicted</th>{head}</tr>{body}</table>"
+    return f"<h3>{html.escape(model)}</h3><table><tr><th>gold ↓ · predicted →</th>{head}</tr>{body}</table>"
 
 
 def report_html(run_name: str, predictions: dict[str, list[dict]], counts: list[dict], compare: dict | None, confusion: dict | None = None) -> str:

@@ -139,14 +139,19 @@ README_MARKERS = ("<!-- params-table:start -->\n", "\n<!-- params-table:end -->"
 
 
 def update_readme_table(readme: Path) -> int:
-    text = readme.read_text(encoding="utf-8")
-    start, end = README_MARKERS
-    if start not in text or end not in text:
-        raise TunebookError(f"{readme} has no {start.strip()} ... {end.strip()} markers.")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + schema_markdown() + end + rest.split(end, 1)[1], encoding="utf-8")
+    replace_section(readme, README_MARKERS, schema_markdown())
     print(f"updated the params table in {readme}")
     return 0
+
+
+def replace_section(path: Path, markers: tuple[str, str], content: str) -> None:
+    """Replace the text between two marker lines of a file (the README's generated tables)."""
+    text = path.read_text(encoding="utf-8")
+    start, end = markers
+    if start not in text or end not in text:
+        raise TunebookError(f"{path} has no {start.strip()} ... {end.strip()} markers.")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + content + end + rest.split(end, 1)[1], encoding="utf-8")
 
 
 def _kernel_name() -> str:

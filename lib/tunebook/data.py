@@ -335,7 +335,9 @@ def build_dataset(run: Run) -> BuiltDataset:
             if not rows:
                 raise DataError(f"The {name} split is empty: check data.eval_size={p.data.eval_size} and data.eval_path.")
         if p.data.retrieval.corpus_path:
-            train, evaluation = retrieve_passages(train, p.data), retrieve_passages(evaluation, p.data)
+            # One index for both splits: the corpus is read and indexed once.
+            retrieved = retrieve_passages(train + evaluation, p.data)
+            train, evaluation = retrieved[: len(train)], retrieved[len(train) :]
         tokenizer = load_tokenizer(p.model.name)
         splits, table = {}, []
         for name, rows in (("train", train), ("eval", evaluation)):
