@@ -4,7 +4,7 @@ import pytest
 
 from tunebook.config import validate_params
 from tunebook.errors import TunebookError
-from tunebook.train import _check_labels, _check_trl, _hf_model, _total_steps, _trainer, loss_curves, out_of_memory_message
+from tunebook.train import _check_labels, _check_trl, _hf_model, _total_steps, _trainer, build_trainer, loss_curves, out_of_memory_message, train
 
 
 def params(**train):
@@ -33,11 +33,65 @@ def test_trl_1_15_on_cpu_is_stopped_with_the_fix(monkeypatch):
         _check_trl("hf")
 
 
-def test_all_masked_training_set_fails_loudly(capsys):
+ROW = {"prompt": [{"role": "user", "content": "Capital of France?"}], "completion": [{"role": "assistant", "content": "Paris"}]}
+
+
+def rows(n, row=ROW):
+    from datasets import Dataset
+
+    return Dataset.from_list([row] * n)
+
+
+def test_loss_is_on_answer_tokens_only(tmp_path, capsys):
+    trainer, backend = build_trainer(params(max_steps=1, batch_size=2), rows(4), rows(1), tmp_path)
+    assert backend == "hf"
+    out = capsys.readouterr().out
+    assert "Loss on answer tokens only:" in out
+    labels = trainer.train_dataset[0]["labels"]
+    assert labels[0] == -100 and labels[-1] != -100  # prompt masked, answer (+ end of turn) trained
+
+
+def test_all_masked_training_set_fails_loudly(tmp_path):
+    """Answers cut off by max_seq_length leave no loss tokens: refuse to train rather than learn nothing."""
+    long_prompt = dict(ROW, prompt=[{"role": "user", "content": "word " * 200}])
+    p = validate_params({"data": {"train_path": "x.jsonl"}, "model": {"max_seq_length": 64}, "train": {"max_steps": 1}})
     with pytest.raises(TunebookError, match="answer masked out"):
-        _check_labels(types.SimpleNamespace(train_dataset=[]), 10)
-    _check_labels(types.SimpleNamespace(train_dataset=[1] * 8), 10)
-    assert "2 of 10 training examples" in capsys.readouterr().out
+        build_trainer(p, rows(4, long_prompt), rows(1), tmp_path)
+
+
+def test_loss_on_prompt_tokens_fails_loudly():
+    from datasets import Dataset
+
+    unmasked = Dataset.from_dict({"input_ids": [[5, 6, 7]] * 3, "labels": [[5, 6, 7]] * 3})
+    with pytest.raises(TunebookError, match="prompt tokens too"):
+        _check_labels(types.SimpleNamespace(train_dataset=unmasked, args=types.SimpleNamespace(packing=False)), 3)
+
+
+def test_throughput_meter_reports_steady_tokens_per_second(tmp_path):
+    """Six real steps: the first is warm-up and the step with the evaluation in it is left out."""
+    trainer, _ = build_trainer(params(max_steps=6, batch_size=2, eval_steps=3, warmup_ratio=0.0), rows(12), rows(2), tmp_path)
+    result, meter = train(trainer, params())
+    assert result.global_step == 6 and len(meter.steps) == 6
+    assert [evaluated for _, _, evaluated in meter.steps] == [False, False, False, True, False, False]
+    assert all(tokens > 0 for _, tokens, _ in meter.steps)
+    kept = [meter.steps[i] for i in (1, 2, 4, 5)]
+    assert meter.tokens_per_second() == pytest.approx(sum(t for _, t, _ in kept) / sum(s for s, _, _ in kept))
+    assert meter.summary()["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("batching", ["padding_free", "packed"])
+def test_padding_free_and_packing_need_unsloth(tmp_path, batching):
+    with pytest.raises(TunebookError, match=f"train.batching: {batching} needs the unsloth backend"):
+        build_trainer(params(batching=batching), rows(2), rows(1), tmp_path)
+
+
+def test_8bit_optimizers_are_refused_on_cpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(TunebookError, match="adamw_8bit is a bitsandbytes GPU optimizer"):
+        build_trainer(params(optimizer="adamw_8bit"), rows(2), rows(1), tmp_path)
 
 
 def test_out_of_memory_message_names_the_knobs_and_their_values():
@@ -48,12 +102,9 @@ def test_out_of_memory_message_names_the_knobs_and_their_values():
 
 def test_neftune_trains_with_noisy_embeddings(tmp_path):
     """One real optimizer step with NEFTune on: the noise hook is on the embeddings during training only."""
-    from datasets import Dataset
-
     p = params(max_steps=1, batch_size=2, neftune_noise_alpha=5.0)
-    row = {"prompt": [{"role": "user", "content": "Capital of France?"}], "completion": [{"role": "assistant", "content": "Paris"}]}
     model, tokenizer, lora = _hf_model(p)
-    trainer = _trainer(p, model, tokenizer, lora, Dataset.from_list([row] * 4), Dataset.from_list([row]), tmp_path, steps=1)
+    trainer = _trainer(p, "hf", model, tokenizer, lora, rows(4), rows(1), tmp_path, steps=1)
     assert trainer.args.neftune_noise_alpha == 5.0
     embeddings = trainer.model.get_input_embeddings()
     seen = []

@@ -1,10 +1,12 @@
 """Stage 02: LoRA supervised fine-tuning with the loss on the answer tokens only.
 
 Two backends, one recipe:
-- unsloth: FastLanguageModel (4-bit loading, use_gradient_checkpointing="unsloth") on a CUDA GPU;
+- unsloth: FastLanguageModel (4-bit or 16-bit loading, use_gradient_checkpointing="unsloth", padding-free
+  or packed batches) on a CUDA GPU, saved with save_pretrained_merged;
 - hf: transformers + PEFT + TRL, on CPU or GPU.
-Both train TRL's SFTTrainer on conversational prompt/completion rows, so only the completion (the
-answer) carries loss. Outputs: the LoRA adapter, a merged model, the log history and a loss plot.
+Both train TRL's SFTTrainer on conversational prompt/completion rows with completion_only_loss, so only the
+completion (the answer) carries loss; a check refuses to train when that masking is not in place. Outputs:
+the LoRA adapter, a merged model, the log history, throughput and peak GPU memory, and a loss plot.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from tunebook.config import Params
 from tunebook.errors import TunebookError
-from tunebook.models import has_cuda, pick_backend, pick_dtype, resolve_model
+from tunebook.models import has_cuda, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
 
 # What "all-linear" means for Unsloth, which wants explicit names (Llama/Qwen/Mistral/Gemma naming).
@@ -32,45 +34,121 @@ class TrainResult:
 def finetune(run: Run) -> TrainResult:
     p = run.params
     dataset_dir = run.outputs_of("01_build_dataset")["dataset_dir"]
-    backend = pick_backend(p.model.backend)
-    if backend == "unsloth":
-        import unsloth  # noqa: F401  (must be imported before transformers/trl to patch them)
-    _check_trl(backend)
     from datasets import load_from_disk
-
-    import torch
 
     with run.stage("02_finetune") as outputs:
         splits = load_from_disk(dataset_dir)
-        train_ds = splits["train"].select_columns(["prompt", "completion"])
-        eval_ds = splits["eval"].select(range(min(len(splits["eval"]), p.train.eval_loss_examples))).select_columns(["prompt", "completion"])
-        model, tokenizer, peft_config = (_unsloth_model if backend == "unsloth" else _hf_model)(p)
-        steps = _total_steps(p, len(train_ds))
-        trainer = _trainer(p, model, tokenizer, peft_config, train_ds, eval_ds, run.dir / "checkpoints", steps)
-        _check_labels(trainer, len(train_ds))
-        print(f"Training {backend} backend, {len(train_ds)} examples, {steps} steps, device {'cuda' if has_cuda() else 'cpu'}.")
-        started = time.time()
-        try:
-            result = trainer.train()
-        except torch.OutOfMemoryError:
-            raise TunebookError(out_of_memory_message(p)) from None
-        seconds = time.time() - started
+        trainer, backend = build_trainer(p, splits["train"], splits["eval"], run.dir / "checkpoints")
+        result, meter = train(trainer, p)
         adapter_dir, merged_dir = run.dir / "adapter", run.dir / "merged"
-        _save(backend, trainer.model, tokenizer, adapter_dir, merged_dir)
+        _save(backend, trainer.model, trainer.processing_class, adapter_dir, merged_dir)
         history = trainer.state.log_history
         (run.dir / "train_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
         outputs.update(
             backend=backend,
+            batching=batching_in_use(trainer.args),
             adapter_dir=str(adapter_dir),
             merged_dir=str(merged_dir),
             train_log=str(run.dir / "train_log.json"),
             steps=result.global_step,
-            train_examples=len(train_ds),
-            train_seconds=round(seconds, 1),
+            train_examples=len(splits["train"]),
+            train_seconds=round(meter.seconds, 1),
             train_loss=round(result.training_loss, 4),
-            tokens_per_second=round(trainer.state.num_input_tokens_seen / seconds, 1) if trainer.state.num_input_tokens_seen else None,
+            **meter.summary(),
         )
     return TrainResult(log_history=history, summary=outputs)
+
+
+def build_trainer(p: Params, train_rows, eval_rows, output_dir: Path):
+    """The train stage's SFTTrainer for prompt/completion rows (a `datasets.Dataset` each), checked and ready:
+    (trainer, backend). Benchmarks call this too, so they time exactly what 02 runs."""
+    backend = pick_backend(p.model.backend)
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (must be imported before transformers/trl to patch them)
+    _check_trl(backend)
+    _check_gpu_only_knobs(p, backend)
+    train_ds = train_rows.select_columns(["prompt", "completion"])
+    eval_ds = eval_rows.select(range(min(len(eval_rows), p.train.eval_loss_examples))).select_columns(["prompt", "completion"])
+    model, tokenizer, peft_config = (_unsloth_model if backend == "unsloth" else _hf_model)(p)
+    steps = _total_steps(p, len(train_ds))
+    trainer = _trainer(p, backend, model, tokenizer, peft_config, train_ds, eval_ds, output_dir, steps)
+    _check_labels(trainer, len(train_ds))
+    return trainer, backend
+
+
+def train(trainer, p: Params):
+    """Run the trainer with a throughput meter; an out-of-memory error becomes one message naming the knobs."""
+    import torch
+
+    meter = throughput_meter()
+    trainer.add_callback(meter)
+    device = "cuda" if has_cuda() else "cpu"
+    print(f"Training, {len(trainer.train_dataset)} rows, {trainer.args.max_steps if trainer.args.max_steps > 0 else 'all'} steps, device {device}, batching {batching_in_use(trainer.args)}.")
+    try:
+        result = trainer.train()
+    except torch.OutOfMemoryError:
+        raise TunebookError(out_of_memory_message(p)) from None
+    return result, meter
+
+
+def throughput_meter(warmup_fraction: float = 0.2):
+    """A Trainer callback that measures steady-state training tokens/s and peak GPU memory.
+
+    It times each optimizer step (from the end of one to the end of the next) with the tokens that went in
+    (the Trainer's non-padding count), and leaves out the first `warmup_fraction` of the steps (compilation,
+    allocator growth) and any step followed by an evaluation."""
+    import torch
+    from transformers import TrainerCallback  # here, not at the top: Unsloth must be imported before transformers
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class ThroughputMeter(TrainerCallback):
+        def __init__(self):
+            self.steps: list[tuple[float, int, bool]] = []  # (seconds, tokens, an evaluation ran in it) per step
+            self.seconds = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync()
+            self.started = self._last_time = time.perf_counter()
+            self._last_tokens = state.num_input_tokens_seen
+            self._evaluated = False
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self._evaluated = True  # evaluation runs after on_step_end: it lands in the next step's interval
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            self.steps.append((now - self._last_time, tokens - self._last_tokens, self._evaluated))
+            self._last_time, self._last_tokens, self._evaluated = now, tokens, False
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.started
+
+        def tokens_per_second(self) -> float | None:
+            warm = max(1, round(len(self.steps) * warmup_fraction))
+            kept = [(s, t) for s, t, evaluated in self.steps[warm:] if not evaluated]
+            seconds = sum(s for s, _ in kept)
+            return sum(t for _, t in kept) / seconds if kept and seconds else None
+
+        def summary(self) -> dict:
+            rate = self.tokens_per_second()
+            out = {"tokens_per_second": round(rate, 1) if rate else None, "measured_steps": len(self.steps)}
+            if torch.cuda.is_available():
+                out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+            return out
+
+    return ThroughputMeter()
+
+
+def batching_in_use(args) -> str:
+    if getattr(args, "packing", False):
+        return "packed"
+    return "padding_free" if getattr(args, "padding_free", False) else "padded"
 
 
 def out_of_memory_message(p: Params) -> str:
@@ -94,13 +172,23 @@ def _check_trl(backend: str) -> None:
         )
 
 
+def _check_gpu_only_knobs(p: Params, backend: str) -> None:
+    if p.train.batching in ("padding_free", "packed") and backend != "unsloth":
+        raise TunebookError(
+            f"train.batching: {p.train.batching} needs the unsloth backend (a GPU with unsloth): with transformers' own "
+            "attention, examples sharing a row would attend to each other. Use batching: padded or auto."
+        )
+    if p.train.optimizer != "adamw_torch" and not has_cuda():
+        raise TunebookError(f"train.optimizer: {p.train.optimizer} is a bitsandbytes GPU optimizer; on CPU use adamw_torch.")
+
+
 def _hf_model(p: Params):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     from tunebook.models import load_tokenizer
 
-    tokenizer = load_tokenizer(p.model.name)
+    tokenizer = load_tokenizer(p.model.name, p.model.chat_template)
     kwargs = {}
     if has_cuda() and p.model.load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -141,9 +229,7 @@ def _unsloth_model(p: Params):
         use_gradient_checkpointing="unsloth",
         random_state=p.seed,
     )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, None
+    return model, prepare_tokenizer(tokenizer, p.model.name, p.model.chat_template), None
 
 
 def _total_steps(p: Params, n_train: int) -> int:
@@ -152,10 +238,17 @@ def _total_steps(p: Params, n_train: int) -> int:
     return max(1, math.ceil(math.ceil(n_train / p.train.batch_size) / p.train.grad_accum * p.train.epochs))
 
 
-def _trainer(p: Params, model, tokenizer, peft_config, train_ds, eval_ds, output_dir: Path, steps: int):
+def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, eval_ds, output_dir: Path, steps: int):
     from trl import SFTConfig, SFTTrainer
 
     dtype = str(pick_dtype(p.model.dtype)).removeprefix("torch.")
+    batching = {
+        # auto on Unsloth: leave padding_free unset, and Unsloth picks padding-free or padded per GPU and data.
+        "auto": {} if backend == "unsloth" else {"padding_free": False},
+        "padded": {"padding_free": False},
+        "padding_free": {"padding_free": True},
+        "packed": {"packing": True},
+    }[p.train.batching]
     args = SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=p.train.epochs,
@@ -180,8 +273,10 @@ def _trainer(p: Params, model, tokenizer, peft_config, train_ds, eval_ds, output
         fp16=dtype == "float16",
         # Recomputing activations saves GPU memory; on CPU it only costs time.
         gradient_checkpointing=has_cuda(),
-        include_num_input_tokens_seen=True,
+        include_num_input_tokens_seen="non_padding",
         neftune_noise_alpha=p.train.neftune_noise_alpha,
+        optim=p.train.optimizer,
+        **batching,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config)
     trainer.add_callback(_progress_printer())
@@ -208,12 +303,28 @@ def _progress_printer():
 
 
 def _check_labels(trainer, n_train: int) -> None:
-    """Fail loudly when the answer tokens were all masked away (e.g. truncated by max_seq_length)."""
-    kept = len(trainer.train_dataset)
-    if kept == 0:
+    """Fail loudly unless the loss falls on answer tokens only: some answer tokens must carry loss (a row whose
+    answer was cut off by max_seq_length has none) and the prompt tokens must not."""
+    counts = supervised_tokens(trainer.train_dataset)
+    trained, total = sum(t for t, _ in counts), sum(n for _, n in counts)
+    if trained == 0:
         raise TunebookError("Every training example has its answer masked out (no loss tokens). Check model.max_seq_length and the chat template.")
-    if kept < n_train:
-        print(f"Note: {n_train - kept} of {n_train} training examples had no answer tokens left and were dropped.")
+    if all(t == n for t, n in counts):
+        raise TunebookError("The loss covers the prompt tokens too, not only the answers: completion-only masking is off. Train on prompt/completion rows from 01.")
+    if not trainer.args.packing and len(counts) < n_train:
+        print(f"Note: {n_train - len(counts)} of {n_train} training examples had no answer tokens left and were dropped.")
+    print(f"Loss on answer tokens only: {trained:,} of {total:,} tokens ({trained / total:.1%}).")
+
+
+def supervised_tokens(dataset) -> list[tuple[int, int]]:
+    """(tokens that carry loss, tokens) per row of a tokenized training set, from whichever mask it holds."""
+    columns = dataset.column_names
+    if "labels" in columns:
+        return [(sum(label != -100 for label in row), len(row)) for row in dataset["labels"]]
+    for mask in ("completion_mask", "assistant_masks"):
+        if mask in columns:
+            return [(sum(row), len(row)) for row in dataset[mask]]
+    raise TunebookError(f"Cannot check the loss masking: the tokenized training set has none of labels, completion_mask, assistant_masks (columns: {columns}).")
 
 
 def _save(backend: str, model, tokenizer, adapter_dir: Path, merged_dir: Path) -> None:
