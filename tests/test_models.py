@@ -40,3 +40,25 @@ def test_unsloth_without_gpu_stops_clearly():
     with pytest.raises(TunebookError, match="Unsloth needs a GPU"):
         pick_backend("unsloth")
     assert pick_backend("auto") == "hf"
+
+
+def test_dtype_follows_the_gpu(monkeypatch):
+    import torch
+
+    from tunebook.models import pick_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4
+    assert pick_dtype("auto") is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # an L4, A100, H100
+    assert pick_dtype("auto") is torch.bfloat16
+    assert pick_dtype("float32") is torch.float32  # an explicit choice wins
+
+
+def test_named_chat_template_without_unsloth_is_explained():
+    from tunebook.models import has_unsloth
+
+    if has_unsloth():
+        pytest.skip("unsloth is installed")
+    with pytest.raises(TunebookError, match="model.chat_template 'llama-3.1' uses Unsloth's templates"):
+        load_tokenizer(DEFAULT_MODEL_NAME, chat_template="llama-3.1")

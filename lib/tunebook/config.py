@@ -33,6 +33,7 @@ class ModelParams(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs (T4), float32 on CPU.")
     load_in_4bit: bool = Field(True, description="Load the base model in 4-bit for QLoRA (GPU only: Unsloth or bitsandbytes); ignored on CPU.")
     max_seq_length: int = Field(1024, ge=32, description="Longest prompt + answer in tokens; longer examples are dropped in 01 (and counted).")
+    chat_template: str | None = Field(None, description="Replace the tokenizer's chat template with one of Unsloth's by name (llama-3.1, chatml, qwen-2.5, gemma-3, ...; needs unsloth); empty = the model's own.")
 
 
 class RaftParams(Section):
@@ -118,6 +119,11 @@ class TrainParams(Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: str | list[str] = Field("all-linear", description="Layers that get LoRA adapters: 'all-linear' or a list such as [q_proj, v_proj].")
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA scaling (alpha / sqrt(r)).")
+    batching: Literal["auto", "padded", "padding_free", "packed"] = Field(
+        "auto",
+        description="padded = each batch padded to its longest example; padding_free = examples back to back, no pad tokens; packed = several examples per max_seq_length row (fewer steps). The last two need the unsloth backend. auto = Unsloth's choice (usually padding_free), padded on hf.",
+    )
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw_torch", description="Optimizer; the 8-bit ones (bitsandbytes, GPU) keep less optimizer state in memory.")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: scale of the uniform noise added to input embeddings while training (5 is common); empty = off.")
     eval_steps: int | None = Field(None, ge=1, description="Steps between eval-loss measurements; empty = about 4 per run.")
     eval_loss_examples: int = Field(64, ge=1, description="Eval rows used for the eval-loss curve (generation metrics use the whole eval split).")
@@ -138,6 +144,7 @@ class EvaluateParams(Section):
     constrain_labels: bool = Field(True, description="Classification: decode only valid labels (every prediction is a label); false = free generation, invalid outputs counted.")
     models: list[str] = Field(["base", "finetuned", "quantized"], description="Models to score: base, finetuned, and quantized (= every variant made in 03).")
     batch_size: int = Field(16, ge=1, description="Prompts generated together (left-padded, sorted by length).")
+    load_in_4bit: bool = Field(False, description="GPU: load the base and fine-tuned models in 4-bit (bitsandbytes NF4) to generate, so a 7-8B model fits a 15 GiB T4; false = the training dtype.")
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in tokens (greedy decoding); classification uses the longest label instead.")
 
     @field_validator("models")

@@ -338,7 +338,7 @@ def build_dataset(run: Run) -> BuiltDataset:
             # One index for both splits: the corpus is read and indexed once.
             retrieved = retrieve_passages(train + evaluation, p.data)
             train, evaluation = retrieved[: len(train)], retrieved[len(train) :]
-        tokenizer = load_tokenizer(p.model.name)
+        tokenizer = load_tokenizer(p.model.name, p.model.chat_template)
         splits, table = {}, []
         for name, rows in (("train", train), ("eval", evaluation)):
             rows = [with_chat(e, p.prompt, labels) for e in rows]

@@ -15,7 +15,7 @@ from pathlib import Path
 from tunebook.data import load_split, read_jsonl
 from tunebook.generate import generate, peak_memory
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
-from tunebook.models import load_for_inference
+from tunebook.models import load_for_inference, pick_backend
 from tunebook.runs import Run, write_json_atomic
 
 TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb"]
@@ -54,6 +54,9 @@ def evaluate(run: Run) -> list[dict]:
     labels = run.outputs_of("01_build_dataset").get("labels") or []
     constrain = labels if p.evaluate.metric == "classification" and p.evaluate.constrain_labels else None
     hit_rate = _retrieval_hit_rate(examples)
+    # Base and fine-tuned models generate through Unsloth's fast inference on the unsloth backend; quantized
+    # copies are saved in transformers' own quantization formats and load through transformers.
+    backend = pick_backend(p.model.backend)
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
         predictions_dir.mkdir(exist_ok=True)
@@ -61,7 +64,11 @@ def evaluate(run: Run) -> list[dict]:
         for label, source in models:
             with peak_memory() as peak:
                 started = time.time()
-                model, tokenizer = load_for_inference(source, dtype=p.model.dtype)
+                model, tokenizer = load_for_inference(
+                    source, dtype=p.model.dtype, chat_template=p.model.chat_template, max_seq_length=p.model.max_seq_length,
+                    backend=backend if label in ("base", "finetuned") else "hf",
+                    load_in_4bit=p.evaluate.load_in_4bit and label in ("base", "finetuned"),
+                )
                 load_seconds = time.time() - started
                 result = generate(
                     model, tokenizer, [e["prompt"] for e in examples],

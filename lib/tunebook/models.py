@@ -104,7 +104,7 @@ def pick_dtype(requested: str):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
     source = resolve_model(name)
@@ -112,27 +112,72 @@ def load_tokenizer(name: str):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise _load_error(name, e) from None
+    return prepare_tokenizer(tokenizer, name, chat_template)
+
+
+def prepare_tokenizer(tokenizer, name: str, chat_template: str | None):
+    """The params' chat template (if one is named) and a pad token; refuses models without a chat template."""
+    if chat_template:
+        tokenizer = _unsloth_chat_template(tokenizer, chat_template)
     if tokenizer.chat_template is None:
-        raise TunebookError(f"Model '{name}' has no chat template: tunebook fine-tunes instruct/chat models. Pick an -Instruct model.")
+        raise TunebookError(
+            f"Model '{name}' has no chat template: tunebook fine-tunes instruct/chat models. Pick an -Instruct model, "
+            "or name one of Unsloth's templates in model.chat_template."
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_for_inference(path: str, *, dtype: str = "auto", quantization_config=None):
-    """A model + tokenizer ready for batched generation (eval mode, left padding)."""
-    from transformers import AutoModelForCausalLM
-
-    source = resolve_model(path)
-    tokenizer = load_tokenizer(path)
-    tokenizer.padding_side = "left"
-    # Pass quantization_config only when given: an explicit None would override a saved model's own.
-    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+def _unsloth_chat_template(tokenizer, name: str):
+    if not has_unsloth():
+        raise TunebookError(f"model.chat_template '{name}' uses Unsloth's templates, and unsloth is not installed: pip install unsloth (GPU), or leave model.chat_template empty.")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype), device_map="auto" if has_cuda() else None, **extra)
-    except (OSError, ValueError) as e:
-        raise _load_error(path, e) from None
-    model.eval()
+        from unsloth.chat_templates import CHAT_TEMPLATES, get_chat_template
+    except (ImportError, NotImplementedError, RuntimeError) as e:
+        raise TunebookError(f"model.chat_template '{name}' needs Unsloth, which did not load here: {e}") from None
+    if name not in CHAT_TEMPLATES:
+        raise TunebookError(f"model.chat_template '{name}' is not one of Unsloth's templates: {', '.join(sorted(CHAT_TEMPLATES))}.")
+    return get_chat_template(tokenizer, chat_template=name)
+
+
+def load_for_inference(
+    path: str, *, dtype: str = "auto", backend: str = "hf", chat_template: str | None = None, max_seq_length: int = 2048,
+    load_in_4bit: bool = False, quantization_config=None,
+):
+    """A model + tokenizer ready for batched generation (eval mode, left padding).
+
+    backend "unsloth" loads through FastLanguageModel and switches on its fast inference (for_inference);
+    load_in_4bit (GPU only) quantizes the weights to bitsandbytes NF4 as they load."""
+    source = resolve_model(path)
+    load_in_4bit = load_in_4bit and has_cuda()
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        try:
+            model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=max_seq_length, dtype=pick_dtype(dtype), load_in_4bit=load_in_4bit)
+        except (OSError, ValueError) as e:
+            raise _load_error(path, e) from None
+        FastLanguageModel.for_inference(model)
+        tokenizer = prepare_tokenizer(tokenizer, path, chat_template)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = load_tokenizer(path, chat_template)
+        # Pass quantization_config only when given: an explicit None would override a saved model's own.
+        if load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            quantization_config = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=pick_dtype(dtype)
+            )
+        extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype), device_map="auto" if has_cuda() else None, **extra)
+        except (OSError, ValueError) as e:
+            raise _load_error(path, e) from None
+        model.eval()
+    tokenizer.padding_side = "left"
     return model, tokenizer
 
 
