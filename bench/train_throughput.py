@@ -336,6 +336,8 @@ def _machine() -> dict:
         except md.PackageNotFoundError:
             versions[package] = None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
+    if commit and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip():
+        commit += "+uncommitted changes"
     return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "host": platform.node(), "commit": commit, **versions}
 
 
