@@ -9,7 +9,9 @@ import pytest
 from conftest import ROOT
 from tunebook.runs import STAGES
 
-REQUIRED_METRIC_KEYS = {"model", "exact_match", "partial_match", "f1", "n", "seconds", "peak_memory_mb"}
+REQUIRED_METRIC_KEYS = {"model", "exact_match", "partial_match", "f1", "n", "seconds", "peak_memory_mb", "bits", "size_mb"}
+# params/smoke.yaml's quantized copies that run on a CPU; bnb_nf4 needs a GPU and is listed as skipped.
+VARIANTS = ["int8_weight_only", "gguf_q8_0", "gptq_w4a16"]
 
 
 def tunebook(*args):
@@ -36,11 +38,13 @@ def test_all_stages_complete_with_executed_notebooks(smoke_run):
 def test_metrics_table(smoke_run):
     run_dir, result = smoke_run
     rows = json.loads((run_dir / "metrics.json").read_text())
-    assert [r["model"] for r in rows] == ["base", "finetuned", "int8_weight_only"]
+    assert [r["model"] for r in rows] == ["base", "finetuned", *VARIANTS]
     for row in rows:
         assert REQUIRED_METRIC_KEYS <= row.keys()
         assert row["n"] == 8 and 0 <= row["exact_match"] <= row["partial_match"] <= 1
         assert row["seconds"] > 0 and row["peak_memory_mb"] > 0
+    assert [r["bits"] for r in rows] == [16, 32, 8, 8, 4]  # base bf16, merged in CPU training's fp32
+    assert all(r["size_mb"] > 0 for r in rows)
     assert (run_dir / "metrics.csv").read_text().startswith("model,exact_match,partial_match,f1,n,")
     assert "| base |" in result.stdout
 
@@ -52,7 +56,13 @@ def test_artifacts_of_every_stage(smoke_run):
     assert (run_dir / "adapter" / "adapter_config.json").exists()
     assert (run_dir / "merged" / "config.json").exists()
     assert (run_dir / "quantized" / "int8_weight_only" / "config.json").exists()
-    for label in ("base", "finetuned", "int8_weight_only"):
+    assert (run_dir / "quantized" / "gptq_w4a16" / "config.json").exists()
+    assert (run_dir / "quantized" / "gguf_q8_0.gguf").exists()
+    assert not (run_dir / "quantized" / "model.f16.gguf").exists()  # the converter's intermediate is removed
+    variants = json.loads((run_dir / "manifest.json").read_text())["stages"]["03_quantize"]["outputs"]["variants"]
+    skipped = {v["name"]: v["reason"] for v in variants if v["status"] == "skipped"}
+    assert skipped == {"bnb_nf4": "bitsandbytes quantization needs a CUDA GPU (the CPU install has no bitsandbytes)"}
+    for label in ("base", "finetuned", *VARIANTS):
         assert len((run_dir / "predictions" / f"{label}.jsonl").read_text().splitlines()) == 8
 
 

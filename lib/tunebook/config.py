@@ -130,10 +130,20 @@ class TrainParams(Section):
     logging_steps: int = Field(5, ge=1, description="Steps between training-loss log points.")
 
 
+QUANTIZE_METHODS = Literal["int8_weight_only", "gguf_q8_0", "gguf_q4_k_m", "bnb_nf4", "bnb_int8", "gptq_w4a16", "awq_w4a16"]
+
+
 class QuantizeParams(Section):
-    methods: list[Literal["int8_weight_only"]] = Field(
-        ["int8_weight_only"], description="Quantized copies of the merged fine-tuned model. int8_weight_only: torchao int8 weights (CPU and GPU)."
+    methods: list[QUANTIZE_METHODS] = Field(
+        ["int8_weight_only"],
+        description=(
+            "Quantized copies of the merged fine-tuned model: int8_weight_only (torchao), gguf_q8_0 / gguf_q4_k_m (llama.cpp, "
+            "scored with llama-cpp-python), bnb_nf4 / bnb_int8 (bitsandbytes, GPU), gptq_w4a16 / awq_w4a16 (llm-compressor, "
+            "calibrated on training rows). One that cannot run here is listed as skipped with the reason."
+        ),
     )
+    group_size: int = Field(128, ge=8, description="GPTQ / AWQ: weights sharing one scale; must divide every layer's input width (SmolLM2's 576 needs 64 or 32).")
+    calibration_examples: int = Field(128, ge=1, description="GPTQ / AWQ: training rows (prompt + answer) used as calibration text.")
 
 
 class EvaluateParams(Section):

@@ -1,8 +1,9 @@
 """Stage 04: generate answers for the eval split with every model and score them.
 
 Models: base (the params' model), finetuned (the merged model of 02) and each quantized variant of 03. Each
-is loaded, run through the batched generator, timed, measured for peak memory and freed before the next.
-Writes predictions/<model>.jsonl, metrics.json (a list of rows) and metrics.csv.
+is loaded, run through the batched generator (GGUF files through llama.cpp), timed, measured for peak memory
+and freed before the next. Writes predictions/<model>.jsonl, metrics.json (a list of rows with bits and size
+on disk) and metrics.csv.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import time
 from pathlib import Path
 
 from tunebook.data import load_split, read_jsonl
-from tunebook.generate import generate, peak_memory
+from tunebook.generate import generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
-from tunebook.models import load_for_inference, pick_backend
+from tunebook.models import load_for_inference, load_tokenizer, pick_backend, resolve_model
 from tunebook.runs import Run, write_json_atomic
 
-TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb"]
+TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "bits", "size_mb"]
 
 
 def final_answer(output: str, prefix: str | None) -> str:
@@ -30,20 +31,26 @@ def final_answer(output: str, prefix: str | None) -> str:
     return output
 
 
-def models_to_evaluate(run: Run) -> list[tuple[str, str]]:
-    """(label, model path or id) in table order."""
+def models_to_evaluate(run: Run) -> list[dict]:
+    """The models to score, in table order: label, path (folder, GGUF file or hub id), format, bits, size on disk."""
+    from tunebook.quantize import dir_size_mb, saved_bits
+
     wanted = run.params.evaluate.models
     models = []
     if "base" in wanted:
-        models.append(("base", run.params.model.name))
+        name = run.params.model.name
+        local = resolve_model(name)
+        on_disk = Path(local).is_dir()
+        models.append({"label": "base", "path": name, "format": "transformers", "bits": saved_bits(local) if on_disk else None, "size_mb": dir_size_mb(local) if on_disk else None})
     if "finetuned" in wanted:
-        models.append(("finetuned", run.outputs_of("02_finetune")["merged_dir"]))
+        merged = run.outputs_of("02_finetune")["merged_dir"]
+        models.append({"label": "finetuned", "path": merged, "format": "transformers", "bits": saved_bits(merged), "size_mb": dir_size_mb(merged)})
     if "quantized" in wanted:
         for v in run.outputs_of("03_quantize")["variants"]:
             if v["status"] == "ok":
-                models.append((v["name"], v["dir"]))
+                models.append({"label": v["name"], "path": v["path"], "format": v["format"], "bits": v["bits"], "size_mb": v["size_mb"]})
             else:
-                print(f"{v['name']}: not evaluated, quantization was skipped ({v['reason']}).")
+                print(f"{v['name']}: not evaluated, quantization {v['status']} ({v['reason']}).")
     return models
 
 
@@ -55,25 +62,35 @@ def evaluate(run: Run) -> list[dict]:
     constrain = labels if p.evaluate.metric == "classification" and p.evaluate.constrain_labels else None
     hit_rate = _retrieval_hit_rate(examples)
     # Base and fine-tuned models generate through Unsloth's fast inference on the unsloth backend; quantized
-    # copies are saved in transformers' own quantization formats and load through transformers.
+    # copies are saved in transformers' quantization formats (or GGUF) and load through transformers (llama.cpp).
     backend = pick_backend(p.model.backend)
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
         predictions_dir.mkdir(exist_ok=True)
         table, files = [], {}
-        for label, source in models:
-            with peak_memory() as peak:
+        for m in models:
+            label = m["label"]
+            conversations = [e["prompt"] for e in examples]
+            # llama.cpp from pip runs on the CPU even on a GPU machine: then its memory is the process's RSS.
+            with peak_memory(gpu=m["format"] != "gguf" or gguf_runs_on_gpu()) as peak:
                 started = time.time()
-                model, tokenizer = load_for_inference(
-                    source, dtype=p.model.dtype, chat_template=p.model.chat_template, max_seq_length=p.model.max_seq_length,
-                    backend=backend if label in ("base", "finetuned") else "hf",
-                    load_in_4bit=p.evaluate.load_in_4bit and label in ("base", "finetuned"),
-                )
-                load_seconds = time.time() - started
-                result = generate(
-                    model, tokenizer, [e["prompt"] for e in examples],
-                    batch_size=p.evaluate.batch_size, max_new_tokens=p.evaluate.max_new_tokens, desc=label, labels=constrain,
-                )
+                if m["format"] == "gguf":
+                    # The merged model's tokenizer renders the prompts, so llama.cpp sees the same tokens.
+                    tokenizer = load_tokenizer(run.outputs_of("02_finetune")["merged_dir"], p.model.chat_template)
+                    model = load_gguf(m["path"], n_ctx=p.model.max_seq_length + p.evaluate.max_new_tokens)
+                    load_seconds = time.time() - started
+                    result = generate_gguf(model, tokenizer, conversations, max_new_tokens=p.evaluate.max_new_tokens, desc=label, labels=constrain)
+                else:
+                    model, tokenizer = load_for_inference(
+                        m["path"], dtype=p.model.dtype, chat_template=p.model.chat_template, max_seq_length=p.model.max_seq_length,
+                        backend=backend if label in ("base", "finetuned") else "hf",
+                        load_in_4bit=p.evaluate.load_in_4bit and label in ("base", "finetuned"),
+                    )
+                    load_seconds = time.time() - started
+                    result = generate(
+                        model, tokenizer, conversations,
+                        batch_size=p.evaluate.batch_size, max_new_tokens=p.evaluate.max_new_tokens, desc=label, labels=constrain,
+                    )
             del model
             gc.collect()
             answers = [final_answer(text, p.prompt.final_answer_prefix) for text in result.texts]
@@ -97,6 +114,8 @@ def evaluate(run: Run) -> list[dict]:
                     "examples_per_second": round(result.examples_per_second, 3),
                     "load_seconds": round(load_seconds, 2),
                     "peak_memory_mb": round(peak["mb"], 1),
+                    "bits": m["bits"],
+                    "size_mb": m["size_mb"],
                 }
             )
             print(f"{label}: " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items()) + f"  ({result.seconds:.1f}s)")

@@ -5,6 +5,7 @@ prompt; results come back in the caller's order.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from contextlib import contextmanager
@@ -79,13 +80,50 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, batch_size: i
     return Generation(texts=texts, seconds=time.time() - started)
 
 
+def load_gguf(path: str, n_ctx: int):
+    """A llama.cpp model (llama-cpp-python) for greedy generation; all layers on the GPU when the build has one."""
+    import os
+
+    from llama_cpp import Llama
+
+    return Llama(model_path=path, n_ctx=n_ctx, n_threads=os.cpu_count(), n_gpu_layers=-1, seed=0, verbose=False)
+
+
+def generate_gguf(llm, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int, desc: str = "generate", labels: list[str] | None = None) -> Generation:
+    """Greedy answers from a GGUF model, one prompt at a time (llama-cpp-python has no batched API).
+
+    Prompts are rendered and tokenized by the Hugging Face tokenizer, so llama.cpp sees exactly the token ids the
+    transformers models see; with `labels`, a grammar allows only those labels (constrained decoding)."""
+    from llama_cpp import LlamaGrammar
+
+    grammar = LlamaGrammar.from_string("root ::= " + " | ".join(json.dumps(label, ensure_ascii=False) for label in labels), verbose=False) if labels else None
+    if labels:
+        max_new_tokens = max(len(s) for s in label_sequences(tokenizer, labels))
+    texts = []
+    started = time.time()
+    for number, prompt in enumerate(render_prompts(tokenizer, conversations), start=1):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        out = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, grammar=grammar)
+        texts.append(out["choices"][0]["text"].strip())
+        if number % 25 == 0 or number == len(conversations):
+            print(f"{desc}: {number}/{len(conversations)} examples, {time.time() - started:.0f}s", flush=True)
+    return Generation(texts=texts, seconds=time.time() - started)
+
+
+def gguf_runs_on_gpu() -> bool:
+    """Whether the installed llama-cpp-python was built with a GPU backend (pip's default build is CPU only)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 @contextmanager
-def peak_memory():
-    """Peak memory while the block runs: CUDA allocator peak on a GPU, else the process's sampled RSS."""
+def peak_memory(gpu: bool = True):
+    """Peak memory while the block runs: CUDA allocator peak when a GPU runs it, else the process's sampled RSS."""
     import torch
 
     result = {"mb": 0.0}
-    if torch.cuda.is_available():
+    if gpu and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         yield result
         result["mb"] = torch.cuda.max_memory_allocated() / 2**20

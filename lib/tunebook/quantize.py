@@ -1,21 +1,52 @@
-"""Stage 03: quantized copies of the merged fine-tuned model, each with its size on disk.
+"""Stage 03: quantized copies of the merged fine-tuned model, each with its bits, size on disk and time.
 
-int8_weight_only: torchao int8 weight-only quantization through transformers' TorchAoConfig. It runs on CPU and
-GPU, saves with save_pretrained and loads back with from_pretrained, so stage 04 treats it like any model folder.
-A method that cannot run here is reported as skipped with the reason, never dropped silently.
+Methods (`quantize.methods`):
+- int8_weight_only: torchao int8 weight-only through transformers' TorchAoConfig (CPU and GPU).
+- gguf_q8_0, gguf_q4_k_m: llama.cpp's own converter (convert_hf_to_gguf.py) writes an f16 GGUF, and llama.cpp's
+  quantizer (llama_model_quantize, through llama-cpp-python) makes the copy; 04 scores it with llama-cpp-python.
+  The converter comes from llama-cpp-python's source distribution on PyPI, which carries llama.cpp: it is
+  fetched once into the cache, so no git clone or download from GitHub is needed (Unsloth's
+  save_pretrained_gguf clones llama.cpp, which fails offline and behind many firewalls).
+- bnb_nf4, bnb_int8: bitsandbytes 4-bit NF4 with double quantization, or LLM.int8(), applied as the merged model
+  loads and saved (CUDA GPU).
+- gptq_w4a16, awq_w4a16: 4-bit weights in groups of `quantize.group_size`, calibrated by llm-compressor on
+  training rows (prompt + answer), saved in the compressed-tensors format that transformers loads.
+A method that cannot run here is listed as skipped with the reason, never dropped silently.
 """
 from __future__ import annotations
 
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
+from tunebook.errors import TunebookError
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
 
-METHOD_BITS = {"int8_weight_only": 8}
+# method -> (bits, format that 04 loads)
+METHODS = {
+    "int8_weight_only": (8, "transformers"),
+    "gguf_q8_0": (8, "gguf"),
+    "gguf_q4_k_m": (4, "gguf"),
+    "bnb_nf4": (4, "transformers"),
+    "bnb_int8": (8, "transformers"),
+    "gptq_w4a16": (4, "transformers"),
+    "awq_w4a16": (4, "transformers"),
+}
+
+
+class Skipped(Exception):
+    """This method cannot run here; the message says why (and what would make it run)."""
 
 
 def dir_size_mb(path: str | Path) -> float:
-    return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20, 1)
+    path = Path(path)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return round(sum(f.stat().st_size for f in files) / 2**20, 1)
 
 
 def quantize(run: Run) -> list[dict]:
@@ -23,34 +54,37 @@ def quantize(run: Run) -> list[dict]:
     with run.stage("03_quantize") as outputs:
         variants = []
         for method in run.params.quantize.methods:
-            target = run.dir / "quantized" / method
+            bits, fmt = METHODS[method]
+            target = run.dir / "quantized" / (f"{method}.gguf" if fmt == "gguf" else method)
             started = time.time()
             try:
-                QUANTIZERS[method](merged_dir, target)
-            except (ImportError, NotImplementedError, RuntimeError) as e:
-                variants.append({"name": method, "method": method, "bits": METHOD_BITS[method], "status": "skipped", "reason": str(e).splitlines()[0]})
-                print(f"{method}: skipped ({variants[-1]['reason']})")
+                QUANTIZERS[method](run, merged_dir, target)
+            except Skipped as e:
+                variants.append({"name": method, "method": method, "bits": bits, "format": fmt, "status": "skipped", "reason": str(e)})
+                print(f"{method}: skipped ({e})")
+                continue
+            except Exception as e:  # one method failing must not lose the others: recorded, shown, and 04 skips it
+                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                variants.append({"name": method, "method": method, "bits": bits, "format": fmt, "status": "failed", "reason": reason})
+                print(f"{method}: FAILED ({reason})")
                 continue
             variants.append(
                 {
-                    "name": method,
-                    "method": method,
-                    "bits": METHOD_BITS[method],
-                    "status": "ok",
-                    "dir": str(target),
-                    "size_mb": dir_size_mb(target),
-                    "seconds": round(time.time() - started, 1),
+                    "name": method, "method": method, "bits": bits, "format": fmt, "status": "ok",
+                    "path": str(target), "size_mb": dir_size_mb(target), "seconds": round(time.time() - started, 1),
                 }
             )
+            print(f"{method}: {variants[-1]['size_mb']} MB in {variants[-1]['seconds']} s")
         outputs["variants"] = variants
     return variants
 
 
-def _int8_weight_only(merged_dir: str, target: Path) -> None:
+# ----------------------------------------------------------------------------------------------- torchao
+def _int8_weight_only(run: Run, merged_dir: str, target: Path) -> None:
     try:
         from torchao.quantization import Int8WeightOnlyConfig
     except ImportError as e:
-        raise ImportError(f"torchao is not installed ({e}); pip install torchao") from None
+        raise Skipped(f"torchao is not installed ({e}); pip install torchao") from None
     from transformers import TorchAoConfig
 
     from tunebook.models import load_for_inference
@@ -63,19 +97,200 @@ def _int8_weight_only(merged_dir: str, target: Path) -> None:
     replace_dir(tmp, target)
 
 
-QUANTIZERS = {"int8_weight_only": _int8_weight_only}
+# ----------------------------------------------------------------------------------------------- bitsandbytes
+def _bnb(load_in_4bit: bool):
+    def quantize_bnb(run: Run, merged_dir: str, target: Path) -> None:
+        from tunebook.models import has_cuda, load_for_inference, pick_dtype
+
+        if not has_cuda():
+            raise Skipped("bitsandbytes quantization needs a CUDA GPU (the CPU install has no bitsandbytes)")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise Skipped(f"bitsandbytes is not installed ({e}); pip install bitsandbytes") from None
+        if load_in_4bit:
+            config = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=pick_dtype(run.params.model.dtype)
+            )
+        else:
+            config = BitsAndBytesConfig(load_in_8bit=True)
+        model, tokenizer = load_for_inference(merged_dir, dtype=run.params.model.dtype, quantization_config=config)
+        tmp = fresh_tmp_dir(target)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        replace_dir(tmp, target)
+
+    return quantize_bnb
+
+
+# ----------------------------------------------------------------------------------------------- llm-compressor
+def _llm_compressor(algorithm: str):
+    def quantize_w4a16(run: Run, merged_dir: str, target: Path) -> None:
+        try:
+            from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+            from llmcompressor import oneshot
+            from llmcompressor.modifiers.awq import AWQModifier
+            from llmcompressor.modifiers.quantization import GPTQModifier
+        except ImportError as e:
+            raise Skipped(f"llm-compressor is not installed ({e}); pip install llmcompressor") from None
+        from transformers import AutoModelForCausalLM
+
+        from tunebook.models import has_cuda, load_tokenizer, pick_dtype
+
+        p = run.params
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=pick_dtype(p.model.dtype), device_map="auto" if has_cuda() else None)
+        _check_group_size(model, p.quantize.group_size)
+        tokenizer = load_tokenizer(merged_dir)
+        weights = QuantizationArgs(num_bits=4, type="int", symmetric=algorithm == "gptq", strategy="group", group_size=p.quantize.group_size)
+        groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+        modifier = GPTQModifier if algorithm == "gptq" else AWQModifier
+        calibration = calibration_set(run, tokenizer)
+        if not has_cuda():
+            _skip_memory_pinning()
+        oneshot(
+            model=model, dataset=calibration, recipe=modifier(config_groups=groups, ignore=["lm_head"]),
+            max_seq_length=p.model.max_seq_length, num_calibration_samples=len(calibration),
+        )
+        tmp = fresh_tmp_dir(target)
+        model.save_pretrained(str(tmp), save_compressed=True)
+        tokenizer.save_pretrained(str(tmp))
+        replace_dir(tmp, target)
+
+    return quantize_w4a16
+
+
+def calibration_set(run: Run, tokenizer):
+    """Tokenized training rows (chat-formatted prompt + answer): calibration on the task's own text, which the
+    reference write-up found helps GPTQ."""
+    from datasets import Dataset
+
+    from tunebook.data import load_split
+
+    rows = load_split(run, "train")[: run.params.quantize.calibration_examples]
+    texts = [tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in rows]
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=run.params.model.max_seq_length)
+    return Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+
+
+def _check_group_size(model, group_size: int) -> None:
+    import torch
+
+    widths = sorted({m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")})
+    uneven = [w for w in widths if w % group_size]
+    if uneven:
+        fits = [g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths)]
+        raise Skipped(f"quantize.group_size {group_size} does not divide the layer widths {uneven}; set quantize.group_size: {fits[0] if fits else 'a divisor of ' + str(widths)}")
+
+
+def _skip_memory_pinning() -> None:
+    """llm-compressor 0.14 pins cached activations for faster GPU transfers, and pinning raises on a torch without
+    an accelerator (AWQ's smoothing step). Pinning is only a speed-up, so on CPU it is skipped."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+
+# ----------------------------------------------------------------------------------------------- llama.cpp
+GGUF_TYPES = {"gguf_q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "gguf_q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
+def _gguf(method: str):
+    def quantize_gguf(run: Run, merged_dir: str, target: Path) -> None:
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise Skipped(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python") from None
+        f16 = target.with_name("model.f16.gguf")
+        if not f16.exists():
+            write_f16_gguf(merged_dir, f16)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, GGUF_TYPES[method])
+        tmp = target.with_name(target.name + ".tmp")
+        if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params) != 0:
+            raise TunebookError(f"llama.cpp could not quantize {f16} to {method}; its messages are above.")
+        tmp.replace(target)
+        if all(target.with_name(f"{m}.gguf").exists() for m in GGUF_TYPES if m in run.params.quantize.methods):
+            f16.unlink()  # every GGUF copy is made: the 16-bit intermediate is not kept
+
+    return quantize_gguf
+
+
+def write_f16_gguf(model_dir: str | Path, out: Path) -> None:
+    """llama.cpp's convert_hf_to_gguf.py, run on a Hugging Face model folder."""
+    converter = llama_cpp_converter()
+    tmp = out.with_name(out.name + ".tmp")
+    result = subprocess.run(
+        [sys.executable, str(converter), str(model_dir), "--outfile", str(tmp), "--outtype", "f16"], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise TunebookError(f"llama.cpp's converter failed on {model_dir}: {last[0]}")
+    tmp.replace(out)
+
+
+def llama_cpp_converter() -> Path:
+    """convert_hf_to_gguf.py (with its conversion package and gguf-py) from the installed llama-cpp-python
+    version's source distribution, unpacked once into the cache."""
+    from tunebook.models import cache_dir
+
+    version = importlib.metadata.version("llama_cpp_python")
+    folder = cache_dir() / "llama.cpp" / version
+    converter = folder / "convert_hf_to_gguf.py"
+    if converter.exists():
+        return converter
+    print(f"Fetching llama.cpp's converter from the llama-cpp-python {version} source distribution (once) ...")
+    with tempfile.TemporaryDirectory() as download:
+        fetched = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", download],
+            capture_output=True, text=True,
+        )
+        archives = list(Path(download).glob("llama_cpp_python-*.tar.gz"))
+        if fetched.returncode != 0 or not archives:
+            raise Skipped(f"could not fetch the llama-cpp-python {version} source distribution from the package index ({fetched.stderr.strip()[-200:]})")
+        prefix = f"{archives[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        tmp = fresh_tmp_dir(folder)
+        with tarfile.open(archives[0]) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)]
+            for m in members:
+                m.name = m.name[len(prefix) :]
+            tar.extractall(tmp, members=members, filter="data")
+        replace_dir(tmp, folder)
+    return converter
+
+
+QUANTIZERS = {
+    "int8_weight_only": _int8_weight_only,
+    "gguf_q8_0": _gguf("gguf_q8_0"),
+    "gguf_q4_k_m": _gguf("gguf_q4_k_m"),
+    "bnb_nf4": _bnb(load_in_4bit=True),
+    "bnb_int8": _bnb(load_in_4bit=False),
+    "gptq_w4a16": _llm_compressor("gptq"),
+    "awq_w4a16": _llm_compressor("awq"),
+}
+
+
+def saved_bits(model_dir: str | Path) -> int | None:
+    """Bits per weight of a saved (unquantized) model folder, from its config's dtype."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return {"float32": 32, "bfloat16": 16, "float16": 16}.get(dtype)
 
 
 def size_table(run: Run) -> list[dict]:
-    """Size on disk of the base model, the merged fine-tuned model and every quantized variant."""
+    """Bits, size on disk and status of the base model, the merged fine-tuned model and every quantized variant."""
     from tunebook.models import resolve_model
 
     rows = []
     base = resolve_model(run.params.model.name)
     if Path(base).is_dir():
-        rows.append({"model": "base", "size_mb": dir_size_mb(base), "status": "ok"})
-    rows.append({"model": "finetuned", "size_mb": dir_size_mb(run.outputs_of("02_finetune")["merged_dir"]), "status": "ok"})
+        rows.append({"model": "base", "bits": saved_bits(base), "size_mb": dir_size_mb(base), "status": "ok"})
+    merged = run.outputs_of("02_finetune")["merged_dir"]
+    rows.append({"model": "finetuned", "bits": saved_bits(merged), "size_mb": dir_size_mb(merged), "status": "ok"})
     for v in run.outputs_of("03_quantize")["variants"]:
-        rows.append({"model": v["name"], "size_mb": v.get("size_mb"), "status": v["status"] if v["status"] == "ok" else f"skipped: {v['reason']}"})
+        status = v["status"] if v["status"] == "ok" else f"{v['status']}: {v['reason']}"
+        rows.append({"model": v["name"], "bits": v["bits"], "size_mb": v.get("size_mb"), "seconds": v.get("seconds"), "status": status})
     return rows
-
