@@ -51,6 +51,9 @@ def dir_size_mb(path: str | Path) -> float:
 
 def quantize(run: Run) -> list[dict]:
     merged_dir = run.outputs_of("02_finetune")["merged_dir"]
+    (run.dir / "quantized").mkdir(parents=True, exist_ok=True)
+    f16 = run.dir / "quantized" / F16_GGUF
+    f16.unlink(missing_ok=True)  # a leftover of an interrupted run may belong to an older fine-tuned model
     with run.stage("03_quantize") as outputs:
         variants = []
         for method in run.params.quantize.methods:
@@ -75,6 +78,7 @@ def quantize(run: Run) -> list[dict]:
                 }
             )
             print(f"{method}: {variants[-1]['size_mb']} MB in {variants[-1]['seconds']} s")
+        f16.unlink(missing_ok=True)  # the GGUF copies' shared 16-bit intermediate is not kept
         outputs["variants"] = variants
     return variants
 
@@ -192,6 +196,7 @@ def _skip_memory_pinning() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- llama.cpp
+F16_GGUF = "model.f16.gguf"
 GGUF_TYPES = {"gguf_q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "gguf_q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
@@ -201,8 +206,8 @@ def _gguf(method: str):
             import llama_cpp
         except ImportError as e:
             raise Skipped(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python") from None
-        f16 = target.with_name("model.f16.gguf")
-        if not f16.exists():
+        f16 = target.with_name(F16_GGUF)
+        if not f16.exists():  # made once per 03 run, shared by the GGUF methods
             write_f16_gguf(merged_dir, f16)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, GGUF_TYPES[method])
@@ -210,8 +215,6 @@ def _gguf(method: str):
         if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params) != 0:
             raise TunebookError(f"llama.cpp could not quantize {f16} to {method}; its messages are above.")
         tmp.replace(target)
-        if all(target.with_name(f"{m}.gguf").exists() for m in GGUF_TYPES if m in run.params.quantize.methods):
-            f16.unlink()  # every GGUF copy is made: the 16-bit intermediate is not kept
 
     return quantize_gguf
 
