@@ -131,13 +131,12 @@ def _workbook_params(overrides: list[str], params_file: str = "default"):
 
 
 def _train_workbook(p, train_rows, eval_rows, out: Path) -> dict:
-    from tunebook.train import build_trainer, train
+    from tunebook.train import batching_in_use, build_trainer, train
 
     started = time.time()
     trainer, backend = build_trainer(p, train_rows, eval_rows, out / "checkpoints")
     load_seconds = time.time() - started
     result, meter = train(trainer, p)
-    from tunebook.train import batching_in_use
 
     return {"backend": backend, "batching": batching_in_use(trainer.args), "steps": result.global_step, "load_seconds": round(load_seconds, 1), "train_seconds": round(meter.seconds, 1), **meter.summary()}
 
@@ -307,16 +306,15 @@ def run_case(name: str, models: Path, out: Path) -> dict:
 def run(models: Path, groups: list[str], out: Path, results_path: Path) -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {"cases": {}}
     for name in [case for group in groups for case in CASES.get(group, [group])]:
-        if True:
-            print(f"\n##### {name}", flush=True)
-            case_file = out / f"{name}.json"
-            command = [sys.executable, __file__, "one", name, "--models", str(models), "--out", str(out)]
-            completed = subprocess.run(command)
-            if case_file.exists():
-                results["cases"][name] = json.loads(case_file.read_text())
-            else:
-                results["cases"][name] = {"ok": False, "error": f"process exited with {completed.returncode} before writing a result"}
-            print(json.dumps(results["cases"][name]), flush=True)
+        print(f"\n##### {name}", flush=True)
+        case_file = out / f"{name}.json"
+        command = [sys.executable, __file__, "one", name, "--models", str(models), "--out", str(out)]
+        completed = subprocess.run(command)
+        if case_file.exists():
+            results["cases"][name] = json.loads(case_file.read_text())
+        else:
+            results["cases"][name] = {"ok": False, "error": f"process exited with {completed.returncode} before writing a result"}
+        print(json.dumps(results["cases"][name]), flush=True)
     results["machine"] = _machine()
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1) + "\n")

@@ -175,6 +175,13 @@ def _unsloth_chat_template(tokenizer, name: str):
     return get_chat_template(tokenizer, chat_template=name)
 
 
+def nf4_config(dtype: str = "auto"):
+    """bitsandbytes 4-bit NF4 with double quantization (QLoRA's format), computing in the run's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=pick_dtype(dtype))
+
+
 def load_for_inference(
     path: str, *, dtype: str = "auto", backend: str = "hf", chat_template: str | None = None, max_seq_length: int = 2048,
     load_in_4bit: bool = False, quantization_config=None,
@@ -200,11 +207,7 @@ def load_for_inference(
         tokenizer = load_tokenizer(path, chat_template)
         # Pass quantization_config only when given: an explicit None would override a saved model's own.
         if load_in_4bit:
-            from transformers import BitsAndBytesConfig
-
-            quantization_config = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=pick_dtype(dtype)
-            )
+            quantization_config = nf4_config(dtype)
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype), device_map="auto" if has_cuda() else None, **extra)

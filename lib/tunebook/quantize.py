@@ -16,7 +16,6 @@ A method that cannot run here is listed as skipped with the reason, never droppe
 from __future__ import annotations
 
 import importlib.metadata
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -104,7 +103,7 @@ def _int8_weight_only(run: Run, merged_dir: str, target: Path) -> None:
 # ----------------------------------------------------------------------------------------------- bitsandbytes
 def _bnb(load_in_4bit: bool):
     def quantize_bnb(run: Run, merged_dir: str, target: Path) -> None:
-        from tunebook.models import has_cuda, load_for_inference, pick_dtype
+        from tunebook.models import has_cuda, load_for_inference, nf4_config
 
         if not has_cuda():
             raise Skipped("bitsandbytes quantization needs a CUDA GPU (the CPU install has no bitsandbytes)")
@@ -114,9 +113,7 @@ def _bnb(load_in_4bit: bool):
         except ImportError as e:
             raise Skipped(f"bitsandbytes is not installed ({e}); pip install bitsandbytes") from None
         if load_in_4bit:
-            config = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=pick_dtype(run.params.model.dtype)
-            )
+            config = nf4_config(run.params.model.dtype)
         else:
             config = BitsAndBytesConfig(load_in_8bit=True)
         model, tokenizer = load_for_inference(merged_dir, dtype=run.params.model.dtype, quantization_config=config)

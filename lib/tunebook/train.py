@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tunebook.config import Params
 from tunebook.errors import TunebookError
-from tunebook.models import has_cuda, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
+from tunebook.models import has_cuda, nf4_config, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
 
 # What "all-linear" means for Unsloth, which wants explicit names (Llama/Qwen/Mistral/Gemma naming).
@@ -191,11 +191,7 @@ def _hf_model(p: Params):
     tokenizer = load_tokenizer(p.model.name, p.model.chat_template)
     kwargs = {}
     if has_cuda() and p.model.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=pick_dtype(p.model.dtype)
-        )
+        kwargs["quantization_config"] = nf4_config(p.model.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(p.model.name), dtype=pick_dtype(p.model.dtype), device_map="auto" if has_cuda() else None, **kwargs
     )
