@@ -146,6 +146,19 @@ class QuantizeParams(Section):
     calibration_examples: int = Field(128, ge=1, description="GPTQ / AWQ: training rows (prompt + answer) used as calibration text.")
 
 
+class ApiBaselineParams(Section):
+    label: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Row name in the metrics table and predictions/<label>.jsonl, e.g. gpt-4o-mini.")
+    base_url: str = Field("https://api.openai.com/v1", description="An OpenAI-compatible endpoint ending in /v1: OpenAI, Azure OpenAI, vLLM, Ollama, llama.cpp's server.")
+    model: str = Field(..., description="Model name sent with each request.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",  # a variable's name: a pasted key does not match
+        description="Name of the environment variable that holds the API key (the key itself never goes in params or outputs); empty = send none (local servers).",
+    )
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    max_retries: int = Field(4, ge=0, description="Retries of one request after a 429, 5xx, timeout or lost connection, with exponential backoff and jitter.")
+    timeout_seconds: float = Field(60.0, gt=0, description="Seconds to wait for one response before it counts as a timeout.")
+
+
 class EvaluateParams(Section):
     metric: Literal["squad", "hotpot", "japanese", "classification", "faq"] = Field(
         "squad",
@@ -153,9 +166,11 @@ class EvaluateParams(Section):
     )
     constrain_labels: bool = Field(True, description="Classification: decode only valid labels (every prediction is a label); false = free generation, invalid outputs counted.")
     models: list[str] = Field(["base", "finetuned", "quantized"], description="Models to score: base, finetuned, and quantized (= every variant made in 03).")
-    batch_size: int = Field(16, ge=1, description="Prompts generated together (left-padded, sorted by length).")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together (sorted by length, left-padded); halved and retried when the GPU runs out of memory.")
     load_in_4bit: bool = Field(False, description="GPU: load the base and fine-tuned models in 4-bit (bitsandbytes NF4) to generate, so a 7-8B model fits a 15 GiB T4; false = the training dtype.")
-    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in tokens (greedy decoding); classification uses the longest label instead.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Longest generated answer in tokens (greedy); empty = the longest training answer + 25%. Classification uses the longest label.")
+    stop_strings: list[str] = Field([], description="Each answer ends at the first of these strings (cut off), as well as at end-of-turn; e.g. [\"\\n\"] for one-line answers.")
+    api_baselines: list[ApiBaselineParams] = Field([], description="Baseline rows from OpenAI-compatible chat endpoints (the GPT-3.5 / GPT-4 rows of a paper's table), scored like the local models.")
 
     @field_validator("models")
     @classmethod
@@ -163,6 +178,15 @@ class EvaluateParams(Section):
         unknown = [m for m in value if m not in ("base", "finetuned", "quantized")]
         if unknown:
             raise ValueError(f"unknown model label(s) {unknown}; use base, finetuned and/or quantized")
+        return value
+
+    @field_validator("api_baselines")
+    @classmethod
+    def _distinct_labels(cls, value: list[ApiBaselineParams]) -> list[ApiBaselineParams]:
+        labels = [b.label for b in value]
+        clash = sorted({x for x in labels if labels.count(x) > 1} | {x for x in labels if x in ("base", "finetuned")})
+        if clash:
+            raise ValueError(f"api_baselines labels must be distinct and not base/finetuned: {clash}")
         return value
 
 
@@ -278,7 +302,9 @@ def _explain(error: ValidationError, source: str) -> str:
         elif item["type"] == "missing":
             lines.append(f"  - '{loc}' is required.")
         else:
-            lines.append(f"  - '{loc}': {item['msg']} (got {item.get('input')!r}).")
+            # A value put where a key's *name* belongs may be the key itself: never echo it into logs or notebooks.
+            shown = "" if item["loc"][-1] == "api_key_env" else f" (got {item.get('input')!r})"
+            lines.append(f"  - '{loc}': {item['msg']}{shown}.")
     lines.append("Run `python -m tunebook params` to list every key with its meaning.")
     return "\n".join(lines)
 
@@ -286,11 +312,21 @@ def _explain(error: ValidationError, source: str) -> str:
 def _section_for(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] = Params
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections (evaluate.api_baselines.0)
+            continue
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        model = _section_type(field.annotation) if field else None
+        if model is None:
             return None
-        model = field.annotation
     return model
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    """The section class of a field that holds one section or a list of them, else None."""
+    args = getattr(annotation, "__args__", ())
+    if getattr(annotation, "__origin__", None) is list and args:
+        annotation = args[0]
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def schema_rows() -> list[tuple[str, str, str]]:
@@ -300,8 +336,13 @@ def schema_rows() -> list[tuple[str, str, str]]:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             key = prefix + name
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                walk(field.annotation, key + ".")
+            section = _section_type(field.annotation)
+            if section is not None and section is field.annotation:
+                walk(section, key + ".")
+                continue
+            if section is not None:  # a list of sections: the list, then each item's keys
+                rows.append((key, "[]", field.description or ""))
+                walk(section, key + "[].")
                 continue
             default = "(required)" if field.is_required() else yaml.safe_dump(field.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()
             rows.append((key, default, field.description or ""))
