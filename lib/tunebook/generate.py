@@ -16,6 +16,7 @@ from dataclasses import dataclass
 class Generation:
     texts: list[str]
     seconds: float
+    requests: list[dict] | None = None  # API baselines: each row's request outcome (status, attempts, error)
 
     @property
     def examples_per_second(self) -> float:
