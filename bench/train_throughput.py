@@ -62,14 +62,14 @@ CASES = {
 
 
 # ---------------------------------------------------------------------------------------------- models
-def make_models(models: Path) -> None:
+def make_models(models: Path, shapes: tuple[str, ...] = tuple(SHAPES)) -> None:
     """Random-weight bf16 checkpoints of each shape, with SmolLM2's tokenizer (ids fit in the 128k vocab)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(_smollm2())
-    for name, shape in SHAPES.items():
-        target = models / name
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    for name in shapes:
+        shape, target = SHAPES[name], models / name
         if (target / "config.json").exists():
             continue
         started = time.time()
@@ -87,7 +87,7 @@ def make_models(models: Path) -> None:
         print(f"{name}: {sum(f.stat().st_size for f in target.glob('*.safetensors')) / 2**30:.1f} GiB in {time.time() - started:.0f}s", flush=True)
 
 
-def _smollm2() -> str:
+def smollm2_path() -> str:
     from tunebook.models import resolve_model
 
     return os.environ.get("SMOLLM2_HF") or resolve_model("embedded:SmolLM2-135M-Instruct")
@@ -224,7 +224,7 @@ def _batching(batching: str, out: Path, extra: tuple[str, ...] = ()) -> dict:
     from tunebook import data, runs
 
     overrides = [
-        f"model.name={_smollm2()}", "model.backend=unsloth", "data.max_train_examples=null", "train.epochs=1",
+        f"model.name={smollm2_path()}", "model.backend=unsloth", "data.max_train_examples=null", "train.epochs=1",
         "train.eval_steps=100000", "train.eval_loss_examples=1", f"train.batching={batching}", f"output_dir={out}", f"run_name=batching_{batching}", *extra,
     ]
     run = runs.open_run(ROOT / "params" / "default.yaml", overrides)
@@ -315,14 +315,14 @@ def run(models: Path, groups: list[str], out: Path, results_path: Path) -> None:
         else:
             results["cases"][name] = {"ok": False, "error": f"process exited with {completed.returncode} before writing a result"}
         print(json.dumps(results["cases"][name]), flush=True)
-    results["machine"] = _machine()
+    results["machine"] = machine()
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1) + "\n")
     results_path.with_suffix(".md").write_text(report(results))
     print(report(results))
 
 
-def _machine() -> dict:
+def machine() -> dict:
     import importlib.metadata as md
 
     import torch

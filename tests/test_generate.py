@@ -1,8 +1,17 @@
+from pathlib import Path
+
 import pytest
+import torch
 
 from tunebook.config import DEFAULT_MODEL
-from tunebook.generate import generate, peak_memory
+from tunebook.data import build_dataset, load_split
+from tunebook.errors import TunebookError
+from tunebook.evaluate import answer_budget
+from tunebook.generate import answer_token_budget, cut_at_stop, end_of_turn_ids, generate, peak_memory
 from tunebook.models import load_for_inference
+from tunebook.runs import open_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Passages:\n[1] The Nile flows north into the Mediterranean Sea.\n\nQuestion: Into which sea does the Nile flow?"}],
@@ -39,3 +48,75 @@ def test_constrained_decoding_returns_only_labels(model_and_tokenizer):
     assert all(text in labels for text in constrained.texts), constrained.texts
     free = generate(model, tokenizer, CONVERSATIONS, batch_size=3, max_new_tokens=8)
     assert not any(text in labels for text in free.texts)  # without the constraint these prompts give no label
+
+
+def test_default_eval_set_batched_equals_one_at_a_time_in_fp32(model_and_tokenizer, tmp_path):
+    """The engine's batches (sorted, left-padded, mixed finish times) change no greedy answer on the default eval set."""
+    model, tokenizer = model_and_tokenizer
+    run = open_run(ROOT / "params/default.yaml", [f"output_dir={tmp_path}"])
+    build_dataset(run)
+    conversations = [e["prompt"] for e in load_split(run, "eval")]
+    budget = answer_budget(run)
+    options = dict(max_new_tokens=budget, stop_strings=run.params.evaluate.stop_strings)
+    batched = generate(model, tokenizer, conversations, batch_size=run.params.evaluate.batch_size, **options)
+    single = generate(model, tokenizer, conversations, batch_size=1, **options)
+    assert len(conversations) == 100 and 8 <= budget < 32
+    assert batched.texts == single.texts
+    assert len(set(batched.texts)) > 50  # real, varied answers
+
+
+def test_answer_budget_covers_the_longest_answer_plus_a_quarter(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    long = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+    n = len(tokenizer(long, add_special_tokens=False)["input_ids"])
+    assert answer_token_budget(tokenizer, ["Paris", long]) == -(-n * 5 // 4) + 1
+    assert answer_token_budget(tokenizer, ["Paris"]) == 8  # never below 8
+
+
+def test_stop_strings_end_each_row_and_are_cut(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    story = [{"role": "user", "content": "Write about the sea."}]
+    free = generate(model, tokenizer, [story, CONVERSATIONS[1]], batch_size=2, max_new_tokens=40)
+    stopped = generate(model, tokenizer, [story, CONVERSATIONS[1]], batch_size=2, max_new_tokens=40, stop_strings=[","])
+    assert "," in free.texts[0] and "," not in stopped.texts[0]
+    assert free.texts[0].startswith(stopped.texts[0])
+    assert stopped.texts[1] == cut_at_stop(free.texts[1], [","]).strip()  # the other row is unaffected
+    assert cut_at_stop("a.\nb||c", ["||", "\n"]) == "a."
+
+
+def test_end_of_turn_ids_include_the_models_own(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    assert tokenizer.eos_token_id in end_of_turn_ids(model, tokenizer)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 0]
+    try:
+        assert end_of_turn_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, 0})
+    finally:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+class RunsOutOfMemoryAbove:
+    """The real model, but generate() raises the GPU's out-of-memory error for batches larger than `limit`."""
+
+    def __init__(self, model, limit: int):
+        self.model, self.limit, self.batch_sizes = model, limit, []
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def generate(self, input_ids, **kwargs):
+        self.batch_sizes.append(len(input_ids))
+        if len(input_ids) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model.generate(input_ids=input_ids, **kwargs)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(model_and_tokenizer, capsys):
+    model, tokenizer = model_and_tokenizer
+    conversations = CONVERSATIONS * 3
+    expected = generate(model, tokenizer, conversations, batch_size=9, max_new_tokens=6).texts
+    flaky = RunsOutOfMemoryAbove(model, limit=2)
+    assert generate(flaky, tokenizer, conversations, batch_size=9, max_new_tokens=6).texts == expected
+    assert flaky.batch_sizes[:3] == [9, 4, 2] and set(flaky.batch_sizes[3:]) <= {2, 1}
+    assert "out of GPU memory; batch size now 4" in capsys.readouterr().out
+    with pytest.raises(TunebookError, match="out of GPU memory generating for a single prompt"):
+        generate(RunsOutOfMemoryAbove(model, limit=0), tokenizer, conversations, batch_size=4, max_new_tokens=6)

@@ -2,6 +2,7 @@
 
 Every wrong answer gets one category (wrong = exact match 0; for long FAQ answers, ROUGE-L below
 metrics.FAQ_RIGHT_ROUGE_L), checked in this order:
+- request_failed: an API baseline's request failed after its retries (the row keeps the error);
 - empty: the model said nothing;
 - normalization: equal to a gold once width, case, punctuation and spacing are ignored (NFKC + casefold);
 - too_verbose: the prediction contains a gold (right answer, extra words);
@@ -22,8 +23,9 @@ from pathlib import Path
 from tunebook.data import load_split
 from tunebook.runs import Run, write_json_atomic
 
-CATEGORIES = ("empty", "normalization", "too_verbose", "truncated", "wrong")
+CATEGORIES = ("request_failed", "empty", "normalization", "too_verbose", "truncated", "wrong")
 CATEGORY_MEANING = {
+    "request_failed": "the API request failed after its retries: not the model's answer",
     "empty": "no answer at all",
     "normalization": "right answer, different width / case / punctuation / spacing",
     "too_verbose": "contains the right answer plus extra words",
@@ -67,16 +69,21 @@ def load_predictions(run: Run) -> dict[str, list[dict]]:
         rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         for row in rows:
             row["passages"] = passages.get(row["id"], [])
-            row["category"] = "correct" if is_right(row) else categorize(row["prediction"], row["gold_answers"])
+            if row.get("request", {}).get("status") == "failed":
+                row["category"] = "request_failed"
+            else:
+                row["category"] = "correct" if is_right(row) else categorize(row["prediction"], row["gold_answers"])
         result[label] = rows
     return result
 
 
 def category_counts(predictions: dict[str, list[dict]]) -> list[dict]:
     table = []
+    any_failed = any(r["category"] == "request_failed" for rows in predictions.values() for r in rows)
+    shown = [c for c in CATEGORIES if c != "request_failed" or any_failed]  # the column only when an API row failed
     for label, rows in predictions.items():
         counts = Counter(r["category"] for r in rows)
-        table.append({"model": label, "correct": counts["correct"], **{c: counts[c] for c in CATEGORIES}, "n": len(rows)})
+        table.append({"model": label, "correct": counts["correct"], **{c: counts[c] for c in shown}, "n": len(rows)})
     return table
 
 
@@ -167,6 +174,8 @@ def _scores(row: dict) -> str:
 
 def _full_output(row: dict) -> str:
     """The model's whole output, when only its final-answer part was scored (reasoning outputs)."""
+    if row.get("request", {}).get("status") == "failed":
+        return f'<p><b>Request error</b> after {row["request"]["attempts"]} attempt(s): {html.escape(str(row["request"]["error"]))}</p>'
     output = row.get("output", row["prediction"])
     return "" if output == row["prediction"] else f'<p><b>Full output:</b> <span class="pred">{html.escape(output)}</span></p>'
 

@@ -1,9 +1,10 @@
 """Stage 04: generate answers for the eval split with every model and score them.
 
-Models: base (the params' model), finetuned (the merged model of 02) and each quantized variant of 03. Each
-is loaded, run through the batched generator (GGUF files through llama.cpp), timed, measured for peak memory
-and freed before the next. Writes predictions/<model>.jsonl, metrics.json (a list of rows with bits and size
-on disk) and metrics.csv.
+Models: base (the params' model), finetuned (the merged model of 02), each quantized variant of 03 and each
+API baseline (an OpenAI-compatible endpoint). Each is loaded, run through the batched generator (GGUF files
+through llama.cpp, baselines through the API client), timed, measured for peak memory and freed before the
+next. Writes predictions/<model>.jsonl, metrics.json (a list of rows with bits and size on disk) and
+metrics.csv.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 from tunebook.data import load_split, read_jsonl
-from tunebook.generate import generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
+from tunebook.generate import answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import load_for_inference, load_tokenizer, pick_backend, resolve_model
 from tunebook.runs import Run, write_json_atomic
@@ -51,7 +52,20 @@ def models_to_evaluate(run: Run) -> list[dict]:
                 models.append({"label": v["name"], "path": v["path"], "format": v["format"], "bits": v["bits"], "size_mb": v["size_mb"]})
             else:
                 print(f"{v['name']}: not evaluated, quantization {v['status']} ({v['reason']}).")
+    for b in run.params.evaluate.api_baselines:
+        models.append({"label": b.label, "path": b.base_url, "format": "api", "bits": None, "size_mb": None, "baseline": b})
     return models
+
+
+def answer_budget(run: Run) -> int:
+    """evaluate.max_new_tokens, or when empty the budget derived from the training answers' lengths."""
+    p = run.params
+    if p.evaluate.max_new_tokens:
+        return p.evaluate.max_new_tokens
+    answers = [turn["content"] for e in load_split(run, "train") for turn in e["completion"]]
+    budget = answer_token_budget(load_tokenizer(p.model.name, p.model.chat_template), answers)
+    print(f"max_new_tokens: {budget} (the longest training answer + 25%; set evaluate.max_new_tokens to fix it)")
+    return budget
 
 
 def evaluate(run: Run) -> list[dict]:
@@ -61,6 +75,7 @@ def evaluate(run: Run) -> list[dict]:
     labels = run.outputs_of("01_build_dataset").get("labels") or []
     constrain = labels if p.evaluate.metric == "classification" and p.evaluate.constrain_labels else None
     hit_rate = _retrieval_hit_rate(examples)
+    max_new_tokens, stops = answer_budget(run), p.evaluate.stop_strings
     # Base and fine-tuned models generate through Unsloth's fast inference on the unsloth backend; quantized
     # copies are saved in transformers' quantization formats (or GGUF) and load through transformers (llama.cpp).
     backend = pick_backend(p.model.backend)
@@ -74,12 +89,17 @@ def evaluate(run: Run) -> list[dict]:
             # llama.cpp from pip runs on the CPU even on a GPU machine: then its memory is the process's RSS.
             with peak_memory(gpu=m["format"] != "gguf" or gguf_runs_on_gpu()) as peak:
                 started = time.time()
-                if m["format"] == "gguf":
+                if m["format"] == "api":
+                    from tunebook.api_baseline import generate_api  # the HTTP client only when a baseline is listed
+
+                    model, load_seconds = None, 0.0
+                    result = generate_api(m["baseline"], conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=label)
+                elif m["format"] == "gguf":
                     # The merged model's tokenizer renders the prompts, so llama.cpp sees the same tokens.
                     tokenizer = load_tokenizer(run.outputs_of("02_finetune")["merged_dir"], p.model.chat_template)
-                    model = load_gguf(m["path"], n_ctx=p.model.max_seq_length + p.evaluate.max_new_tokens)
+                    model = load_gguf(m["path"], n_ctx=p.model.max_seq_length + max_new_tokens)
                     load_seconds = time.time() - started
-                    result = generate_gguf(model, tokenizer, conversations, max_new_tokens=p.evaluate.max_new_tokens, desc=label, labels=constrain)
+                    result = generate_gguf(model, tokenizer, conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=label, labels=constrain)
                 else:
                     model, tokenizer = load_for_inference(
                         m["path"], dtype=p.model.dtype, chat_template=p.model.chat_template, max_seq_length=p.model.max_seq_length,
@@ -89,7 +109,7 @@ def evaluate(run: Run) -> list[dict]:
                     load_seconds = time.time() - started
                     result = generate(
                         model, tokenizer, conversations,
-                        batch_size=p.evaluate.batch_size, max_new_tokens=p.evaluate.max_new_tokens, desc=label, labels=constrain,
+                        batch_size=p.evaluate.batch_size, max_new_tokens=max_new_tokens, stop_strings=stops, desc=label, labels=constrain,
                     )
             del model
             gc.collect()
@@ -99,6 +119,10 @@ def evaluate(run: Run) -> list[dict]:
                 {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": answer, "output": text, **s}
                 for e, text, answer, s in zip(examples, result.texts, answers, scores)
             ]
+            if result.requests:  # API rows keep their request's outcome, so a failed request shows as one
+                for row, request in zip(rows, result.requests):
+                    row["request"] = request
+            failed = {"failed_requests": sum(r["status"] != "ok" for r in result.requests)} if result.requests else {}
             path = predictions_dir / f"{label}.jsonl"
             with open(path, "w", encoding="utf-8") as f:
                 for row in rows:
@@ -113,15 +137,17 @@ def evaluate(run: Run) -> list[dict]:
                     "seconds": round(result.seconds, 2),
                     "examples_per_second": round(result.examples_per_second, 3),
                     "load_seconds": round(load_seconds, 2),
-                    "peak_memory_mb": round(peak["mb"], 1),
+                    "peak_memory_mb": round(peak["mb"], 1) if m["format"] != "api" else None,
                     "bits": m["bits"],
                     "size_mb": m["size_mb"],
+                    **failed,
                 }
             )
             print(f"{label}: " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items()) + f"  ({result.seconds:.1f}s)")
         write_json_atomic(run.dir / "metrics.json", table)
         with open(run.dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["model", *TIMING_COLUMNS])
+            columns = list(dict.fromkeys(k for row in table for k in row)) or ["model", *TIMING_COLUMNS]
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(table)
         outputs.update(metrics_json=str(run.dir / "metrics.json"), metrics_csv=str(run.dir / "metrics.csv"), predictions=files, labels=labels)

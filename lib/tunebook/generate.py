@@ -11,6 +11,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from tunebook.errors import TunebookError
+
 
 @dataclass
 class Generation:
@@ -45,8 +47,27 @@ def only_labels(sequences: list[list[int]], prompt_length: int):
     return allowed
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], *, batch_size: int, max_new_tokens: int, desc: str = "generate", labels: list[str] | None = None) -> Generation:
-    """Greedy answers in the callers' order; with `labels`, decoding is constrained to exactly one of them."""
+def answer_token_budget(tokenizer, answers: list[str]) -> int:
+    """max_new_tokens when the params leave it empty: the longest training answer in tokens, plus 25% and the
+    end-of-turn token, so no taught answer is cut while a rambling model stops early."""
+    longest = max((len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]), default=0)
+    return max(8, -(-longest * 5 // 4) + 1)
+
+
+def cut_at_stop(text: str, stop_strings) -> str:
+    """The text before the first stop string (generation stops after writing it)."""
+    cuts = [text.find(s) for s in stop_strings if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def generate(
+    model, tokenizer, conversations: list[list[dict]], *, batch_size: int, max_new_tokens: int,
+    stop_strings: list[str] = (), desc: str = "generate", labels: list[str] | None = None,
+) -> Generation:
+    """Greedy answers in the callers' order; with `labels`, decoding is constrained to exactly one of them.
+
+    Each row stops at end-of-turn or at a stop string (finished rows wait as padding while the rest of the
+    batch goes on). When the GPU runs out of memory the batch size is halved and the batch retried."""
     import torch
 
     prompts = render_prompts(tokenizer, conversations)
@@ -55,30 +76,47 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, batch_size: i
     texts: list[str] = [""] * len(prompts)
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    started = time.time()
-    n_batches = -(-len(order) // batch_size)
     sequences = label_sequences(tokenizer, labels) if labels else None
     if sequences:
         max_new_tokens = max(len(s) for s in sequences)
-    for number, start in enumerate(range(0, len(order), batch_size), start=1):
-        batch = order[start : start + batch_size]
+    options = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(model, tokenizer))
+    if stop_strings:
+        options.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    started, done, size = time.time(), 0, batch_size
+    while done < len(order):
+        batch = order[done : done + size]
         encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         constraint = {"prefix_allowed_tokens_fn": only_labels(sequences, encoded["input_ids"].shape[1])} if sequences else {}
-        with torch.inference_mode():
-            out = model.generate(
-                **encoded,
-                **constraint,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+        try:
+            with torch.inference_mode():
+                out = model.generate(**encoded, **constraint, **options)
+        except torch.OutOfMemoryError:
+            out = None  # handled outside the except block, so the failed batch's tensors can be freed
+        if out is None:
+            del encoded
+            torch.cuda.empty_cache()
+            if size == 1:
+                raise TunebookError(
+                    f"{desc}: out of GPU memory generating for a single prompt of {lengths[batch[0]]} tokens. "
+                    "Set evaluate.load_in_4bit: true, or lower model.max_seq_length."
+                ) from None
+            size //= 2
+            print(f"{desc}: out of GPU memory; batch size now {size}", flush=True)
+            continue
         new_tokens = out[:, encoded["input_ids"].shape[1] :]
         for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            texts[i] = text.strip()
+            texts[i] = cut_at_stop(text, stop_strings).strip()
+        done += len(batch)
         # Plain prints, not a widget bar: they show in notebooks and in papermill's headless log alike.
-        print(f"{desc}: batch {number}/{n_batches}, {min(start + batch_size, len(order))}/{len(order)} examples, {time.time() - started:.0f}s", flush=True)
+        print(f"{desc}: {done}/{len(order)} examples, batch size {size}, {time.time() - started:.0f}s", flush=True)
     return Generation(texts=texts, seconds=time.time() - started)
+
+
+def end_of_turn_ids(model, tokenizer) -> list[int]:
+    """Tokens that end an answer: the tokenizer's EOS and the model's own (Llama 3 lists several)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({tokenizer.eos_token_id, *(i for i in configured if i is not None)})
 
 
 def load_gguf(path: str, n_ctx: int):
@@ -90,7 +128,9 @@ def load_gguf(path: str, n_ctx: int):
     return Llama(model_path=path, n_ctx=n_ctx, n_threads=os.cpu_count(), n_gpu_layers=-1, seed=0, verbose=False)
 
 
-def generate_gguf(llm, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int, desc: str = "generate", labels: list[str] | None = None) -> Generation:
+def generate_gguf(
+    llm, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int, stop_strings: list[str] = (), desc: str = "generate", labels: list[str] | None = None
+) -> Generation:
     """Greedy answers from a GGUF model, one prompt at a time (llama-cpp-python has no batched API).
 
     Prompts are rendered and tokenized by the Hugging Face tokenizer, so llama.cpp sees exactly the token ids the
@@ -104,7 +144,7 @@ def generate_gguf(llm, tokenizer, conversations: list[list[dict]], *, max_new_to
     started = time.time()
     for number, prompt in enumerate(render_prompts(tokenizer, conversations), start=1):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        out = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, grammar=grammar)
+        out = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, grammar=grammar, stop=list(stop_strings) or None)
         texts.append(out["choices"][0]["text"].strip())
         if number % 25 == 0 or number == len(conversations):
             print(f"{desc}: {number}/{len(conversations)} examples, {time.time() - started:.0f}s", flush=True)

@@ -214,8 +214,31 @@ def load_for_inference(
         except (OSError, ValueError) as e:
             raise _load_error(path, e) from None
         model.eval()
+        if has_cuda() and model.config._attn_implementation == "sdpa":
+            _register_sdpa_gqa()
+            model.set_attn_implementation("sdpa_gqa")
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def _register_sdpa_gqa() -> None:
+    """An inference attention for transformers: its SDPA attention, except that grouped-query heads (8 key/value
+    heads for 32 query heads in Llama-3-8B) go to the kernel as they are (`enable_gqa`). transformers copies them
+    out to one per query head whenever a padding mask is present, i.e. in every left-padded batch; skipping that
+    copy made batched evaluation of an 8B model 1.45x faster on an H200 (bench/eval_throughput.py)."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+        causal = attention_mask is None and query.shape[2] > 1
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=causal, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("sdpa_gqa", sdpa_gqa)
+    AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
 
 
 def _load_error(name: str, error: Exception) -> TunebookError:
