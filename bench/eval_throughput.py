@@ -195,6 +195,7 @@ def gpu_case(name: str, models: Path) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda"), AutoTokenizer.from_pretrained(path)
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one; this tokenizer has none
     else:
         backend = "unsloth" if "unsloth" in name else "hf"
         model, tokenizer = load_for_inference(path, dtype="bfloat16", backend=backend, max_seq_length=1024)
