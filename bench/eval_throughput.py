@@ -61,24 +61,33 @@ def default_eval_set(*overrides: str) -> tuple[list[list[dict]], object]:
 
 
 def rag_prompts(tokenizer, n: int, seed: int = 0) -> list[list[dict]]:
-    """n RAG-QA prompts of 550-650 tokens: a question with its passages, then other articles' passages."""
+    """n RAG-QA prompts of 550-650 tokens: a question with its passages, then other articles' passages, the last
+    one cut at a word so the prompt ends up at its drawn length."""
     from tunebook.data import read_jsonl
 
     rows = read_jsonl(ROOT / "data/minipedia_rag_qa.jsonl")
     pool = [p for r in rows for p in r["passages"]]
     rng = random.Random(seed)
+
+    def message(row, passages):
+        body = "\n\n".join(f"[{k}] {p}" for k, p in enumerate(passages, 1))
+        return [{"role": "user", "content": f"Answer from the passages.\n\nPassages:\n{body}\n\nQuestion: {row['question']}"}]
+
+    def length(conversation):
+        return len(tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True, return_dict=False))
+
     prompts = []
     for i in range(n):
         row, target = rows[i % len(rows)], rng.randint(550, 650)
         passages = list(row["passages"])
-        while True:
-            body = "\n\n".join(f"[{k}] {p}" for k, p in enumerate(passages, 1))
-            message = [{"role": "user", "content": f"Answer from the passages.\n\nPassages:\n{body}\n\nQuestion: {row['question']}"}]
-            length = len(tokenizer.apply_chat_template(message, tokenize=True, add_generation_prompt=True, return_dict=False))
-            if length >= target:
-                break
+        while length(message(row, passages)) < target:
             passages.append(rng.choice(pool))
-        prompts.append(message)
+        words = passages[-1].split()
+        low, high = 0, len(words)  # the most words of the last passage that keep the prompt within its target
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if length(message(row, passages[:-1] + [" ".join(words[:middle])])) <= target else (low, middle - 1)
+        prompts.append(message(row, passages[:-1] + [" ".join(words[:low])]))
     return prompts
 
 
@@ -265,12 +274,12 @@ def merge(results_path: Path, part: str, value: dict) -> None:
 
 def report(results: dict) -> str:
     lines = []
-    for part, title, reference in (("cpu", "CPU", "one_at_a_time"), ("gpu", "GPU", "hf_one_at_a_time")):
-        if part not in results:
-            continue
+    for part in results:  # cpu, gpu, and any earlier GPU run kept under its own name (ratios stay within a run)
+        title, reference = ("CPU", "one_at_a_time") if part == "cpu" else (f"GPU ({part})", "hf_one_at_a_time")
         r, m = results[part], results[part]["machine"]
-        lines += [f"## {title}: {', '.join(str(v) for v in r['setup'].values())}", "",
+        lines += [f"## {title}", "", "; ".join(f"{k}: {v}" for k, v in r["setup"].items()) + ".", "",
                   f"{m.get('gpu') or 'CPU'}; torch {m.get('torch')}, transformers {m.get('transformers')}, unsloth {m.get('unsloth')}, commit {m.get('commit')}.", "",
+                  *([r["note"], ""] if r.get("note") else []),
                   "| case | s / example | s / 1,000 | examples / s | vs one at a time | x prefill bound | notes |", "|---|---|---|---|---|---|---|"]
         bound = r["cases"].get("prefill_bound", {}).get("seconds_per_example")
         for name, c in r["cases"].items():

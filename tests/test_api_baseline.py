@@ -15,9 +15,15 @@ import httpx
 import pytest
 
 from tunebook import api_baseline
+from tunebook.analysis import analyze
 from tunebook.api_baseline import generate_api
 from tunebook.config import ApiBaselineParams
+from tunebook.data import build_dataset, load_split, read_jsonl
 from tunebook.errors import TunebookError
+from tunebook.evaluate import evaluate
+from tunebook.runs import open_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL_ALIAS = "smollm2-135m"  # without --model_alias the server names the model by its file path
 FRANCE = "What is the capital of France? Answer in one word."
@@ -78,7 +84,7 @@ class FaultProxy:
     Retry-After: 1 on the first attempt, SLOW -> no answer for longer than the client's timeout on the first attempt,
     BAD-REQUEST -> 400."""
 
-    def __init__(self, upstream: str, slow_seconds: float):
+    def __init__(self, upstream: str, slow_seconds: float, fail_always: tuple[str, ...] = ("FAIL-ALWAYS",)):
         self.bodies, self.auth, self.hits = [], [], Counter()
         proxy, client = self, httpx.Client(timeout=60)
 
@@ -102,7 +108,7 @@ class FaultProxy:
                 proxy.auth.append(auth)
                 proxy.hits[prompt] += 1
                 first = proxy.hits[prompt] == 1
-                if "FAIL-ALWAYS" in prompt:
+                if any(marker in prompt for marker in fail_always):
                     error = {"error": {"message": f"injected fault; request had {auth}", "type": "server_error"}}
                     return self.reply(500, json.dumps(error).encode())
                 if "BAD-REQUEST" in prompt:
@@ -235,3 +241,29 @@ def test_api_key_is_sent_but_never_recorded_or_printed(proxy, monkeypatch, capsy
     assert gen.requests[1]["status"] == "ok"
     captured = capsys.readouterr()
     assert "SECRET123" not in json.dumps(gen.requests) + captured.out + captured.err
+
+
+def test_stage_04_and_05_count_and_show_failed_rows(llama_server, tmp_path):
+    """An API baseline row in the real stages: 04 scores it next to the local models and counts the rows whose request
+    failed; 05 files them as request_failed with their error. The server fails two eval questions' requests."""
+    run = open_run(ROOT / "params/smoke.yaml", [f"output_dir={tmp_path}", "evaluate.models=[]"])
+    build_dataset(run)
+    questions = [e["question"] for e in load_split(run, "eval")]
+    proxy = FaultProxy(llama_server, slow_seconds=0, fail_always=(questions[0], questions[3]))
+    threading.Thread(target=proxy.server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        row = {"label": "smol-api", "base_url": proxy.base_url, "model": MODEL_ALIAS, "api_key_env": None, "max_retries": 1}
+        run = open_run(ROOT / "params/smoke.yaml", [f"output_dir={tmp_path}", "evaluate.models=[]", f"evaluate.api_baselines=[{json.dumps(row)}]"])
+        table = evaluate(run)
+    finally:
+        proxy.server.shutdown()
+        proxy.server.server_close()
+    assert [(r["model"], r["n"], r["failed_requests"]) for r in table] == [("smol-api", 8, 2)]
+    assert "failed_requests" in (run.dir / "metrics.csv").read_text().splitlines()[0]
+    rows = read_jsonl(run.dir / "predictions/smol-api.jsonl")
+    assert [r["question"] for r in rows] == questions  # every row, in order
+    failed = [r for r in rows if r["request"]["status"] == "failed"]
+    assert [r["question"] for r in failed] == [questions[0], questions[3]] and all(r["prediction"] == "" for r in failed)
+    result = analyze(run)
+    assert result["counts"][0]["request_failed"] == 2
+    assert (run.dir / "report.html").read_text().count("Request error</b> after 2 attempt(s): InternalServerError HTTP 500") == 2

@@ -1,5 +1,7 @@
-"""The parts of bench/train_throughput.py that run on CPU: its fixed-length rows and its report."""
+"""The parts of the GPU benchmarks that run on CPU: bench/train_throughput.py's fixed-length rows and report, and
+bench/eval_throughput.py's prompts and report."""
 import importlib.util
+import sys
 
 from conftest import ROOT
 from tunebook.config import DEFAULT_MODEL
@@ -8,6 +10,10 @@ from tunebook.models import load_tokenizer
 spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
 train_throughput = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_throughput)
+sys.modules["train_throughput"] = train_throughput  # eval_throughput imports it as a sibling script
+spec = importlib.util.spec_from_file_location("eval_throughput", ROOT / "bench" / "eval_throughput.py")
+eval_throughput = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval_throughput)
 
 
 def test_fixed_length_rows_are_exactly_as_long_as_asked():
@@ -28,3 +34,24 @@ def test_report_shows_ratios_and_failures():
     text = train_throughput.report({"cases": cases})
     assert "Workbook / raw Unsloth: 0.98x; workbook / transformers+PEFT: 1.67x." in text
     assert "| t4_llama3_8b_4bit |" in text and "out of memory" in text
+
+
+def test_eval_prompts_are_550_to_650_tokens_and_distinct():
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    prompts = eval_throughput.rag_prompts(tokenizer, 20)
+    lengths = [len(tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=False)) for p in prompts]
+    assert all(540 <= n <= 650 for n in lengths) and 570 < sum(lengths) / len(lengths) < 630
+    assert len({p[0]["content"] for p in prompts}) == 20
+
+
+def test_eval_report_gives_ratios_within_a_run_and_shows_failures():
+    cases = {
+        "hf_one_at_a_time": eval_throughput.speed(10, 5.0),
+        "hf_batched_64": {"ok": False, "error": "ValueError: no pad token"},
+        "prefill_bound": eval_throughput.speed(1000, 20.0),
+        "workbook_hf_256": eval_throughput.speed(1000, 25.0, batch_size=256),
+        "agreement_hf": {"ok": True, "examples": 100, "agreement": 0.9},
+    }
+    text = eval_throughput.report({"gpu": {"setup": {"new_tokens": 32}, "cases": cases, "machine": {"gpu": "H200"}}})
+    assert "| workbook_hf_256 | 0.025 | 25.0 | 40.0 | 20.00x | 1.25 | batch_size 256 |" in text
+    assert "| hf_batched_64 | failed: ValueError: no pad token |" in text and "agreement 0.9 on 100 prompts" in text

@@ -8,7 +8,7 @@ from tunebook.data import build_dataset, load_split
 from tunebook.errors import TunebookError
 from tunebook.evaluate import answer_budget
 from tunebook.generate import answer_token_budget, cut_at_stop, end_of_turn_ids, generate, peak_memory
-from tunebook.models import load_for_inference
+from tunebook.models import load_for_inference, use_grouped_query_sdpa
 from tunebook.runs import open_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,20 @@ def test_batched_equals_one_at_a_time_and_keeps_order(model_and_tokenizer):
     single = [generate(model, tokenizer, [c], batch_size=1, max_new_tokens=8).texts[0] for c in CONVERSATIONS]
     assert batched.texts == single
     assert all(batched.texts) and batched.examples_per_second > 0
+
+
+def test_grouped_query_sdpa_gives_the_same_answers(model_and_tokenizer):
+    """The GPU inference attention (grouped-query heads passed to SDPA as they are), checked here on CPU in fp32:
+    padded batches and single prompts give transformers' own answers. SmolLM2 has 9 query heads per 3 key/value heads."""
+    model, tokenizer = model_and_tokenizer
+    expected = generate(model, tokenizer, CONVERSATIONS, batch_size=3, max_new_tokens=8).texts
+    use_grouped_query_sdpa(model)
+    try:
+        assert model.config._attn_implementation == "sdpa_gqa"
+        assert generate(model, tokenizer, CONVERSATIONS, batch_size=3, max_new_tokens=8).texts == expected
+        assert [generate(model, tokenizer, [c], batch_size=1, max_new_tokens=8).texts[0] for c in CONVERSATIONS] == expected
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def test_peak_memory_is_measured():

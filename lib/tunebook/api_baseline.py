@@ -16,7 +16,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_rand
 
 from tunebook.config import ApiBaselineParams
 from tunebook.errors import TunebookError
-from tunebook.generate import Generation
+from tunebook.generate import Generation, cut_at_stop
 
 WAIT_INITIAL = 0.5  # seconds before the first retry; doubles each time, with jitter (tests make these small)
 WAIT_MAX = 20.0
@@ -56,11 +56,6 @@ def _describe(error: BaseException, secret: str | None) -> str:
     return f"{type(error).__name__}{status}: {message[:300]}"
 
 
-def _cut(text: str, stop_strings) -> str:
-    ends = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
-    return (text[: min(ends)] if ends else text).strip()
-
-
 def generate_api(baseline: ApiBaselineParams, conversations: list[list[dict]], *, max_new_tokens: int,
                  stop_strings: list[str] = (), desc: str = "api") -> Generation:
     """Answers `conversations` through `baseline`'s endpoint, in the caller's order, with a record per row."""
@@ -96,7 +91,7 @@ def generate_api(baseline: ApiBaselineParams, conversations: list[list[dict]], *
                             wait=_wait, reraise=True)
         record = {"status": "ok", "attempts": 0, "error": None, "seconds": 0.0, "http_statuses": outcomes}
         try:
-            text = _cut(retrying(attempt), stop_strings)
+            text = cut_at_stop(retrying(attempt), stop_strings).strip()
         except Exception as error:  # a failed row stays in the table as "" with its error; the run goes on
             text, record["status"], record["error"] = "", "failed", _describe(error, key)
         record.update(attempts=len(outcomes), seconds=round(time.perf_counter() - start, 3))
