@@ -10,13 +10,16 @@ TUNEBOOK_CACHE ?= $(HOME)/.cache/tunebook
 export TUNEBOOK_CACHE
 MODEL := $(TUNEBOOK_CACHE)/models/SmolLM2-135M-Instruct-v2/model.safetensors
 PARAMS ?= params/default.yaml
+# The browser tests drive Debian's Chromium through Playwright (Playwright's own browser download needs the open web).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: run test setup model bench-accuracy
 
 run: setup model
 	$(PY) -m tunebook run $(PARAMS) --resume $(ARGS)
 
-test: setup model
+test: setup model $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every recipe's base vs fine-tuned model on CPU (about 80 minutes); refreshes the README's accuracy table.
@@ -38,6 +41,10 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	touch $@
 
 model: $(MODEL)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
 
 $(MODEL): | setup
 	$(PY) -m tunebook prepare-model

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,13 @@ def write_params(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """params/smoke.yaml through the CLI, all five notebooks, once per test session: (run folder, completed process)."""
+    out = tmp_path_factory.mktemp("outputs")
+    command = [sys.executable, "-m", "tunebook", "run", "params/smoke.yaml", "--set", f"output_dir={out}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out / "smoke", result

@@ -1,10 +1,10 @@
-"""The five notebooks, executed headless by papermill on params/smoke.yaml: every stage for real, on a few rows."""
+"""The five notebooks, executed headless by papermill on params/smoke.yaml (conftest's smoke_run): every stage for
+real, on a few rows."""
 import json
 import subprocess
 import sys
 
 import nbformat
-import pytest
 
 from conftest import ROOT
 from tunebook.runs import STAGES
@@ -16,14 +16,6 @@ VARIANTS = ["int8_weight_only", "gguf_q8_0", "gptq_w4a16"]
 
 def tunebook(*args):
     return subprocess.run([sys.executable, "-m", "tunebook", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("outputs")
-    result = tunebook("run", "params/smoke.yaml", "--set", f"output_dir={out}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out / "smoke", result
 
 
 def test_all_stages_complete_with_executed_notebooks(smoke_run):

@@ -154,12 +154,12 @@ def highlight(text: str, spans: list[str]) -> str:
     return "".join(out)
 
 
-def item_html(row: dict, model: str = "") -> str:
+def item_html(row: dict, model: str = "", hidden: bool = False) -> str:
     golds = " | ".join(html.escape(g) for g in row["gold_answers"])
     passages = "".join(f'<div class="passage">[{i}] {highlight(p, row["gold_answers"])}</div>' for i, p in enumerate(row["passages"], 1))
     head = f"<b>{html.escape(model)}</b> · " if model else ""
     return (
-        f'<div class="item" data-category="{row["category"]}">'
+        f'<div class="item" data-model="{html.escape(model)}" data-category="{row["category"]}"{" hidden" if hidden else ""}>'
         f'{head}<span class="cat cat-{row["category"]}">{row["category"]}</span> <small>{html.escape(CATEGORY_MEANING.get(row["category"], ""))}</small>'
         f"<p><b>Q:</b> {html.escape(row['question'])}</p>"
         f'<p><b>Gold:</b> {golds}<br><b>Prediction:</b> <span class="pred">{html.escape(row["prediction"]) or "(empty)"}</span>'
@@ -200,7 +200,43 @@ def _confusion_html(model: str, counts: dict) -> str:
     return f"<h3>{html.escape(model)}</h3><table><tr><th>gold ↓ · predicted →</th>{head}</tr>{body}</table>"
 
 
+# Client-side filters of the static report: plain JavaScript inside the page, so it works offline and headless.
+_FILTER_JS = """
+function applyFilters() {
+  const model = document.getElementById('f-model').value, category = document.getElementById('f-category').value;
+  const query = document.getElementById('f-search').value.trim().toLowerCase();
+  let shown = 0;
+  for (const item of document.querySelectorAll('.item')) {
+    const c = item.dataset.category;
+    const keep = (!model || item.dataset.model === model)
+      && (category === '' || (category === 'wrong' ? c !== 'correct' : c === category))
+      && (!query || item.textContent.toLowerCase().includes(query));
+    item.hidden = !keep;
+    shown += keep;
+  }
+  for (const head of document.querySelectorAll('h3[data-model]')) head.hidden = Boolean(model) && head.dataset.model !== model;
+  document.getElementById('shown').textContent = shown + ' shown';
+}
+for (const id of ['f-model', 'f-category', 'f-search']) document.getElementById(id).addEventListener('input', applyFilters);
+applyFilters();
+"""
+
+
+def _options(values: list[tuple[str, str]]) -> str:
+    return "".join(f'<option value="{html.escape(v)}">{html.escape(label)}</option>' for v, label in values)
+
+
+def _filters_html(models: list[str]) -> str:
+    categories = [("wrong", "all wrong"), ("", "all answers"), *((c, c) for c in (*CATEGORIES, "correct"))]
+    return (
+        f'<div id="filters"><label>model <select id="f-model">{_options([("", "all"), *((m, m) for m in models)])}</select></label> '
+        f'<label>category <select id="f-category">{_options(categories)}</select></label> '
+        '<label>search <input id="f-search" type="search" placeholder="question, answer, passage"></label> <b id="shown"></b></div>'
+    )
+
+
 def report_html(run_name: str, predictions: dict[str, list[dict]], counts: list[dict], compare: dict | None, confusion: dict | None = None) -> str:
+    """A self-contained page (no kernel, no network): tables, then every answer, filtered by model, category and text."""
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>tunebook · {html.escape(run_name)} · error analysis</title>",
         f"<style>{_CSS}</style></head><body><h1>Error analysis · run {html.escape(run_name)}</h1>",
@@ -212,11 +248,12 @@ def report_html(run_name: str, predictions: dict[str, list[dict]], counts: list[
         parts += ["<h2>Base → fine-tuned</h2>", _table_html([compare])]
     if confusion:
         parts += ["<h2>Confusion matrices</h2>"] + [_confusion_html(m, c) for m, c in confusion.items()]
+    parts += ["<h2>Answers</h2>", _filters_html(list(predictions))]
     for label, rows in predictions.items():
         wrong = [r for r in rows if r["category"] != "correct"]
-        parts.append(f"<h2>{html.escape(label)}: {len(wrong)} wrong of {len(rows)}</h2>")
-        parts += [item_html(r) for r in wrong]
-    parts.append("</body></html>")
+        parts.append(f'<h3 data-model="{html.escape(label)}">{html.escape(label)}: {len(wrong)} wrong of {len(rows)}</h3>')
+        parts += [item_html(r, label, hidden=r["category"] == "correct") for r in rows]
+    parts.append(f"<script>{_FILTER_JS}</script></body></html>")
     return "\n".join(parts)
 
 
