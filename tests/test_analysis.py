@@ -1,4 +1,6 @@
-from tunebook.analysis import categorize, confusion_matrix, highlight, is_right, item_html, report_html, transitions
+from tunebook.analysis import (
+    categorize, closest_gold, confusion_matrix, diff_html, gold_in_passages, highlight, is_right, item_html, report_html, transitions,
+)
 
 
 def test_categories():
@@ -46,3 +48,19 @@ def test_confusion_matrix_counts_and_report_table():
 def test_right_uses_the_metric_s_rule():
     assert is_right({"right": True, "exact_match": 0}) and not is_right({"right": False})
     assert is_right({"exact_match": 1})  # prediction files written before `right` existed
+
+
+def test_diff_against_the_closest_gold_is_escaped():
+    golds = ["roughly 21.5 kilograms", "21.5 kilograms"]
+    assert closest_gold("21.7 kilograms of rock", golds) == "21.5 kilograms"
+    assert diff_html("21.7 kilograms of rock", "21.5 kilograms") == "21.<del>5</del><ins>7</ins> kilograms<ins> of rock</ins>"
+    assert diff_html("<b>Ada</b>", "Ada") == "<ins>&lt;b&gt;</ins>Ada<ins>&lt;/b&gt;</ins>"
+
+
+def test_retrieval_miss_is_flagged_not_blamed_on_the_model():
+    row = {"question": "Q", "gold_answers": ["Ｐａｒｉｓ"], "prediction": "Lyon", "category": "wrong", "passages": ["Lyon is big."]}
+    assert gold_in_passages(row) is False
+    assert 'class="miss">retrieval miss' in item_html(row) and 'data-miss="1"' in item_html(row)
+    assert gold_in_passages({**row, "passages": ["The capital is paris."]}) is True  # width and case do not matter
+    assert gold_in_passages({**row, "passages": []}) is None  # no passages (classification): no flag
+    assert "Diff to the closest gold" in item_html(row) and "Diff" not in item_html({**row, "category": "correct"})

@@ -13,7 +13,8 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from conftest import ROOT
-from tunebook.analysis import report_html
+from tunebook.analysis import gold_in_passages, load_predictions, report_html
+from tunebook.runs import open_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -52,6 +53,10 @@ def test_report_filters_match_the_metrics(smoke_run, browser):
     assert shown(page) >= 1 and question in page.locator(".item:visible").first.inner_text()
     page.fill("#f-search", "no answer contains this 7c1d")
     assert shown(page) == 0
+    page.fill("#f-search", "")
+    page.select_option("#f-category", "miss")
+    rows = load_predictions(open_run(run_dir / "params.yaml"))["finetuned"]
+    assert shown(page) == sum(gold_in_passages(r) is False for r in rows)
     page.fill("#f-search", "")
     page.select_option("#f-category", "wrong")
     page.locator("#filters").scroll_into_view_if_needed()

@@ -13,6 +13,7 @@ static report.html (all model text and passages HTML-escaped).
 """
 from __future__ import annotations
 
+import difflib
 import html
 import json
 import re
@@ -137,6 +138,8 @@ th:first-child, td:first-child { text-align: left; }
 .cat-normalization { background: #d4ecd4; } .cat-empty { background: #ddd; } .cat-correct { background: #cfe8fc; }
 .passage { color: #333; font-size: .9em; margin: .3em 0; } mark { background: #ffe066; }
 .pred { font-family: monospace; background: #f6f6f6; padding: .1em .3em; }
+.diff del { background: #f8d0d0; } .diff ins { background: #d4ecd4; text-decoration: none; }
+.miss { display: inline-block; padding: .1em .5em; border-radius: 4px; background: #555; color: #fff; font-size: .85em; }
 """
 
 
@@ -154,16 +157,57 @@ def highlight(text: str, spans: list[str]) -> str:
     return "".join(out)
 
 
+def closest_gold(prediction: str, golds: list[str]) -> str:
+    """The gold answer most like the prediction (difflib's similarity ratio)."""
+    return max(golds, key=lambda g: difflib.SequenceMatcher(None, prediction, g).ratio(), default="")
+
+
+def diff_html(prediction: str, gold: str) -> str:
+    """Character diff from the gold to the prediction: <del> what the prediction lacks, <ins> what it adds.
+    Matches shorter than 3 characters inside changed text count as changed, so a sentence around the answer reads
+    as one insertion rather than letters scattered over the gold."""
+    pieces: list[list[str]] = []  # [equal, deleted, inserted] runs, merged
+    for op, g1, g2, p1, p2 in difflib.SequenceMatcher(None, gold, prediction, autojunk=False).get_opcodes():
+        if op == "equal" and (g2 - g1 >= 3 or (g1 == 0 and g2 == len(gold))):
+            pieces.append([gold[g1:g2], "", ""])
+        elif pieces and not pieces[-1][0]:
+            pieces[-1][1] += gold[g1:g2]
+            pieces[-1][2] += prediction[p1:p2]
+        else:
+            pieces.append(["", gold[g1:g2], prediction[p1:p2]])
+    out = []
+    for equal, deleted, inserted in pieces:
+        out.append(html.escape(equal))
+        out.append(f"<del>{html.escape(deleted)}</del>" if deleted else "")
+        out.append(f"<ins>{html.escape(inserted)}</ins>" if inserted else "")
+    return "".join(out)
+
+
+def gold_in_passages(row: dict) -> bool | None:
+    """Whether any gold answer occurs in the passages (loosely normalized); None when there are no passages.
+    A question whose passages lack every gold is a retrieval miss, not the model's error."""
+    if not row["passages"]:
+        return None
+    text = loose_normalize(" ".join(row["passages"]))
+    return any(g and g in text for g in (loose_normalize(g) for g in row["gold_answers"]))
+
+
 def item_html(row: dict, model: str = "", hidden: bool = False) -> str:
     golds = " | ".join(html.escape(g) for g in row["gold_answers"])
     passages = "".join(f'<div class="passage">[{i}] {highlight(p, row["gold_answers"])}</div>' for i, p in enumerate(row["passages"], 1))
     head = f"<b>{html.escape(model)}</b> · " if model else ""
+    if gold_in_passages(row) is False:
+        head += '<span class="miss">retrieval miss</span> <small>no gold answer is in the passages</small> · '
+    diff = ""
+    if row["category"] not in ("correct", "request_failed") and row["prediction"].strip() and row["gold_answers"]:
+        diff = f'<br><b>Diff to the closest gold:</b> <span class="pred diff">{diff_html(row["prediction"], closest_gold(row["prediction"], row["gold_answers"]))}</span>'
     return (
-        f'<div class="item" data-model="{html.escape(model)}" data-category="{row["category"]}"{" hidden" if hidden else ""}>'
+        f'<div class="item" data-model="{html.escape(model)}" data-category="{row["category"]}" data-miss="{int(gold_in_passages(row) is False)}"'
+        f'{" hidden" if hidden else ""}>'
         f'{head}<span class="cat cat-{row["category"]}">{row["category"]}</span> <small>{html.escape(CATEGORY_MEANING.get(row["category"], ""))}</small>'
         f"<p><b>Q:</b> {html.escape(row['question'])}</p>"
         f'<p><b>Gold:</b> {golds}<br><b>Prediction:</b> <span class="pred">{html.escape(row["prediction"]) or "(empty)"}</span>'
-        f" <small>{_scores(row)}</small></p>{_full_output(row)}{passages}</div>"
+        f" <small>{_scores(row)}</small>{diff}</p>{_full_output(row)}{passages}</div>"
     )
 
 
@@ -209,7 +253,7 @@ function applyFilters() {
   for (const item of document.querySelectorAll('.item')) {
     const c = item.dataset.category;
     const keep = (!model || item.dataset.model === model)
-      && (category === '' || (category === 'wrong' ? c !== 'correct' : c === category))
+      && (category === '' || (category === 'wrong' ? c !== 'correct' : category === 'miss' ? item.dataset.miss === '1' : c === category))
       && (!query || item.textContent.toLowerCase().includes(query));
     item.hidden = !keep;
     shown += keep;
@@ -227,7 +271,7 @@ def _options(values: list[tuple[str, str]]) -> str:
 
 
 def _filters_html(models: list[str]) -> str:
-    categories = [("wrong", "all wrong"), ("", "all answers"), *((c, c) for c in (*CATEGORIES, "correct"))]
+    categories = [("wrong", "all wrong"), ("", "all answers"), *((c, c) for c in (*CATEGORIES, "correct")), ("miss", "retrieval miss (no gold in the passages)")]
     return (
         f'<div id="filters"><label>model <select id="f-model">{_options([("", "all"), *((m, m) for m in models)])}</select></label> '
         f'<label>category <select id="f-category">{_options(categories)}</select></label> '
