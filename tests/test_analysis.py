@@ -1,3 +1,5 @@
+import json
+
 from tunebook.analysis import (
     categorize, closest_gold, confusion_matrix, diff_html, gold_in_passages, highlight, is_right, item_html, report_html, transitions,
 )
@@ -64,3 +66,58 @@ def test_retrieval_miss_is_flagged_not_blamed_on_the_model():
     assert gold_in_passages({**row, "passages": ["The capital is paris."]}) is True  # width and case do not matter
     assert gold_in_passages({**row, "passages": []}) is None  # no passages (classification): no flag
     assert "Diff to the closest gold" in item_html(row) and "Diff" not in item_html({**row, "category": "correct"})
+
+
+def rows_of(*rights: int, prefix: str = "") -> list[dict]:
+    return [
+        {"id": str(i), "question": f"{prefix}question {i}", "gold_answers": ["Ada"], "prediction": "Ada" if right else "Bob is wrong here",
+         "exact_match": right, "category": "correct" if right else "wrong", "passages": ["Ada wrote it."]}
+        for i, right in enumerate(rights)
+    ]
+
+
+def test_changes_against_the_reference_model():
+    from tunebook.analysis import mark_changes, reference_model
+
+    assert [reference_model(m, ["base", "finetuned", "gguf_q8_0"]) for m in ("base", "finetuned", "gguf_q8_0")] == [None, "base", "finetuned"]
+    assert reference_model("gpt-4o-mini", ["base", "gpt-4o-mini"]) is None
+    base, tuned = rows_of(0, 1, 0, 1), rows_of(1, 0, 0, 1)
+    mark_changes(base, tuned, "base")
+    assert [r["change"] for r in tuned] == ["fixed", "broken", "still_wrong", "both_right"]
+    page = report_html("r", {"base": base, "finetuned": tuned}, [], None)
+    assert 'data-change="broken"' in page and 'id="f-change"' in page and "broken vs base" in page
+
+
+def test_browser_filters_steps_and_exports_marks_without_losing_earlier_ones(tmp_path):
+    from tunebook.analysis import browser, read_marks
+
+    marks = tmp_path / "relabels.jsonl"
+    marks.write_text(json.dumps({"model": "finetuned", "id": "9", "question": "q", "gold_answers": ["x"], "prediction": "y", "mark": "gold_wrong"}) + "\n")
+    tuned = rows_of(0, 1, 0, 0)
+    tuned[2]["question"] = "Who painted it?"
+    widget = browser({"finetuned": tuned}, marks)
+    (model, category, changed, search), (previous, following, position), (gold_wrong, acceptable, export, saved) = (box.children for box in widget.children[:3])
+    assert position.value == "1 of 3"  # the wrong answers
+    following.click()
+    assert position.value == "2 of 3" and "Who painted it?" in widget.children[3].value
+    acceptable.click()
+    assert saved.value == "marked: also acceptable"
+    search.value = "painted"
+    assert position.value == "1 of 1"
+    category.value = "all answers"
+    search.value = ""
+    assert position.value == "1 of 4"
+    export.click()
+    written = read_marks(marks)
+    assert set(written) == {("finetuned", "9"), ("finetuned", "2")} and written[("finetuned", "2")]["mark"] == "also_acceptable"
+    assert saved.value == f"2 mark(s) saved to {marks}"
+
+
+def test_category_and_length_plots():
+    from tunebook.analysis import length_vs_correctness, plot_categories, plot_length_vs_correctness
+
+    tuned = rows_of(1, 1, 0)
+    assert length_vs_correctness(tuned) == [{"words": "1", "answers": 2, "right": 1.0}, {"words": "4-5", "answers": 1, "right": 0.0}]
+    assert plot_length_vs_correctness({"finetuned": tuned}).axes[0].get_ylabel() == "share right"
+    counts = [{"model": "finetuned", "correct": 2, "empty": 0, "normalization": 0, "too_verbose": 0, "truncated": 0, "wrong": 1, "n": 3}]
+    assert len(plot_categories(counts).axes[0].patches) == 6

@@ -137,6 +137,11 @@ def test_notebook_05_renders_its_browser_in_jupyterlab(smoke_run, browser, jupyt
     if counter.inner_text() != "1 of 1":
         page.get_by_role("button", name="next ▶").click()
         page.locator(".jp-OutputArea").get_by_text(re.compile(r"^2 of \d+$")).wait_for()
+    page.get_by_role("button", name="also acceptable").click()
+    page.get_by_role("button", name="export marks").click()
+    page.locator(".jp-OutputArea").get_by_text(re.compile(r"^\d+ mark\(s\) saved to ")).wait_for()
+    marks = [json.loads(line) for line in (run_dir / "relabels.jsonl").read_text().splitlines()]
+    assert {"model": "base", "mark": "also_acceptable"}.items() <= marks[-1].items()
     item.scroll_into_view_if_needed()
     page.screenshot(path=run_dir / "jupyterlab_05.png")
     assert (run_dir / "jupyterlab_05.png").stat().st_size > 10_000

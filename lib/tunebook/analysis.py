@@ -75,7 +75,32 @@ def load_predictions(run: Run) -> dict[str, list[dict]]:
             else:
                 row["category"] = "correct" if is_right(row) else categorize(row["prediction"], row["gold_answers"])
         result[label] = rows
+    for label, rows in result.items():
+        reference = reference_model(label, list(result))
+        if reference:
+            mark_changes(result[reference], rows, reference)
     return result
+
+
+def reference_model(label: str, labels: list[str]) -> str | None:
+    """The model a model is compared with: fine-tuned with base, quantized copies and API rows with fine-tuned."""
+    wanted = None if label == "base" else "base" if label == "finetuned" else "finetuned"
+    return wanted if wanted in labels else None
+
+
+CHANGES = ("fixed", "broken", "still_wrong", "both_right")
+
+
+def change(right_before: bool, right_after: bool) -> str:
+    return "fixed" if right_after and not right_before else "broken" if right_before and not right_after else "both_right" if right_after else "still_wrong"
+
+
+def mark_changes(before: list[dict], after: list[dict], reference: str) -> None:
+    """Give each row of `after` its change against the same question in `before`: fixed / broken / still_wrong / both_right."""
+    before_by_id = {r["id"]: r for r in before}
+    for row in after:
+        if row["id"] in before_by_id:
+            row["change"], row["reference"] = change(is_right(before_by_id[row["id"]]), is_right(row)), reference
 
 
 def category_counts(predictions: dict[str, list[dict]]) -> list[dict]:
@@ -96,9 +121,8 @@ def transitions(before: list[dict], after: list[dict]) -> dict[str, int]:
         a = after_by_id.get(b["id"])
         if a is None:
             continue
-        right_before, right_after = is_right(b), is_right(a)
-        counts["fixed" if right_after and not right_before else "broken" if right_before and not right_after else "both_right" if right_after else "still_wrong"] += 1
-    return {k: counts[k] for k in ("fixed", "broken", "still_wrong", "both_right")}
+        counts[change(is_right(b), is_right(a))] += 1
+    return {k: counts[k] for k in CHANGES}
 
 
 def analyze(run: Run) -> dict:
@@ -139,6 +163,7 @@ th:first-child, td:first-child { text-align: left; }
 .passage { color: #333; font-size: .9em; margin: .3em 0; } mark { background: #ffe066; }
 .pred { font-family: monospace; background: #f6f6f6; padding: .1em .3em; }
 .diff del { background: #f8d0d0; } .diff ins { background: #d4ecd4; text-decoration: none; }
+.change { font-size: .85em; } .change-fixed { color: #137333; } .change-broken { color: #b3261e; font-weight: bold; }
 .miss { display: inline-block; padding: .1em .5em; border-radius: 4px; background: #555; color: #fff; font-size: .85em; }
 """
 
@@ -196,13 +221,15 @@ def item_html(row: dict, model: str = "", hidden: bool = False) -> str:
     golds = " | ".join(html.escape(g) for g in row["gold_answers"])
     passages = "".join(f'<div class="passage">[{i}] {highlight(p, row["gold_answers"])}</div>' for i, p in enumerate(row["passages"], 1))
     head = f"<b>{html.escape(model)}</b> · " if model else ""
+    if row.get("change"):
+        head += f'<span class="change change-{row["change"]}">{row["change"].replace("_", " ")} vs {html.escape(row["reference"])}</span> · '
     if gold_in_passages(row) is False:
         head += '<span class="miss">retrieval miss</span> <small>no gold answer is in the passages</small> · '
     diff = ""
     if row["category"] not in ("correct", "request_failed") and row["prediction"].strip() and row["gold_answers"]:
         diff = f'<br><b>Diff to the closest gold:</b> <span class="pred diff">{diff_html(row["prediction"], closest_gold(row["prediction"], row["gold_answers"]))}</span>'
     return (
-        f'<div class="item" data-model="{html.escape(model)}" data-category="{row["category"]}" data-miss="{int(gold_in_passages(row) is False)}"'
+        f'<div class="item" data-model="{html.escape(model)}" data-category="{row["category"]}" data-miss="{int(gold_in_passages(row) is False)}" data-change="{row.get("change", "")}"'
         f'{" hidden" if hidden else ""}>'
         f'{head}<span class="cat cat-{row["category"]}">{row["category"]}</span> <small>{html.escape(CATEGORY_MEANING.get(row["category"], ""))}</small>'
         f"<p><b>Q:</b> {html.escape(row['question'])}</p>"
@@ -248,12 +275,13 @@ def _confusion_html(model: str, counts: dict) -> str:
 _FILTER_JS = """
 function applyFilters() {
   const model = document.getElementById('f-model').value, category = document.getElementById('f-category').value;
-  const query = document.getElementById('f-search').value.trim().toLowerCase();
+  const query = document.getElementById('f-search').value.trim().toLowerCase(), change = document.getElementById('f-change').value;
   let shown = 0;
   for (const item of document.querySelectorAll('.item')) {
     const c = item.dataset.category;
     const keep = (!model || item.dataset.model === model)
       && (category === '' || (category === 'wrong' ? c !== 'correct' : category === 'miss' ? item.dataset.miss === '1' : c === category))
+      && (!change || item.dataset.change === change)
       && (!query || item.textContent.toLowerCase().includes(query));
     item.hidden = !keep;
     shown += keep;
@@ -261,7 +289,7 @@ function applyFilters() {
   for (const head of document.querySelectorAll('h3[data-model]')) head.hidden = Boolean(model) && head.dataset.model !== model;
   document.getElementById('shown').textContent = shown + ' shown';
 }
-for (const id of ['f-model', 'f-category', 'f-search']) document.getElementById(id).addEventListener('input', applyFilters);
+for (const id of ['f-model', 'f-category', 'f-change', 'f-search']) document.getElementById(id).addEventListener('input', applyFilters);
 applyFilters();
 """
 
@@ -275,6 +303,7 @@ def _filters_html(models: list[str]) -> str:
     return (
         f'<div id="filters"><label>model <select id="f-model">{_options([("", "all"), *((m, m) for m in models)])}</select></label> '
         f'<label>category <select id="f-category">{_options(categories)}</select></label> '
+        f'<label>against its reference model <select id="f-change">{_options([("", "any"), *((c, c.replace("_", " ")) for c in CHANGES)])}</select></label> '
         '<label>search <input id="f-search" type="search" placeholder="question, answer, passage"></label> <b id="shown"></b></div>'
     )
 
@@ -301,29 +330,39 @@ def report_html(run_name: str, predictions: dict[str, list[dict]], counts: list[
     return "\n".join(parts)
 
 
-def browser(predictions: dict[str, list[dict]]):
-    """An ipywidgets browser over the answers: filter by model and category, step with previous/next."""
+def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None):
+    """An ipywidgets browser over the answers: filter by model, category, change against the reference model and
+    text; step with previous/next; mark an item "gold is wrong" or "also acceptable" and export the marks as JSONL
+    to `marks_path` (marks already there are loaded first, so an export never drops earlier ones)."""
     import ipywidgets as w
 
     model = w.Dropdown(options=list(predictions), description="model")
-    category = w.Dropdown(options=["all wrong", *CATEGORIES, "correct"], description="category")
+    category = w.Dropdown(options=["all wrong", *CATEGORIES, "correct", "all answers"], description="category")
+    changed = w.Dropdown(options=[("any", ""), *((c.replace("_", " "), c) for c in CHANGES)], description="vs reference", style={"description_width": "initial"})
+    search = w.Text(description="search", placeholder="question, answer, passage", continuous_update=False)
     prev_button, next_button = w.Button(description="◀ previous"), w.Button(description="next ▶")
-    position = w.Label()
+    gold_wrong, acceptable = w.Button(description="gold is wrong"), w.Button(description="also acceptable")
+    export = w.Button(description="export marks", disabled=marks_path is None)
+    position, saved = w.Label(), w.Label()
     view = w.HTML()
-    state = {"items": [], "index": 0}
+    state = {"items": [], "index": 0, "marks": read_marks(marks_path)}
 
     def refresh(*_):
-        rows = predictions[model.value]
-        if category.value == "all wrong":
-            state["items"] = [r for r in rows if r["category"] != "correct"]
-        else:
-            state["items"] = [r for r in rows if r["category"] == category.value]
+        wanted = {"all wrong": lambda r: r["category"] != "correct", "all answers": lambda r: True}.get(category.value, lambda r: r["category"] == category.value)
+        query = search.value.strip().lower()
+        state["items"] = [
+            r for r in predictions[model.value]
+            if wanted(r) and (not changed.value or r.get("change") == changed.value)
+            and (not query or query in " ".join([r["question"], r["prediction"], *r["gold_answers"], *r["passages"]]).lower())
+        ]
         state["index"] = 0
         show()
 
     def show():
         items = state["items"]
-        position.value = f"{state['index'] + 1} of {len(items)}" if items else "no answers in this category"
+        position.value = f"{state['index'] + 1} of {len(items)}" if items else "no answers match"
+        mark = state["marks"].get((model.value, items[state["index"]]["id"]), {}).get("mark") if items else None
+        saved.value = f"marked: {mark.replace('_', ' ')}" if mark else ""
         view.value = f"<style>{_CSS}</style>" + (item_html(items[state["index"]], model.value) if items else "")
 
     def step(delta: int):
@@ -331,9 +370,84 @@ def browser(predictions: dict[str, list[dict]]):
             state["index"] = (state["index"] + delta) % len(state["items"])
             show()
 
-    model.observe(refresh, names="value")
-    category.observe(refresh, names="value")
+    def mark(kind: str):
+        if state["items"]:
+            row = state["items"][state["index"]]
+            state["marks"][(model.value, row["id"])] = {"model": model.value, "id": row["id"], "question": row["question"], "gold_answers": row["gold_answers"], "prediction": row["prediction"], "mark": kind}
+            show()
+
+    def save(_):
+        write_marks(marks_path, state["marks"])
+        saved.value = f"{len(state['marks'])} mark(s) saved to {marks_path}"
+
+    for control in (model, category, changed, search):
+        control.observe(refresh, names="value")
     prev_button.on_click(lambda _: step(-1))
     next_button.on_click(lambda _: step(1))
+    gold_wrong.on_click(lambda _: mark("gold_wrong"))
+    acceptable.on_click(lambda _: mark("also_acceptable"))
+    export.on_click(save)
     refresh()
-    return w.VBox([w.HBox([model, category]), w.HBox([prev_button, next_button, position]), view])
+    controls = [w.HBox([model, category, changed, search]), w.HBox([prev_button, next_button, position]), w.HBox([gold_wrong, acceptable, export, saved])]
+    return w.VBox([*controls, view])
+
+
+def read_marks(path: Path | None) -> dict[tuple[str, str], dict]:
+    if path is None or not path.exists():
+        return {}
+    return {(m["model"], m["id"]): m for m in (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())}
+
+
+def write_marks(path: Path, marks: dict[tuple[str, str], dict]) -> None:
+    """The marks as JSONL, one per (model, question), written whole and swapped in."""
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(m, ensure_ascii=False) + "\n" for m in marks.values()), encoding="utf-8")
+    tmp.replace(path)
+
+
+def plot_categories(counts: list[dict]):
+    """Answers per category, one stacked bar per model."""
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in ("correct", *CATEGORIES) if c in counts[0]]
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.4 * len(counts)))
+    left = [0] * len(counts)
+    for column in columns:
+        values = [row[column] for row in counts]
+        ax.barh([row["model"] for row in counts], values, left=left, label=column)
+        left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set_xlabel("answers")
+    ax.legend(ncol=len(columns), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+LENGTH_BINS = ((1, 1), (2, 2), (3, 3), (4, 5), (6, 10), (11, 10**9))
+LENGTH_LABELS = ["1", "2", "3", "4-5", "6-10", "11+"]
+
+
+def length_vs_correctness(rows: list[dict]) -> list[dict]:
+    """Share of right answers by prediction length in words (empty answers left out)."""
+    table = []
+    for (low, high), label in zip(LENGTH_BINS, LENGTH_LABELS):
+        picked = [r for r in rows if low <= len(r["prediction"].split()) <= high]
+        if picked:
+            table.append({"words": label, "answers": len(picked), "right": sum(map(is_right, picked)) / len(picked)})
+    return table
+
+
+def plot_length_vs_correctness(predictions: dict[str, list[dict]]):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for label, rows in predictions.items():
+        table = length_vs_correctness(rows)
+        ax.plot([LENGTH_LABELS.index(t["words"]) for t in table], [t["right"] for t in table], marker="o", label=label)
+    ax.set_xticks(range(len(LENGTH_LABELS)), LENGTH_LABELS)
+    ax.set_xlabel("prediction length (words)")
+    ax.set_ylabel("share right")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
