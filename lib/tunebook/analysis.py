@@ -223,13 +223,14 @@ def item_html(row: dict, model: str = "", hidden: bool = False) -> str:
     head = f"<b>{html.escape(model)}</b> · " if model else ""
     if row.get("change"):
         head += f'<span class="change change-{row["change"]}">{row["change"].replace("_", " ")} vs {html.escape(row["reference"])}</span> · '
-    if gold_in_passages(row) is False:
+    miss = gold_in_passages(row) is False
+    if miss:
         head += '<span class="miss">retrieval miss</span> <small>no gold answer is in the passages</small> · '
     diff = ""
     if row["category"] not in ("correct", "request_failed") and row["prediction"].strip() and row["gold_answers"]:
         diff = f'<br><b>Diff to the closest gold:</b> <span class="pred diff">{diff_html(row["prediction"], closest_gold(row["prediction"], row["gold_answers"]))}</span>'
     return (
-        f'<div class="item" data-model="{html.escape(model)}" data-category="{row["category"]}" data-miss="{int(gold_in_passages(row) is False)}" data-change="{row.get("change", "")}"'
+        f'<div class="item" data-model="{html.escape(model)}" data-category="{row["category"]}" data-miss="{int(miss)}" data-change="{row.get("change", "")}"'
         f'{" hidden" if hidden else ""}>'
         f'{head}<span class="cat cat-{row["category"]}">{row["category"]}</span> <small>{html.escape(CATEGORY_MEANING.get(row["category"], ""))}</small>'
         f"<p><b>Q:</b> {html.escape(row['question'])}</p>"

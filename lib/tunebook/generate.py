@@ -1,7 +1,8 @@
 """Batched greedy generation: prompts sorted by length, left-padded, generated batch by batch.
 
 Sorting keeps the padding in each batch small; left padding lets every row's answer start right after its
-prompt; results come back in the caller's order.
+prompt; each row stops at end-of-turn or a stop string; a batch that runs the GPU out of memory is retried at
+half the size; results come back in the caller's order. GGUF models generate through llama.cpp, one at a time.
 """
 from __future__ import annotations
 
