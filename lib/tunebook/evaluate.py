@@ -76,9 +76,9 @@ def evaluate(run: Run) -> list[dict]:
     constrain = labels if p.evaluate.metric == "classification" and p.evaluate.constrain_labels else None
     hit_rate = _retrieval_hit_rate(examples)
     max_new_tokens, stops = answer_budget(run), p.evaluate.stop_strings
-    # Base and fine-tuned models generate through Unsloth's fast inference on the unsloth backend; quantized
+    # Base and fine-tuned models generate through transformers unless evaluate.backend asks for Unsloth; quantized
     # copies are saved in transformers' quantization formats (or GGUF) and load through transformers (llama.cpp).
-    backend = pick_backend(p.model.backend)
+    backend = "hf" if p.evaluate.backend == "auto" else pick_backend(p.evaluate.backend, "evaluate.backend")
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
         predictions_dir.mkdir(exist_ok=True)

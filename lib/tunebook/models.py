@@ -116,12 +116,12 @@ def has_unsloth() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def pick_backend(requested: str) -> str:
+def pick_backend(requested: str, key: str = "model.backend") -> str:
     if requested == "unsloth":
         if not has_cuda():
-            raise TunebookError("model.backend is 'unsloth' but no CUDA GPU is visible: Unsloth needs a GPU. Use backend: auto or hf on CPU.")
+            raise TunebookError(f"{key} is 'unsloth' but no CUDA GPU is visible: Unsloth needs a GPU. Use {key}: auto or hf on CPU.")
         if not has_unsloth():
-            raise TunebookError("model.backend is 'unsloth' but unsloth is not installed: pip install unsloth (see README, Colab).")
+            raise TunebookError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see README, Colab).")
         return "unsloth"
     if requested == "hf":
         return "hf"
@@ -214,6 +214,11 @@ def load_for_inference(
         except (OSError, ValueError) as e:
             raise _load_error(path, e) from None
         model.eval()
+        # A static KV cache: the default dynamic one copies each layer's whole cache to append every new token,
+        # 41% of a decode step's GPU time for an 8B model in batches of 256. Not compiled: compiling would take
+        # longer than one evaluation saves.
+        model.generation_config.cache_implementation = "static"
+        model.generation_config.disable_compile = True
         if has_cuda() and model.config._attn_implementation == "sdpa":
             use_grouped_query_sdpa(model)
     tokenizer.padding_side = "left"
