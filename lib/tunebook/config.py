@@ -168,7 +168,7 @@ class EvaluateParams(Section):
     models: list[str] = Field(["base", "finetuned", "quantized"], description="Models to score: base, finetuned, and quantized (= every variant made in 03).")
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto",
-        description="How the base and fine-tuned models generate: auto = hf, transformers with a static KV cache (2.5x faster than Unsloth's for_inference in batches of 256 on an H200, bench/eval_throughput.py); unsloth = Unsloth's fast inference.",
+        description="How the base and fine-tuned models generate: auto = hf, transformers with a static KV cache (2.4x faster than Unsloth's for_inference in batches of 256 on an H200, bench/eval_throughput.py); unsloth = Unsloth's fast inference.",
     )
     batch_size: int = Field(16, ge=1, description="Prompts generated together (sorted by length, left-padded); halved and retried when the GPU runs out of memory.")
     load_in_4bit: bool = Field(False, description="GPU: load the base and fine-tuned models in 4-bit (bitsandbytes NF4) to generate, so a 7-8B model fits a 15 GiB T4; false = the training dtype.")
