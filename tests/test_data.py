@@ -146,3 +146,28 @@ def test_retrieval_fills_passages_and_reports_gold_hits(tmp_path):
     bad = DataParams(train_path="x", question_field="q", answers_field="a", retrieval=RetrievalParams(corpus_path=str(path), text_field="body"))
     with pytest.raises(DataError, match=r"docs.jsonl row 1: needs an id in 'id' and text in 'body'"):
         retrieve_passages(examples, bad)
+
+
+def test_relabel_marks_from_05_fix_the_next_build(tmp_path):
+    """The default data with two marks from 05's browser: an accepted answer becomes a gold, a wrong gold's example goes."""
+    from tunebook.analysis import write_marks
+    from tunebook.data import build_dataset
+    from tunebook.runs import open_run
+
+    rows = [json.loads(line) for line in (ROOT / "data" / "minipedia_rag_qa.jsonl").read_text().splitlines()]
+    accepted, wrong = rows[0], rows[1]
+    marks = tmp_path / "relabels.jsonl"
+    write_marks(marks, {
+        ("finetuned", accepted["id"]): {"model": "finetuned", "id": accepted["id"], "prediction": "an answer of our own", "mark": "also_acceptable"},
+        ("base", wrong["id"]): {"model": "base", "id": wrong["id"], "prediction": "x", "mark": "gold_wrong"},
+        ("base", "no-such-id"): {"model": "base", "id": "no-such-id", "prediction": "y", "mark": "also_acceptable"},
+    })
+    run = open_run(ROOT / "params/default.yaml", [f"output_dir={tmp_path / 'out'}", f"data.relabels_path={marks}", "data.max_train_examples=1000"])
+    built = build_dataset(run)
+    examples = {e["id"]: e for e in built.train + built.eval}
+    assert examples[accepted["id"]]["answers"] == [*accepted["answers"], "an answer of our own"]
+    assert wrong["id"] not in examples and len(examples) == len(rows) - 1
+    assert built.summary["relabeled"] == {"answers_added": 1, "examples_dropped": 1, "marks_for_other_ids": 1}
+    marks.write_text('{"id": "1", "mark": "looks odd"}\n')
+    with pytest.raises(DataError, match=r"relabels.jsonl mark 1: expected id, prediction and mark"):
+        build_dataset(open_run(ROOT / "params/default.yaml", [f"output_dir={tmp_path / 'out2'}", f"data.relabels_path={marks}"]))

@@ -68,6 +68,7 @@ class DataParams(Section):
     max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many eval rows; empty = all.")
     passage_max_chars: int | None = Field(None, ge=1, description="Cut each passage to its first N characters (long articles); empty = keep whole passages.")
     labels: list[str] | None = Field(None, description="Classification: the valid labels (empty = the distinct answers of the training split); shown by {labels} in prompt.template and used for constrained decoding.")
+    relabels_path: str | None = Field(None, description="Marks saved by 05's answer browser (a run's relabels.jsonl), matched by id: 'also acceptable' adds that prediction to the gold answers, 'gold is wrong' drops the example.")
     nfkc: bool = Field(False, description="Apply Unicode NFKC normalization to questions, passages and answers (full-width to half-width etc.).")
     raft: RaftParams = Field(default_factory=RaftParams, description="RAFT data construction (retrieval-augmented fine-tuning).")
     retrieval: RetrievalParams = Field(default_factory=RetrievalParams, description="BM25 retrieval of passages from a document corpus.")
@@ -212,7 +213,7 @@ class Params(Section):
 
 # Keys whose relative values are paths: resolved against the params file's folder (values given with
 # --set against the current folder), so a run behaves the same from the repo root, notebooks/ or Colab.
-PATH_KEYS = ("output_dir", "data.train_path", "data.eval_path", "data.retrieval.corpus_path", "model.name")
+PATH_KEYS = ("output_dir", "data.train_path", "data.eval_path", "data.relabels_path", "data.retrieval.corpus_path", "model.name")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 

@@ -311,9 +311,15 @@ def build_dataset(run: Run) -> BuiltDataset:
     p = run.params
     with run.stage("01_build_dataset") as outputs:
         examples = to_examples(read_rows(p.data.train_path, p.data.train_split), p.data, p.data.train_path, p.data.nfkc)
+        # Marks from 05 name eval examples: they apply to the rows the eval split is drawn from.
+        relabeled = {}
+        if p.data.relabels_path and not p.data.eval_path:
+            examples, relabeled = apply_relabels(examples, Path(p.data.relabels_path))
         if p.data.eval_path:
             train = examples
             evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), p.data, p.data.eval_path, p.data.nfkc)
+            if p.data.relabels_path:
+                evaluation, relabeled = apply_relabels(evaluation, Path(p.data.relabels_path))
             overlap = {e["question"] for e in train} & {e["question"] for e in evaluation}
             if overlap:
                 print(f"Note: {len(overlap)} eval question(s) also occur in the training data.")
@@ -377,9 +383,33 @@ def build_dataset(run: Run) -> BuiltDataset:
             eval_jsonl=str(final / "eval.jsonl"),
             table=table,
             labels=labels,
+            relabeled=relabeled,
             lengths={k: [e["n_tokens"] for e in v] for k, v in splits.items()},
         )
     return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=outputs, dataset_dir=final)
+
+
+RELABEL_MARKS = ("also_acceptable", "gold_wrong")
+
+
+def apply_relabels(examples: list[dict], path: Path) -> tuple[list[dict], dict[str, int]]:
+    """The marks of 05's answer browser applied by example id: "also_acceptable" adds the marked prediction to the
+    gold answers, "gold_wrong" drops the example (its gold cannot be trusted). Marks for other ids are counted."""
+    marks = read_jsonl(path)
+    for number, m in enumerate(marks, start=1):
+        if m.get("mark") not in RELABEL_MARKS or not isinstance(m.get("id"), str) or not isinstance(m.get("prediction"), str):
+            raise DataError(f"{path} mark {number}: expected id, prediction and mark ({' or '.join(RELABEL_MARKS)}), got {m}.")
+    ids = {e["id"] for e in examples}
+    dropped = {m["id"] for m in marks if m["mark"] == "gold_wrong"} & ids
+    added = 0
+    for e in examples:
+        for m in marks:
+            if m["id"] == e["id"] and m["mark"] == "also_acceptable" and m["prediction"].strip() and m["prediction"].strip() not in e["answers"]:
+                e["answers"].append(m["prediction"].strip())
+                added += 1
+    counts = {"answers_added": added, "examples_dropped": len(dropped), "marks_for_other_ids": sum(m["id"] not in ids for m in marks)}
+    print(f"Relabels from {path}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
+    return [e for e in examples if e["id"] not in dropped], counts
 
 
 def load_split(run: Run, split: str) -> list[dict]:
