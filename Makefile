@@ -12,6 +12,8 @@ MODEL := $(TUNEBOOK_CACHE)/models/SmolLM2-135M-Instruct-v2/model.safetensors
 PARAMS ?= params/default.yaml
 # The browser tests drive Debian's Chromium through Playwright (Playwright's own browser download needs the open web).
 CHROMIUM ?= /usr/bin/chromium
+# Japanese glyphs for the browser tests' screenshots of the JAQKET / livedoor reports.
+CJK_FONT ?= /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: run test setup model bench-accuracy
@@ -19,7 +21,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 run: setup model
 	$(PY) -m tunebook run $(PARAMS) --resume $(ARGS)
 
-test: setup model $(CHROMIUM)
+test: setup model $(CHROMIUM) $(CJK_FONT)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every recipe's base vs fine-tuned model on CPU (about 80 minutes); refreshes the README's accuracy table.
@@ -42,9 +44,9 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 
 model: $(MODEL)
 
-$(CHROMIUM):
+$(CHROMIUM) $(CJK_FONT):
 	$(SUDO) apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-noto-cjk
 
 $(MODEL): | setup
 	$(PY) -m tunebook prepare-model

@@ -38,3 +38,25 @@ def smoke_run(tmp_path_factory):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out / "smoke", result
+
+
+# Small runs of two more recipes beside the smoke run (same output folder, so 05's run picker lists all three): the
+# error analysis must work for classification (confusion matrix) and HotpotQA/RAFT (final-answer lines) too.
+RECIPE_RUNS = {
+    "livedoor_genre": ["data.eval_size=18", "data.max_train_examples=16", "train.max_steps=2", "train.eval_loss_examples=4"],
+    "hotpotqa_raft": ["data.eval_size=6", "data.max_train_examples=4", "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1", "train.eval_loss_examples=2", "evaluate.max_new_tokens=24"],
+}
+
+
+@pytest.fixture(scope="session")
+def recipe_runs(smoke_run):
+    """params/livedoor_genre.yaml and params/hotpotqa_raft.yaml cut to a few examples and training steps, no quantized
+    copies, through the CLI and all five notebooks, on the real data samples in ../shared: {name: run folder}."""
+    if not (SHARED / "datasets").is_dir():
+        pytest.skip(f"{SHARED / 'datasets'} is not present")
+    out = smoke_run[0].parent
+    for name, overrides in RECIPE_RUNS.items():
+        sets = [a for o in [*overrides, "quantize.methods=[]", f"output_dir={out}"] for a in ("--set", o)]
+        result = subprocess.run([sys.executable, "-m", "tunebook", "run", f"params/{name}.yaml", *sets], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {name: out / name for name in RECIPE_RUNS}

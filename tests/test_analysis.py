@@ -64,7 +64,9 @@ def test_retrieval_miss_is_flagged_not_blamed_on_the_model():
     assert gold_in_passages(row) is False
     assert 'class="miss">retrieval miss' in item_html(row) and 'data-miss="1"' in item_html(row)
     assert gold_in_passages({**row, "passages": ["The capital is paris."]}) is True  # width and case do not matter
-    assert gold_in_passages({**row, "passages": []}) is None  # no passages (classification): no flag
+    assert gold_in_passages({**row, "passages": []}) is None  # no passages: no flag
+    assert gold_in_passages({**row, "gold_answers": ["yes"]}) is None  # HotpotQA yes/no: not a span of the passages
+    assert 'data-miss="0"' in item_html(row, labels=["Paris", "Lyon"])  # classification: a label is not in the text
     assert "Diff to the closest gold" in item_html(row) and "Diff" not in item_html({**row, "category": "correct"})
 
 
@@ -88,29 +90,105 @@ def test_changes_against_the_reference_model():
     assert 'data-change="broken"' in page and 'id="f-change"' in page and "broken vs base" in page
 
 
-def test_browser_filters_steps_and_exports_marks_without_losing_earlier_ones(tmp_path):
+def parts(widget):
+    """The browser's controls by name (its layout: filters, stepping, marks, confusion cell, grid, answer)."""
+    (model, against, category, changed, search), (previous, following, position), (gold_wrong, acceptable, saved), (cell, clear) = (
+        box.children for box in widget.children[:4]
+    )
+    return dict(model=model, against=against, category=category, changed=changed, search=search, previous=previous, following=following,
+                position=position, gold_wrong=gold_wrong, acceptable=acceptable, saved=saved, cell=cell, clear=clear, grid=widget.children[4], view=widget.children[5])
+
+
+def test_browser_filters_steps_and_saves_marks_without_losing_earlier_ones(tmp_path):
     from tunebook.analysis import browser, read_marks
 
     marks = tmp_path / "relabels.jsonl"
     marks.write_text(json.dumps({"model": "finetuned", "id": "9", "question": "q", "gold_answers": ["x"], "prediction": "y", "mark": "gold_wrong"}) + "\n")
     tuned = rows_of(0, 1, 0, 0)
     tuned[2]["question"] = "Who painted it?"
-    widget = browser({"finetuned": tuned}, marks)
-    (model, category, changed, search), (previous, following, position), (gold_wrong, acceptable, export, saved) = (box.children for box in widget.children[:3])
-    assert position.value == "1 of 3"  # the wrong answers
-    following.click()
-    assert position.value == "2 of 3" and "Who painted it?" in widget.children[3].value
-    acceptable.click()
-    assert saved.value == "marked: also acceptable"
-    search.value = "painted"
-    assert position.value == "1 of 1"
-    category.value = "all answers"
-    search.value = ""
-    assert position.value == "1 of 4"
-    export.click()
-    written = read_marks(marks)
+    w = parts(browser({"finetuned": tuned}, marks))
+    assert w["position"].value == "1 of 3"  # the wrong answers
+    w["following"].click()
+    assert w["position"].value == "2 of 3" and "Who painted it?" in w["view"].value
+    w["acceptable"].click()
+    written = read_marks(marks)  # saved at once, the earlier mark kept
     assert set(written) == {("finetuned", "9"), ("finetuned", "2")} and written[("finetuned", "2")]["mark"] == "also_acceptable"
-    assert saved.value == f"2 mark(s) saved to {marks}"
+    assert w["saved"].value == f"marked: also acceptable (2 mark(s) in {marks})"
+    w["search"].value = "painted"
+    assert w["position"].value == "1 of 1"
+    w["category"].value = "all answers"
+    w["search"].value = ""
+    assert w["position"].value == "1 of 4"
+
+
+def test_browser_compares_any_two_models_and_steps_by_keyboard():
+    from ipyevents import Event
+    from ipywidgets import Widget
+
+    from tunebook.analysis import browser
+
+    base, tuned, copy = rows_of(0, 1, 0, 1), rows_of(1, 0, 0, 1), rows_of(1, 1, 0, 0)
+    w = parts(browser({"base": base, "finetuned": tuned, "int8": copy}, None))
+    w["model"].value = "int8"
+    assert w["against"].value == "finetuned"  # its reference by default
+    w["changed"].value = "broken"
+    assert w["position"].value == "1 of 1" and "question 3" in w["view"].value and "broken vs finetuned" in w["view"].value
+    w["against"].value = "base"
+    assert w["position"].value == "1 of 1" and "question 3" in w["view"].value and "broken vs base" in w["view"].value
+    w["changed"].value = "fixed"
+    assert w["position"].value == "1 of 1" and "fixed vs base" in w["view"].value
+    w["changed"].value, w["category"].value = "", "all answers"
+    keys = next(e for e in Widget.widgets.values() if isinstance(e, Event) and e.source is w["view"])
+    for key, expected in (("ArrowRight", "2 of 4"), ("j", "3 of 4"), ("k", "2 of 4"), ("ArrowLeft", "1 of 4"), ("x", "1 of 4")):
+        keys._dom_handlers({"type": "keydown", "key": key})
+        assert w["position"].value == expected, key
+    assert w["gold_wrong"].disabled  # no marks file given
+
+
+def test_confusion_cells_list_their_answers():
+    from tunebook.analysis import browser
+
+    labels = ["sports", "movie"]
+    rows = [
+        {"id": str(i), "question": f"article {i}", "gold_answers": [gold], "prediction": pred, "exact_match": int(gold == pred),
+         "category": "correct" if gold == pred else "wrong", "passages": []}
+        for i, (gold, pred) in enumerate([("sports", "sports"), ("sports", "movie"), ("sports", "movie"), ("movie", "film"), ("movie", "movie")])
+    ]
+    w = parts(browser({"finetuned": rows}, None, labels))
+    grid = w["grid"].children
+    assert [c.value for c in grid[:4]] == ["gold ↓ predicted →", "sports", "movie", "(invalid)"]
+    assert [b.description for b in grid[5:8]] == ["1", "2", "0"] and grid[6].tooltip == "sports → movie"
+    grid[6].click()
+    assert w["position"].value == "1 of 2" and w["cell"].value == "cell: sports → movie" and w["category"].value == "all answers"
+    grid[5].click()  # the diagonal: right answers
+    assert w["position"].value == "1 of 1" and "article 0" in w["view"].value
+    grid[11].click()  # movie → (invalid)
+    assert "article 3" in w["view"].value
+    w["clear"].click()
+    assert w["position"].value == "1 of 5" and w["cell"].value == ""
+    page = report_html("r", {"finetuned": rows}, [], None, {"finetuned": confusion_matrix(rows, labels)}, labels)
+    assert 'data-gold="sports" data-pred="movie"' in page and '<td class="cell" data-model="finetuned" data-gold="movie" data-pred="(invalid)"' in page
+
+
+def test_finished_runs_lists_evaluated_runs_only(write_params, tmp_path):
+    import shutil
+
+    from tunebook.analysis import finished_runs
+    from tunebook.runs import open_run
+
+    def make_run(name: str, evaluated: bool):
+        run = open_run(write_params(f"run_name: {name}\noutput_dir: out\ndata:\n  train_path: rows.jsonl\n", f"{name}.yaml"))
+        with run.stage("01_build_dataset"):
+            pass
+        if evaluated:
+            with run.stage("04_evaluate") as outputs:
+                outputs.update(predictions={})
+        return run
+
+    done = make_run("done", True)
+    make_run("half", False)
+    shutil.copytree(done.dir, done.dir.with_name("done.replaced-20261121-120000"))  # moved aside by --overwrite
+    assert list(finished_runs(tmp_path / "out")) == ["done"]
 
 
 def test_category_and_length_plots():

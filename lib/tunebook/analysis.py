@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from tunebook.data import load_split
-from tunebook.runs import Run, write_json_atomic
+from tunebook.runs import Run, open_run, write_json_atomic
 
 CATEGORIES = ("request_failed", "empty", "normalization", "too_verbose", "truncated", "wrong")
 CATEGORY_MEANING = {
@@ -133,7 +133,7 @@ def analyze(run: Run) -> dict:
         labels = run.outputs_of("04_evaluate").get("labels") or []
         confusion = {m: confusion_matrix(rows, labels) for m, rows in predictions.items()} if labels else {}
         report = run.dir / "report.html"
-        report.write_text(report_html(run.params.run_name, predictions, counts, compare, confusion), encoding="utf-8")
+        report.write_text(report_html(run.params.run_name, predictions, counts, compare, confusion, labels), encoding="utf-8")
         write_json_atomic(run.dir / "analysis.json", {"category_counts": counts, "base_vs_finetuned": compare, "confusion": confusion})
         outputs.update(report_html=str(report), analysis_json=str(run.dir / "analysis.json"))
     return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare, "labels": labels, "confusion": confusion}
@@ -145,8 +145,7 @@ def confusion_matrix(rows: list[dict], labels: list[str]) -> dict:
     columns = [*labels, "(invalid)"]
     counts = {gold: dict.fromkeys(columns, 0) for gold in labels}
     for r in rows:
-        gold, predicted = r["gold_answers"][0], r["prediction"].strip()
-        counts.setdefault(gold, dict.fromkeys(columns, 0))[predicted if predicted in labels else "(invalid)"] += 1
+        counts.setdefault(r["gold_answers"][0], dict.fromkeys(columns, 0))[confusion_column(r, labels)] += 1
     return counts
 
 
@@ -164,6 +163,7 @@ th:first-child, td:first-child { text-align: left; }
 .pred { font-family: monospace; background: #f6f6f6; padding: .1em .3em; }
 .diff del { background: #f8d0d0; } .diff ins { background: #d4ecd4; text-decoration: none; }
 .change { font-size: .85em; } .change-fixed { color: #137333; } .change-broken { color: #b3261e; font-weight: bold; }
+.item.current { outline: 3px solid #1a73e8; } td.cell { cursor: pointer; }
 .miss { display: inline-block; padding: .1em .5em; border-radius: 4px; background: #555; color: #fff; font-size: .85em; }
 """
 
@@ -209,21 +209,28 @@ def diff_html(prediction: str, gold: str) -> str:
 
 
 def gold_in_passages(row: dict) -> bool | None:
-    """Whether any gold answer occurs in the passages (loosely normalized); None when there are no passages.
+    """Whether any gold answer occurs in the passages (loosely normalized); None when there are no passages or the
+    answer is yes / no.
     A question whose passages lack every gold is a retrieval miss, not the model's error."""
-    if not row["passages"]:
-        return None
+    if not row["passages"] or all(g.strip().lower() in ("yes", "no") for g in row["gold_answers"]):
+        return None  # nothing retrieved, or a yes/no question (HotpotQA comparisons): the passages need not say it
     text = loose_normalize(" ".join(row["passages"]))
     return any(g and g in text for g in (loose_normalize(g) for g in row["gold_answers"]))
 
 
-def item_html(row: dict, model: str = "", hidden: bool = False) -> str:
+def confusion_column(row: dict, labels: list[str]) -> str:
+    """The confusion-matrix column of a classification answer: its label, or "(invalid)" for free text."""
+    predicted = row["prediction"].strip()
+    return predicted if predicted in labels else "(invalid)"
+
+
+def item_html(row: dict, model: str = "", hidden: bool = False, labels: list[str] = ()) -> str:
     golds = " | ".join(html.escape(g) for g in row["gold_answers"])
     passages = "".join(f'<div class="passage">[{i}] {highlight(p, row["gold_answers"])}</div>' for i, p in enumerate(row["passages"], 1))
     head = f"<b>{html.escape(model)}</b> · " if model else ""
     if row.get("change"):
         head += f'<span class="change change-{row["change"]}">{row["change"].replace("_", " ")} vs {html.escape(row["reference"])}</span> · '
-    miss = gold_in_passages(row) is False
+    miss = not labels and gold_in_passages(row) is False  # a class label is not expected in the text
     if miss:
         head += '<span class="miss">retrieval miss</span> <small>no gold answer is in the passages</small> · '
     diff = ""
@@ -231,7 +238,8 @@ def item_html(row: dict, model: str = "", hidden: bool = False) -> str:
         diff = f'<br><b>Diff to the closest gold:</b> <span class="pred diff">{diff_html(row["prediction"], closest_gold(row["prediction"], row["gold_answers"]))}</span>'
     return (
         f'<div class="item" data-model="{html.escape(model)}" data-category="{row["category"]}" data-miss="{int(miss)}" data-change="{row.get("change", "")}"'
-        f'{" hidden" if hidden else ""}>'
+        + (f' data-gold="{html.escape(row["gold_answers"][0])}" data-pred="{html.escape(confusion_column(row, labels))}"' if labels else "")
+        + f'{" hidden" if hidden else ""}>'
         f'{head}<span class="cat cat-{row["category"]}">{row["category"]}</span> <small>{html.escape(CATEGORY_MEANING.get(row["category"], ""))}</small>'
         f"<p><b>Q:</b> {html.escape(row['question'])}</p>"
         f'<p><b>Gold:</b> {golds}<br><b>Prediction:</b> <span class="pred">{html.escape(row["prediction"]) or "(empty)"}</span>'
@@ -265,7 +273,11 @@ def _confusion_html(model: str, counts: dict) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         f"<tr><td>{html.escape(gold)}</td>"
-        + "".join(f'<td style="background:{"#cfe8fc" if c == gold else "#f8d0d0" if n else "#fff"}">{n}</td>' for c, n in row.items())
+        + "".join(
+            f'<td class="cell" data-model="{html.escape(model)}" data-gold="{html.escape(gold)}" data-pred="{html.escape(c)}" '
+            f'style="background:{"#cfe8fc" if c == gold else "#f8d0d0" if n else "#fff"}">{n}</td>'
+            for c, n in row.items()
+        )
         + "</tr>"
         for gold, row in counts.items()
     )
@@ -273,24 +285,52 @@ def _confusion_html(model: str, counts: dict) -> str:
 
 
 # Client-side filters of the static report: plain JavaScript inside the page, so it works offline and headless.
+# A confusion-matrix cell filters to its answers; j / k step through the shown answers.
 _FILTER_JS = """
+let cell = null, current = -1;
+const $ = (id) => document.getElementById(id);
 function applyFilters() {
-  const model = document.getElementById('f-model').value, category = document.getElementById('f-category').value;
-  const query = document.getElementById('f-search').value.trim().toLowerCase(), change = document.getElementById('f-change').value;
+  const model = $('f-model').value, category = $('f-category').value;
+  const query = $('f-search').value.trim().toLowerCase(), change = $('f-change').value;
   let shown = 0;
   for (const item of document.querySelectorAll('.item')) {
     const c = item.dataset.category;
     const keep = (!model || item.dataset.model === model)
-      && (category === '' || (category === 'wrong' ? c !== 'correct' : category === 'miss' ? item.dataset.miss === '1' : c === category))
+      && (category === '' || (category === 'all_wrong' ? c !== 'correct' : category === 'miss' ? item.dataset.miss === '1' : c === category))
       && (!change || item.dataset.change === change)
+      && (!cell || (item.dataset.gold === cell.gold && item.dataset.pred === cell.pred))
       && (!query || item.textContent.toLowerCase().includes(query));
     item.hidden = !keep;
+    item.classList.remove('current');
     shown += keep;
   }
   for (const head of document.querySelectorAll('h3[data-model]')) head.hidden = Boolean(model) && head.dataset.model !== model;
-  document.getElementById('shown').textContent = shown + ' shown';
+  $('shown').textContent = shown + ' shown';
+  $('f-cell').hidden = !cell;
+  $('f-cell-text').textContent = cell ? cell.gold + ' → ' + cell.pred : '';
+  current = -1;
 }
-for (const id of ['f-model', 'f-category', 'f-change', 'f-search']) document.getElementById(id).addEventListener('input', applyFilters);
+for (const id of ['f-model', 'f-category', 'f-change', 'f-search']) $(id).addEventListener('input', applyFilters);
+$('f-change').addEventListener('input', () => {  // fixed and both-right answers are right: "all wrong" would hide them
+  if (['fixed', 'both_right'].includes($('f-change').value) && $('f-category').value === 'all_wrong') { $('f-category').value = ''; applyFilters(); }
+});
+for (const td of document.querySelectorAll('td.cell')) td.addEventListener('click', () => {
+  cell = {gold: td.dataset.gold, pred: td.dataset.pred};
+  $('f-model').value = td.dataset.model;
+  $('f-category').value = '';
+  applyFilters();
+  $('filters').scrollIntoView();
+});
+$('f-cell-clear').addEventListener('click', () => { cell = null; applyFilters(); });
+document.addEventListener('keydown', (event) => {
+  if (!['j', 'k'].includes(event.key) || event.target.closest('input, select, textarea')) return;
+  const items = [...document.querySelectorAll('.item:not([hidden])')];
+  if (!items.length) return;
+  if (items[current]) items[current].classList.remove('current');
+  current = Math.min(Math.max(current + (event.key === 'j' ? 1 : -1), 0), items.length - 1);
+  items[current].classList.add('current');
+  items[current].scrollIntoView({block: 'center'});
+});
 applyFilters();
 """
 
@@ -300,17 +340,22 @@ def _options(values: list[tuple[str, str]]) -> str:
 
 
 def _filters_html(models: list[str]) -> str:
-    categories = [("wrong", "all wrong"), ("", "all answers"), *((c, c) for c in (*CATEGORIES, "correct")), ("miss", "retrieval miss (no gold in the passages)")]
+    categories = [("all_wrong", "all wrong"), ("", "all answers"), *((c, c) for c in (*CATEGORIES, "correct")), ("miss", "retrieval miss (no gold in the passages)")]
     return (
         f'<div id="filters"><label>model <select id="f-model">{_options([("", "all"), *((m, m) for m in models)])}</select></label> '
         f'<label>category <select id="f-category">{_options(categories)}</select></label> '
         f'<label>against its reference model <select id="f-change">{_options([("", "any"), *((c, c.replace("_", " ")) for c in CHANGES)])}</select></label> '
-        '<label>search <input id="f-search" type="search" placeholder="question, answer, passage"></label> <b id="shown"></b></div>'
+        '<label>search <input id="f-search" type="search" placeholder="question, answer, passage"></label> '
+        '<span id="f-cell" hidden>cell <b id="f-cell-text"></b> <button id="f-cell-clear">✕</button></span> <b id="shown"></b> '
+        "<small>j / k: next / previous answer</small></div>"
     )
 
 
-def report_html(run_name: str, predictions: dict[str, list[dict]], counts: list[dict], compare: dict | None, confusion: dict | None = None) -> str:
-    """A self-contained page (no kernel, no network): tables, then every answer, filtered by model, category and text."""
+def report_html(
+    run_name: str, predictions: dict[str, list[dict]], counts: list[dict], compare: dict | None, confusion: dict | None = None, labels: list[str] = ()
+) -> str:
+    """A self-contained page (no kernel, no network): tables, then every answer, filtered by model, category, text and
+    (classification) a clicked confusion-matrix cell."""
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>tunebook · {html.escape(run_name)} · error analysis</title>",
         f"<style>{_CSS}</style></head><body><h1>Error analysis · run {html.escape(run_name)}</h1>",
@@ -321,53 +366,69 @@ def report_html(run_name: str, predictions: dict[str, list[dict]], counts: list[
     if compare:
         parts += ["<h2>Base → fine-tuned</h2>", _table_html([compare])]
     if confusion:
-        parts += ["<h2>Confusion matrices</h2>"] + [_confusion_html(m, c) for m, c in confusion.items()]
+        parts += ["<h2>Confusion matrices</h2><p><small>Click a cell to list its answers.</small></p>"] + [_confusion_html(m, c) for m, c in confusion.items()]
     parts += ["<h2>Answers</h2>", _filters_html(list(predictions))]
     for label, rows in predictions.items():
         wrong = [r for r in rows if r["category"] != "correct"]
         parts.append(f'<h3 data-model="{html.escape(label)}">{html.escape(label)}: {len(wrong)} wrong of {len(rows)}</h3>')
-        parts += [item_html(r, label, hidden=r["category"] == "correct") for r in rows]
+        parts += [item_html(r, label, hidden=r["category"] == "correct", labels=labels) for r in rows]
     parts.append(f"<script>{_FILTER_JS}</script></body></html>")
     return "\n".join(parts)
 
 
-def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None):
-    """An ipywidgets browser over the answers: filter by model, category, change against the reference model and
-    text; step with previous/next; mark an item "gold is wrong" or "also acceptable" and export the marks as JSONL
-    to `marks_path` (marks already there are loaded first, so an export never drops earlier ones)."""
+def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, labels: list[str] = ()):
+    """An ipywidgets browser over one run's answers. Pick a model and the model to compare it with; filter by category,
+    change against that model (fixed / broken / still wrong / both right), text and, for classification, a clicked
+    confusion-matrix cell; step with the buttons or the keyboard (→ ← or j k, pointer over the answer). Marking an
+    item "gold is wrong" or "also acceptable" saves the marks at once to `marks_path` as JSONL (earlier marks kept)."""
     import ipywidgets as w
+    from ipyevents import Event
 
-    model = w.Dropdown(options=list(predictions), description="model")
+    names = list(predictions)
+    model = w.Dropdown(options=names, description="model")
+    against = w.Dropdown(description="against")
     category = w.Dropdown(options=["all wrong", *CATEGORIES, "correct", "all answers"], description="category")
-    changed = w.Dropdown(options=[("any", ""), *((c.replace("_", " "), c) for c in CHANGES)], description="vs reference", style={"description_width": "initial"})
+    changed = w.Dropdown(options=[("any", ""), *((c.replace("_", " "), c) for c in CHANGES)], description="change")
     search = w.Text(description="search", placeholder="question, answer, passage", continuous_update=False)
     prev_button, next_button = w.Button(description="◀ previous"), w.Button(description="next ▶")
-    gold_wrong, acceptable = w.Button(description="gold is wrong"), w.Button(description="also acceptable")
-    export = w.Button(description="export marks", disabled=marks_path is None)
-    position, saved = w.Label(), w.Label()
+    gold_wrong, acceptable = w.Button(description="gold is wrong"), w.Button(description="also acceptable", disabled=marks_path is None)
+    gold_wrong.disabled = marks_path is None
+    position, saved, cell_label = w.Label(), w.Label(), w.Label()
+    clear_cell = w.Button(description="✕ all cells", layout=w.Layout(width="auto"))
+    cells = w.GridBox()
     view = w.HTML()
-    state = {"items": [], "index": 0, "marks": read_marks(marks_path)}
+    state = {"items": [], "index": 0, "marks": read_marks(marks_path), "cell": None}
+
+    def changes() -> dict[str, str]:
+        if not against.value:
+            return {}
+        before = {r["id"]: r for r in predictions[against.value]}
+        return {r["id"]: change(is_right(before[r["id"]]), is_right(r)) for r in predictions[model.value] if r["id"] in before}
 
     def refresh(*_):
         wanted = {"all wrong": lambda r: r["category"] != "correct", "all answers": lambda r: True}.get(category.value, lambda r: r["category"] == category.value)
-        query = search.value.strip().lower()
+        query, moves = search.value.strip().lower(), changes()
         state["items"] = [
-            r for r in predictions[model.value]
-            if wanted(r) and (not changed.value or r.get("change") == changed.value)
+            {**r, "change": moves[r["id"]], "reference": against.value} if r["id"] in moves else {k: v for k, v in r.items() if k not in ("change", "reference")}
+            for r in predictions[model.value]
+            if wanted(r) and (not changed.value or moves.get(r["id"]) == changed.value)
+            and (not state["cell"] or (r["gold_answers"][0], confusion_column(r, labels)) == state["cell"])
             and (not query or query in " ".join([r["question"], r["prediction"], *r["gold_answers"], *r["passages"]]).lower())
         ]
         state["index"] = 0
+        cell_label.value = f"cell: {state['cell'][0]} → {state['cell'][1]}" if state["cell"] else ""
+        clear_cell.layout.display = None if state["cell"] else "none"
         show()
 
     def show():
         items = state["items"]
         position.value = f"{state['index'] + 1} of {len(items)}" if items else "no answers match"
         mark = state["marks"].get((model.value, items[state["index"]]["id"]), {}).get("mark") if items else None
-        saved.value = f"marked: {mark.replace('_', ' ')}" if mark else ""
-        view.value = f"<style>{_CSS}</style>" + (item_html(items[state["index"]], model.value) if items else "")
+        saved.value = f"marked: {mark.replace('_', ' ')} ({len(state['marks'])} mark(s) in {marks_path})" if mark else ""
+        view.value = f"<style>{_CSS}</style>" + (item_html(items[state["index"]], model.value, labels=labels) if items else "")
 
     def step(delta: int):
-        if state["items"]:
+        if state["items"] and delta:
             state["index"] = (state["index"] + delta) % len(state["items"])
             show()
 
@@ -375,22 +436,98 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None):
         if state["items"]:
             row = state["items"][state["index"]]
             state["marks"][(model.value, row["id"])] = {"model": model.value, "id": row["id"], "question": row["question"], "gold_answers": row["gold_answers"], "prediction": row["prediction"], "mark": kind}
+            write_marks(marks_path, state["marks"])
             show()
 
-    def save(_):
-        write_marks(marks_path, state["marks"])
-        saved.value = f"{len(state['marks'])} mark(s) saved to {marks_path}"
+    def pick_cell(gold: str, column: str):
+        state["cell"] = (gold, column)
+        if category.value == "all answers":
+            refresh()
+        category.value = "all answers"  # a diagonal cell holds right answers
 
-    for control in (model, category, changed, search):
+    def draw_cells():
+        """Classification: the model's confusion matrix as buttons; a cell lists its answers."""
+        if not labels:
+            return
+        columns = [*labels, "(invalid)"]
+        grid = [w.Label("gold ↓ predicted →"), *(w.Label(c) for c in columns)]
+        for gold, counts in confusion_matrix(predictions[model.value], labels).items():
+            grid.append(w.Label(gold))
+            for column in columns:
+                button = w.Button(description=str(counts[column]), tooltip=f"{gold} → {column}", layout=w.Layout(width="auto"),
+                                  button_style="info" if column == gold else "danger" if counts[column] else "")
+                button.on_click(lambda _, g=gold, c=column: pick_cell(g, c))
+                grid.append(button)
+        cells.children = grid
+        cells.layout.grid_template_columns = f"repeat({len(columns) + 1}, auto)"
+
+    def pick_model(*_):
+        default = reference_model(model.value, names)
+        against.options = [("nothing", ""), *((m, m) for m in names if m != model.value)]
+        against.value = default or ""
+        state["cell"] = None
+        draw_cells()
+        refresh()
+
+    def clear(_):
+        state["cell"] = None
+        refresh()
+
+    def pick_change(*_):
+        if changed.value in ("fixed", "both_right") and category.value == "all wrong":
+            category.value = "all answers"  # those answers are right: "all wrong" would hide every one
+        else:
+            refresh()
+
+    model.observe(pick_model, names="value")
+    changed.observe(pick_change, names="value")
+    for control in (against, category, search):
         control.observe(refresh, names="value")
     prev_button.on_click(lambda _: step(-1))
     next_button.on_click(lambda _: step(1))
     gold_wrong.on_click(lambda _: mark("gold_wrong"))
     acceptable.on_click(lambda _: mark("also_acceptable"))
-    export.on_click(save)
-    refresh()
-    controls = [w.HBox([model, category, changed, search]), w.HBox([prev_button, next_button, position]), w.HBox([gold_wrong, acceptable, export, saved])]
-    return w.VBox([*controls, view])
+    clear_cell.on_click(clear)
+    # ipyevents focuses the answer when the pointer is over it; the arrows then step instead of scrolling the page.
+    keys = Event(source=view, watched_events=["keydown"], prevent_default_action=True)
+    keys.on_dom_event(lambda event: step({"ArrowRight": 1, "j": 1, "ArrowLeft": -1, "k": -1}.get(event.get("key"), 0)))
+    pick_model()
+    return w.VBox([
+        w.HBox([model, against, category, changed, search], layout=w.Layout(flex_flow="row wrap")), w.HBox([prev_button, next_button, position]),
+        w.HBox([gold_wrong, acceptable, saved]), w.HBox([cell_label, clear_cell]), cells, view,
+    ])
+
+
+def finished_runs(output_dir: Path) -> dict[str, Run]:
+    """The runs in output_dir whose evaluation (04) is complete, by run name (folders moved aside by --overwrite,
+    whose params name another folder, are left out)."""
+    runs = {}
+    for manifest in sorted(Path(output_dir).glob("*/manifest.json")):
+        stages = json.loads(manifest.read_text(encoding="utf-8")).get("stages", {})
+        params = manifest.parent / "params.yaml"
+        if stages.get("04_evaluate", {}).get("status") == "complete" and params.exists():
+            run = open_run(params)
+            if run.dir.resolve() == manifest.parent.resolve():
+                runs[run.dir.name] = run
+    return runs
+
+
+def run_browser(run: Run):
+    """browser() over this run's answers, with a picker for every finished run in the same output folder."""
+    import ipywidgets as w
+
+    runs = {**finished_runs(run.dir.parent), run.dir.name: run}
+    picker = w.Dropdown(options=sorted(runs), value=run.dir.name, description="run")
+    holder = w.VBox()
+
+    def show(*_):
+        picked = runs[picker.value]
+        labels = picked.outputs_of("04_evaluate").get("labels") or []
+        holder.children = [browser(load_predictions(picked), picked.dir / "relabels.jsonl", labels)]
+
+    picker.observe(show, names="value")
+    show()
+    return w.VBox([picker, holder])
 
 
 def read_marks(path: Path | None) -> dict[tuple[str, str], dict]:
