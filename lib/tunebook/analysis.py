@@ -391,10 +391,9 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
     changed = w.Dropdown(options=[("any", ""), *((c.replace("_", " "), c) for c in CHANGES)], description="change")
     search = w.Text(description="search", placeholder="question, answer, passage", continuous_update=False)
     prev_button, next_button = w.Button(description="◀ previous"), w.Button(description="next ▶")
-    gold_wrong, acceptable = w.Button(description="gold is wrong"), w.Button(description="also acceptable", disabled=marks_path is None)
-    gold_wrong.disabled = marks_path is None
+    gold_wrong, acceptable = (w.Button(description=d, disabled=marks_path is None) for d in ("gold is wrong", "also acceptable"))
     position, saved, cell_label = w.Label(), w.Label(), w.Label()
-    clear_cell = w.Button(description="✕ all cells", layout=w.Layout(width="auto"))
+    clear_cell = w.Button(description="✕ clear cell", layout=w.Layout(width="auto"))
     cells = w.GridBox()
     view = w.HTML()
     state = {"items": [], "index": 0, "marks": read_marks(marks_path), "cell": None}
