@@ -18,6 +18,15 @@ def shared_datasets() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """llama-cpp-python's OpenAI-compatible server with the embedded SmolLM2 GGUF on loopback: its /v1 URL."""
+    from servers import llama_server_at
+
+    with llama_server_at(tmp_path_factory.mktemp("llama_server") / "stderr.log") as base_url:
+        yield base_url
+
+
 @pytest.fixture
 def write_params(tmp_path):
     """Write a params YAML into tmp_path and return its path."""

@@ -10,11 +10,12 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Callable
 
 import openai
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from tunebook.config import ApiBaselineParams
+from tunebook.config import ApiBaselineParams, TeacherParams
 from tunebook.errors import TunebookError
 from tunebook.generate import Generation, cut_at_stop
 
@@ -56,31 +57,38 @@ def _describe(error: BaseException, secret: str | None) -> str:
     return f"{type(error).__name__}{status}: {message[:300]}"
 
 
-def generate_api(baseline: ApiBaselineParams, conversations: list[list[dict]], *, max_new_tokens: int,
-                 stop_strings: list[str] = (), desc: str = "api") -> Generation:
-    """Answers `conversations` through `baseline`'s endpoint, in the caller's order, with a record per row."""
+def generate_api(baseline: ApiBaselineParams | TeacherParams, conversations: list[list[dict]], *, max_new_tokens: int,
+                 stop_strings: list[str] = (), desc: str = "api", options: dict | None = None,
+                 on_answer: Callable[[int, str, dict], None] | None = None) -> Generation:
+    """Answers `conversations` through `baseline`'s endpoint, in the caller's order, with a record per row.
+
+    `options` are extra request fields (temperature, response_format); `on_answer(index, text, record)` is called
+    as each row finishes, so a caller can keep answers before the whole batch is done."""
     key = None
     if baseline.api_key_env:
         key = os.environ.get(baseline.api_key_env)
         if not key:  # check before any request, so a missing key is one clear message, not N failed rows
             raise TunebookError(
-                f"API baseline '{baseline.label}' reads its key from the environment variable {baseline.api_key_env}, "
+                f"'{baseline.label}' reads its key from the environment variable {baseline.api_key_env}, "
                 f"which is not set. Set it before running: `export {baseline.api_key_env}=...` in a shell, or in Colab "
                 f"add a secret named {baseline.api_key_env} and run `os.environ['{baseline.api_key_env}'] = "
                 f"google.colab.userdata.get('{baseline.api_key_env}')`. Or set api_key_env to empty for a local server.")
     # Our own retries (not the client's) so that every attempt is counted and recorded.
     client = openai.OpenAI(base_url=baseline.base_url, api_key=key or "none", timeout=baseline.timeout_seconds, max_retries=0)
-    options = {"model": baseline.model, "temperature": 0, "max_tokens": max_new_tokens}
+    options = {"model": baseline.model, "temperature": 0, "max_tokens": max_new_tokens, **(options or {})}
     if any(stop_strings):
         options["stop"] = [s for s in stop_strings if s][:4]  # OpenAI accepts at most 4; the rest are cut below
 
     def answer(messages: list[dict]) -> tuple[str, dict]:
         outcomes, start = [], time.perf_counter()
+        record = {"status": "ok", "attempts": 0, "error": None, "seconds": 0.0, "http_statuses": outcomes}
 
         def attempt() -> str:
             try:
                 response = client.chat.completions.create(messages=messages, **options)
                 text = response.choices[0].message.content or ""
+                if response.usage:
+                    record["usage"] = {"prompt_tokens": response.usage.prompt_tokens, "completion_tokens": response.usage.completion_tokens}
             except Exception as error:
                 outcomes.append(_outcome(error))
                 raise
@@ -89,7 +97,6 @@ def generate_api(baseline: ApiBaselineParams, conversations: list[list[dict]], *
 
         retrying = Retrying(retry=retry_if_exception(_retryable), stop=stop_after_attempt(baseline.max_retries + 1),
                             wait=_wait, reraise=True)
-        record = {"status": "ok", "attempts": 0, "error": None, "seconds": 0.0, "http_statuses": outcomes}
         try:
             text = cut_at_stop(retrying(attempt), stop_strings).strip()
         except Exception as error:  # a failed row stays in the table as "" with its error; the run goes on
@@ -103,6 +110,8 @@ def generate_api(baseline: ApiBaselineParams, conversations: list[list[dict]], *
         futures = {pool.submit(answer, c): i for i, c in enumerate(conversations)}
         for done, future in enumerate(as_completed(futures), 1):
             texts[futures[future]], records[futures[future]] = future.result()
+            if on_answer:
+                on_answer(futures[future], texts[futures[future]], records[futures[future]])
             if done % PROGRESS_EVERY == 0 and done < len(conversations):
                 print(f"{desc} {baseline.label}: {done}/{len(conversations)} rows", flush=True)
     failed = [r for r in records if r["status"] == "failed"]

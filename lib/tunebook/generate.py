@@ -63,15 +63,16 @@ def cut_at_stop(text: str, stop_strings) -> str:
 
 def generate(
     model, tokenizer, conversations: list[list[dict]], *, batch_size: int, max_new_tokens: int,
-    stop_strings: list[str] = (), desc: str = "generate", labels: list[str] | None = None,
+    stop_strings: list[str] = (), desc: str = "generate", labels: list[str] | None = None, reply_start: str = "",
 ) -> Generation:
-    """Greedy answers in the callers' order; with `labels`, decoding is constrained to exactly one of them.
+    """Greedy answers in the callers' order; with `labels`, decoding is constrained to exactly one of them;
+    `reply_start` is written as the start of every answer (not returned), e.g. a JSON reply's opening.
 
     Each row stops at end-of-turn or at a stop string (finished rows wait as padding while the rest of the
     batch goes on). When the GPU runs out of memory the batch size is halved and the batch retried."""
     import torch
 
-    prompts = render_prompts(tokenizer, conversations)
+    prompts = [p + reply_start for p in render_prompts(tokenizer, conversations)]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: memory trouble shows at once
     texts: list[str] = [""] * len(prompts)
