@@ -52,9 +52,17 @@ def test_wrong_type_names_key_and_value(write_params):
     assert "'train.batch_size'" in str(e.value) and "'lots'" in str(e.value)
 
 
-def test_missing_required_key(write_params):
-    with pytest.raises(ParamsError, match="'data' is required"):
+def test_training_rows_need_exactly_one_source(write_params):
+    with pytest.raises(ParamsError, match="set exactly one of data.train_path .* and synthesize.documents_path"):
         load_params(write_params("run_name: x\n"))
+    with pytest.raises(ParamsError, match="set exactly one"):
+        load_params(write_params(MINIMAL + "synthesize:\n  documents_path: docs\n"))
+    with pytest.raises(ParamsError, match="chunks are the retrieval corpus"):
+        load_params(write_params("synthesize:\n  documents_path: docs\ndata:\n  retrieval: {corpus_path: c.jsonl}\n"))
+    with pytest.raises(ParamsError, match=r"synthesize: chunk_overlap \(200\) must be under half of chunk_tokens \(384\)"):
+        load_params(write_params("synthesize:\n  documents_path: docs\n  chunk_overlap: 200\n"))
+    params = load_params(write_params("synthesize:\n  documents_path: docs\n"))
+    assert params.data.train_path is None and params.synthesize.documents_path.endswith("docs")
 
 
 def test_overrides_are_typed_and_checked(write_params):

@@ -54,7 +54,7 @@ class RetrievalParams(Section):
 
 
 class DataParams(Section):
-    train_path: str = Field(..., description="Training data: a .jsonl, .json, .csv or .parquet file, or a Hugging Face hub dataset id.")
+    train_path: str | None = Field(None, description="Training data: a .jsonl, .json, .csv or .parquet file, or a Hugging Face hub dataset id; empty = rows written by a teacher from synthesize.documents_path.")
     eval_path: str | None = Field(None, description="Separate evaluation data (same formats); empty = hold out eval_size rows of train_path.")
     train_split: str = Field("train", description="Split name to read when train_path is a hub dataset id.")
     eval_split: str = Field("validation", description="Split name to read when eval_path is a hub dataset id.")
@@ -160,6 +160,61 @@ class ApiBaselineParams(Section):
     timeout_seconds: float = Field(60.0, gt=0, description="Seconds to wait for one response before it counts as a timeout.")
 
 
+class TeacherParams(Section):
+    model: str = Field(DEFAULT_MODEL, description="The teacher LLM: with base_url, the model name the endpoint serves; without, a local transformers model (embedded:..., hub id or folder) run by the batched generator, greedily.")
+    base_url: str | None = Field(None, description="An OpenAI-compatible endpoint ending in /v1 (vLLM, llama.cpp server, Ollama, OpenAI); empty = run the model locally.")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable that holds the endpoint's key (never the key itself); empty = send none (local servers).",
+    )
+    json_mode: bool = Field(True, description="Ask for a JSON reply: response_format json_object on an endpoint (llama.cpp, vLLM and OpenAI then emit valid JSON), the reply's opening brace written for a local model. Replies are parsed tolerantly either way.")
+    temperature: float = Field(0.0, ge=0, description="Endpoint sampling temperature (0 = greedy, so a cached answer is the answer); the local teacher always decodes greedily.")
+    max_new_tokens: int = Field(512, ge=16, description="Longest teacher reply in tokens.")
+    concurrency: int = Field(8, ge=1, description="Endpoint requests in flight at once.")
+    batch_size: int = Field(16, ge=1, description="Local teacher: prompts generated together.")
+    max_retries: int = Field(4, ge=0, description="Retries of one request after a 429, 5xx, timeout or lost connection, with exponential backoff and jitter.")
+    timeout_seconds: float = Field(120.0, gt=0, description="Seconds to wait for one reply before it counts as a timeout.")
+    price_per_million_input: float = Field(0.0, ge=0, description="Cost tally: price of a million prompt tokens (the endpoint's usage counts).")
+    price_per_million_output: float = Field(0.0, ge=0, description="Cost tally: price of a million reply tokens.")
+    cache_dir: str | None = Field(None, description="Where teacher replies are kept, keyed by model, prompt and options, so a rerun or a crash never pays twice; empty = $TUNEBOOK_CACHE/teacher.")
+
+    @property
+    def label(self) -> str:  # how the shared endpoint client names it in messages
+        return f"teacher {self.model}"
+
+
+class CleanParams(Section):
+    min_question_chars: int = Field(10, ge=1, description="Drop pairs whose question is shorter.")
+    max_question_chars: int = Field(300, ge=1, description="Drop pairs whose question is longer.")
+    min_answer_chars: int = Field(2, ge=1, description="Drop pairs whose answer is shorter.")
+    max_answer_chars: int = Field(2000, ge=1, description="Drop pairs whose answer is longer.")
+    language: str | None = Field(None, description="Keep pairs whose question and answer py3langid identifies as this ISO 639-1 code (en, ja, ...); empty = no language filter.")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Drop a question whose character 5-grams overlap an earlier kept question's by at least this Jaccard similarity (MinHash LSH, datasketch).")
+    decontamination_ngram: int = Field(8, ge=1, description="Drop a question that shares an n-gram (n words; n characters in Japanese/Chinese) with an eval question.")
+    judge: bool = Field(False, description="Judge pass: the teacher scores each pair 1-5 against a rubric (a real user's question, self-contained, answered correctly by the chunk); pairs below judge_min_score are dropped.")
+    judge_min_score: int = Field(4, ge=1, le=5, description="Lowest judge score kept; a pair the judge could not score is kept and counted.")
+
+
+class SynthesizeParams(Section):
+    documents_path: str | None = Field(None, description="Build the training rows from documents with a teacher LLM: a folder of .txt/.md/.html/.pdf files (recursive) or a JSONL of documents; empty = data.train_path holds labelled rows.")
+    id_field: str = Field("id", description="JSONL documents: the column with the document id (matched against data.retrieval.gold_id_field of eval rows).")
+    text_field: str = Field("text", description="JSONL documents: the column with the text.")
+    title_field: str = Field("title", description="JSONL documents: the column with the title (kept with each chunk and shown before its text).")
+    chunk_tokens: int = Field(384, ge=32, description="Longest chunk in the student model's tokens; a chunk ends at a paragraph or sentence where it can.")
+    chunk_overlap: int = Field(32, ge=0, description="Tokens that consecutive chunks of one document share.")
+    max_chunks: int | None = Field(None, ge=1, description="Ask the teacher about at most this many chunks, spread evenly over the documents; empty = all.")
+    pairs_per_chunk: int = Field(3, ge=1, le=20, description="Question/answer pairs asked for per chunk.")
+    distractor_choice: Literal["random", "nearest"] = Field("random", description="RAFT (data.raft.enabled): distractor chunks drawn at random from other documents, or the other documents' chunks nearest to the oracle by sentence embedding (all-MiniLM-L6-v2; harder).")
+    teacher: TeacherParams = Field(default_factory=TeacherParams, description="The LLM that writes the pairs (and judges them).")
+    clean: CleanParams = Field(default_factory=CleanParams, description="Filters applied to the teacher's pairs, each counted in 01.")
+
+    @model_validator(mode="after")
+    def _overlap_below_chunk(self) -> "SynthesizeParams":
+        if self.chunk_overlap >= self.chunk_tokens // 2:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be under half of chunk_tokens ({self.chunk_tokens})")
+        return self
+
+
 class EvaluateParams(Section):
     metric: Literal["squad", "hotpot", "japanese", "classification", "faq"] = Field(
         "squad",
@@ -200,11 +255,20 @@ class Params(Section):
     output_dir: str = Field("outputs", description="Folder that holds the run folders.")
     seed: int = Field(42, description="Seed for the split, LoRA initialisation and training order.")
     model: ModelParams = Field(default_factory=ModelParams, description="Base model and backend.")
-    data: DataParams = Field(..., description="Where the examples come from and which columns hold what.")
+    data: DataParams = Field(default_factory=DataParams, description="Where the examples come from and which columns hold what.")
+    synthesize: SynthesizeParams = Field(default_factory=SynthesizeParams, description="Training rows written by a teacher LLM from your documents (instead of data.train_path).")
     prompt: PromptParams = Field(default_factory=PromptParams, description="How an example becomes a chat prompt.")
     train: TrainParams = Field(default_factory=TrainParams, description="LoRA supervised fine-tuning.")
     quantize: QuantizeParams = Field(default_factory=QuantizeParams, description="Quantized copies of the fine-tuned model.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Batched generation and scoring.")
+
+    @model_validator(mode="after")
+    def _one_source_of_training_rows(self) -> "Params":
+        if bool(self.data.train_path) == bool(self.synthesize.documents_path):
+            raise ValueError("set exactly one of data.train_path (labelled rows) and synthesize.documents_path (documents a teacher writes rows from)")
+        if self.synthesize.documents_path and self.data.retrieval.corpus_path:
+            raise ValueError("with synthesize.documents_path the documents' chunks are the retrieval corpus: leave data.retrieval.corpus_path empty")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -213,7 +277,8 @@ class Params(Section):
 
 # Keys whose relative values are paths: resolved against the params file's folder (values given with
 # --set against the current folder), so a run behaves the same from the repo root, notebooks/ or Colab.
-PATH_KEYS = ("output_dir", "data.train_path", "data.eval_path", "data.relabels_path", "data.retrieval.corpus_path", "model.name")
+PATH_KEYS = ("output_dir", "data.train_path", "synthesize.documents_path", "synthesize.teacher.cache_dir", "data.eval_path", "data.relabels_path", "data.retrieval.corpus_path", "model.name")
+ALWAYS_PATHS = ("output_dir", "synthesize.documents_path", "synthesize.teacher.cache_dir")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -289,8 +354,8 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         if not isinstance(value, str) or not value or Path(value).is_absolute() or value.startswith("embedded:"):
             continue
         candidate = base / value
-        # output_dir is always a path; data and model values may be hub ids, so only existing paths are rewritten.
-        if key == "output_dir" or candidate.exists() or value.startswith(".") or Path(value).suffix in DATA_SUFFIXES:
+        # Data and model values may be hub ids, so only existing paths are rewritten; the others are always paths.
+        if key in ALWAYS_PATHS or candidate.exists() or value.startswith(".") or Path(value).suffix in DATA_SUFFIXES:
             _set_dotted(raw, key, str(candidate.resolve()), source="params")
 
 
@@ -306,6 +371,8 @@ def _explain(error: ValidationError, source: str) -> str:
             lines.append(f"  - unknown key '{loc}'.{hint} Known keys here: {', '.join(known)}.")
         elif item["type"] == "missing":
             lines.append(f"  - '{loc}' is required.")
+        elif item["type"] == "value_error" and isinstance(item.get("input"), dict):  # a rule across keys of a section: its message names them
+            lines.append(f"  - {loc + ': ' if loc else ''}{item['msg'].removeprefix('Value error, ')}.")
         else:
             # A value put where a key's *name* belongs may be the key itself: never echo it into logs or notebooks.
             shown = "" if item["loc"][-1] == "api_key_env" else f" (got {item.get('input')!r})"

@@ -12,9 +12,10 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebook.config import DataParams, PromptParams
+from tunebook.config import DataParams, PromptParams, RaftParams
 from tunebook.errors import TunebookError
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
+from tunebook.synthetic import passage, synthesize
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -75,6 +76,12 @@ def read_jsonl(path: Path) -> list[dict]:
             raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}.")
         rows.append(row)
     return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _read_hub(dataset_id: str, split: str) -> list[dict]:
@@ -171,10 +178,11 @@ def raft_example(example: dict, raft, rng: random.Random, *, train: bool, answer
     answer = example["answers"][0]
     if raft.cot:
         quoted = " ".join(f"##begin_quote## {q} ##end_quote##" for q in example["quotes"])
-        target = f"The passages say: {quoted}\n{answer_prefix or 'Answer:'} {answer}"
+        reasoning = f" {example['reasoning']}" if example.get("reasoning") else ""  # a teacher's, for rows made from documents
+        target = f"The passages say: {quoted}{reasoning}\n{answer_prefix or 'Answer:'} {answer}"
     else:
         target = answer
-    kept = {k: v for k, v in example.items() if k not in ("titles", "oracle_titles", "quotes")}
+    kept = {k: v for k, v in example.items() if k not in ("titles", "oracle_titles", "quotes", "reasoning")}
     return {**kept, "passages": [example["passages"][i] for i in chosen], "target": target, "oracle_kept": keep_oracle}
 
 
@@ -301,6 +309,20 @@ class BuiltDataset:
 
         return pd.DataFrame(self.summary["table"]).set_index("split")
 
+    def cleaning_table(self):
+        """Made from documents: pairs kept and removed by each cleaning step, in order."""
+        import pandas as pd
+
+        return pd.DataFrame(self.summary["synthetic"]["steps"]).set_index("step")
+
+    def teacher_table(self):
+        """Made from documents: chunks asked about, replies that failed or held no pairs, and the teacher's tally."""
+        import pandas as pd
+
+        s = self.summary["synthetic"]
+        counts = {"chunks": s["chunks"], "chunks asked": s["chunks_asked"], "requests failed": s["failed_chunks"], "replies without pairs": s["unparsed_chunks"]}
+        return pd.Series({**counts, **s["teacher"]}, name="teacher").to_frame()
+
 
 def build_dataset(run: Run) -> BuiltDataset:
     """Stage 01 end to end: read, validate, split, render, count tokens, save (datasets + JSONL)."""
@@ -310,14 +332,31 @@ def build_dataset(run: Run) -> BuiltDataset:
 
     p = run.params
     with run.stage("01_build_dataset") as outputs:
-        examples = to_examples(read_rows(p.data.train_path, p.data.train_split), p.data, p.data.train_path, p.data.nfkc)
+        final = run.dir / "dataset"
+        tmp = fresh_tmp_dir(final)  # written whole, then swapped in: a failed build leaves the last dataset as it was
+        tokenizer = load_tokenizer(p.model.name, p.model.chat_template)
+        fields, synthetic, evaluation = p.data, None, None
+        if p.synthesize.documents_path:
+            # The documents' chunks are the retrieval corpus, and real eval questions have no oracle passage. Eval rows
+            # are read first, as the teacher's questions are decontaminated against them.
+            corpus = {"corpus_path": str(tmp / "chunks.jsonl"), "id_field": "doc_id", "text_field": "passage"}
+            fields = p.data.model_copy(update={"retrieval": p.data.retrieval.model_copy(update=corpus), "raft": RaftParams()})
+            if p.data.eval_path:
+                evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc)
+            synthetic = synthesize(p, tokenizer, [e["question"] for e in evaluation or []])
+            write_jsonl(tmp / "chunks.jsonl", [{**c, "passage": passage(c)} for c in synthetic.chunks])
+            write_jsonl(tmp / "synthetic_pairs.jsonl", synthetic.pairs)
+            examples = synthetic.examples
+        else:
+            examples = to_examples(read_rows(p.data.train_path, p.data.train_split), p.data, p.data.train_path, p.data.nfkc)
         # Marks from 05 name eval examples: they apply to the rows the eval split is drawn from.
         relabeled = {}
         if p.data.relabels_path and not p.data.eval_path:
             examples, relabeled = apply_relabels(examples, Path(p.data.relabels_path))
         if p.data.eval_path:
             train = examples
-            evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), p.data, p.data.eval_path, p.data.nfkc)
+            if evaluation is None:
+                evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), p.data, p.data.eval_path, p.data.nfkc)
             if p.data.relabels_path:
                 evaluation, relabeled = apply_relabels(evaluation, Path(p.data.relabels_path))
             overlap = {e["question"] for e in train} & {e["question"] for e in evaluation}
@@ -336,15 +375,18 @@ def build_dataset(run: Run) -> BuiltDataset:
             rng = random.Random(p.seed)
             prefix = p.prompt.final_answer_prefix
             train = [raft_example(e, p.data.raft, rng, train=True, answer_prefix=prefix) for e in train]
-            evaluation = [raft_example(e, p.data.raft, rng, train=False, answer_prefix=prefix) for e in evaluation]
+            # Real eval questions asked of documents have no oracle: their passages are retrieved below.
+            evaluation = [raft_example(e, p.data.raft, rng, train=False, answer_prefix=prefix) if "oracle_titles" in e else e for e in evaluation]
         for name, rows in (("train", train), ("eval", evaluation)):
             if not rows:
                 raise DataError(f"The {name} split is empty: check data.eval_size={p.data.eval_size} and data.eval_path.")
-        if p.data.retrieval.corpus_path:
+        rows = train + evaluation
+        unretrieved = [i for i, e in enumerate(rows) if not e["passages"]]
+        if fields.retrieval.corpus_path and unretrieved:
             # One index for both splits: the corpus is read and indexed once.
-            retrieved = retrieve_passages(train + evaluation, p.data)
-            train, evaluation = retrieved[: len(train)], retrieved[len(train) :]
-        tokenizer = load_tokenizer(p.model.name, p.model.chat_template)
+            for i, e in zip(unretrieved, retrieve_passages([rows[i] for i in unretrieved], fields)):
+                rows[i] = e
+            train, evaluation = rows[: len(train)], rows[len(train) :]
         splits, table = {}, []
         for name, rows in (("train", train), ("eval", evaluation)):
             rows = [with_chat(e, p.prompt, labels) for e in rows]
@@ -369,13 +411,9 @@ def build_dataset(run: Run) -> BuiltDataset:
                     "tokens_max": max(lengths),
                 }
             )
-        final = run.dir / "dataset"
-        tmp = fresh_tmp_dir(final)
         DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(tmp / "hf"))
         for name, rows in splits.items():
-            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
-                for e in rows:
-                    f.write(json.dumps(e, ensure_ascii=False) + "\n")
+            write_jsonl(tmp / f"{name}.jsonl", rows)
         replace_dir(tmp, final)
         outputs.update(
             dataset_dir=str(final / "hf"),
@@ -386,6 +424,12 @@ def build_dataset(run: Run) -> BuiltDataset:
             relabeled=relabeled,
             lengths={k: [e["n_tokens"] for e in v] for k, v in splits.items()},
         )
+        if synthetic:
+            outputs["synthetic"] = {
+                "documents_path": p.synthesize.documents_path, "chunks": len(synthetic.chunks), "chunks_asked": synthetic.asked, "steps": synthetic.steps,
+                "teacher": synthetic.teacher, "failed_chunks": synthetic.failed_chunks, "unparsed_chunks": synthetic.unparsed_chunks,
+                "pairs_jsonl": str(final / "synthetic_pairs.jsonl"), "chunks_jsonl": str(final / "chunks.jsonl"),
+            }
     return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=outputs, dataset_dir=final)
 
 
@@ -428,3 +472,18 @@ def plot_token_lengths(built: BuiltDataset, max_seq_length: int):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def plot_cleaning(built: BuiltDataset):
+    """The cleaning funnel: pairs left after each step."""
+    import matplotlib.pyplot as plt
+
+    steps = built.summary["synthetic"]["steps"]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(steps) + 1))
+    ax.barh([s["step"] for s in steps][::-1], [s["kept"] for s in steps][::-1], color="tab:blue")
+    for y, s in enumerate(steps[::-1]):
+        ax.text(s["kept"], y, f" {s['kept']}" + (f" (-{s['removed']})" if s["removed"] else ""), va="center")
+    ax.set_xlabel("question/answer pairs kept")
+    fig.tight_layout()
+    return fig
+
