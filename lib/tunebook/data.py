@@ -335,15 +335,15 @@ def build_dataset(run: Run) -> BuiltDataset:
         final = run.dir / "dataset"
         tmp = fresh_tmp_dir(final)  # written whole, then swapped in: a failed build leaves the last dataset as it was
         tokenizer = load_tokenizer(p.model.name, p.model.chat_template)
-        fields, synthetic, evaluation = p.data, None, None
+        fields, synthetic = p.data, None
         if p.synthesize.documents_path:
-            # The documents' chunks are the retrieval corpus, and real eval questions have no oracle passage. Eval rows
-            # are read first, as the teacher's questions are decontaminated against them.
+            # The documents' chunks are the retrieval corpus, and real eval questions have no oracle passage.
             corpus = {"corpus_path": str(tmp / "chunks.jsonl"), "id_field": "doc_id", "text_field": "passage"}
             fields = p.data.model_copy(update={"retrieval": p.data.retrieval.model_copy(update=corpus), "raft": RaftParams()})
-            if p.data.eval_path:
-                evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc)
-            synthetic = synthesize(p, tokenizer, [e["question"] for e in evaluation or []])
+        # Eval rows first: a teacher's questions are decontaminated against them.
+        evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc) if p.data.eval_path else []
+        if p.synthesize.documents_path:
+            synthetic = synthesize(p, tokenizer, [e["question"] for e in evaluation])
             write_jsonl(tmp / "chunks.jsonl", [{**c, "passage": passage(c)} for c in synthetic.chunks])
             write_jsonl(tmp / "synthetic_pairs.jsonl", synthetic.pairs)
             examples = synthetic.examples
@@ -355,8 +355,6 @@ def build_dataset(run: Run) -> BuiltDataset:
             examples, relabeled = apply_relabels(examples, Path(p.data.relabels_path))
         if p.data.eval_path:
             train = examples
-            if evaluation is None:
-                evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), p.data, p.data.eval_path, p.data.nfkc)
             if p.data.relabels_path:
                 evaluation, relabeled = apply_relabels(evaluation, Path(p.data.relabels_path))
             overlap = {e["question"] for e in train} & {e["question"] for e in evaluation}
