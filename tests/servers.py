@@ -5,6 +5,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -122,8 +123,6 @@ class FaultProxy:
 @contextmanager
 def serving(proxy: "FaultProxy"):
     """The proxy answering in a thread while the block runs."""
-    import threading
-
     threading.Thread(target=proxy.server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         yield proxy

@@ -1,7 +1,6 @@
 """API baselines against real servers (tests/servers.py): llama-cpp-python's OpenAI-compatible server with the
 embedded SmolLM2 GGUF on loopback, and a fault-injecting reverse proxy in front of it."""
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from tunebook.errors import TunebookError
 from tunebook.evaluate import evaluate
 from tunebook.runs import open_run
 
-from servers import MODEL_ALIAS, FaultProxy, free_port
+from servers import MODEL_ALIAS, FaultProxy, free_port, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,13 +28,8 @@ def chat(*prompts: str) -> list[list[dict]]:
 
 @pytest.fixture
 def proxy(llama_server):
-    p = FaultProxy(llama_server, slow_seconds=5)
-    thread = threading.Thread(target=p.server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield p
-    p.server.shutdown()
-    p.server.server_close()
-    p.client.close()
+    with serving(FaultProxy(llama_server, slow_seconds=5)) as p:
+        yield p
 
 
 @pytest.fixture(autouse=True)
@@ -146,15 +140,10 @@ def test_stage_04_and_05_count_and_show_failed_rows(llama_server, tmp_path):
     run = open_run(ROOT / "params/smoke.yaml", [f"output_dir={tmp_path}", "evaluate.models=[]"])
     build_dataset(run)
     questions = [e["question"] for e in load_split(run, "eval")]
-    proxy = FaultProxy(llama_server, slow_seconds=0, fail_always=(questions[0], questions[3]))
-    threading.Thread(target=proxy.server.serve_forever, args=(0.05,), daemon=True).start()
-    try:
+    with serving(FaultProxy(llama_server, slow_seconds=0, fail_always=(questions[0], questions[3]))) as proxy:
         row = {"label": "smol-api", "base_url": proxy.base_url, "model": MODEL_ALIAS, "api_key_env": None, "max_retries": 1}
         run = open_run(ROOT / "params/smoke.yaml", [f"output_dir={tmp_path}", "evaluate.models=[]", f"evaluate.api_baselines=[{json.dumps(row)}]"])
         table = evaluate(run)
-    finally:
-        proxy.server.shutdown()
-        proxy.server.server_close()
     assert [(r["model"], r["n"], r["failed_requests"]) for r in table] == [("smol-api", 8, 2)]
     assert "failed_requests" in (run.dir / "metrics.csv").read_text().splitlines()[0]
     rows = read_jsonl(run.dir / "predictions/smol-api.jsonl")
