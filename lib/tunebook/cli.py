@@ -1,6 +1,8 @@
 """Command line: run the notebooks headless, score a predictions file, list the params, cache a model.
 
     python -m tunebook run params/default.yaml [--stages 04,05] [--set train.max_steps=10] [--resume | --overwrite]
+    python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run]
+    python -m tunebook compare outputs/sweep_lora [outputs/default ...] [--model finetuned] [--sort f1] [--out DIR]
     python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric squad|hotpot|japanese|classification|faq]
     python -m tunebook params [--update-readme README.md]
     python -m tunebook prepare-model [NAME]
@@ -9,19 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-from tunebook.config import DEFAULT_MODEL, load_params, schema_markdown
+from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
 from tunebook.errors import TunebookError
 from tunebook.metrics import SCORERS
-from tunebook.runs import STAGES, Run, save_params
-
-NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+from tunebook.runs import Run, execute_stage, save_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="Run only the stages of an existing run that are not complete")
     mode.add_argument("--overwrite", action="store_true", help="Move an existing run folder aside (renamed, kept) and start over")
+
+    sweep = sub.add_parser("sweep", help="Expand a params file's sweep section into runs and execute them (stages shared across runs run once).")
+    sweep.add_argument("params", help="A params YAML with a sweep: section, e.g. params/sweep_lora.yaml")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a params key of every run (repeatable)")
+    sweep.add_argument("--rerun", action="store_true", help="Also re-run finished runs (their folders are moved aside, renamed, kept)")
+    sweep.add_argument("--dry-run", action="store_true", help="List the runs and what each changes, run nothing")
+
+    compare = sub.add_parser("compare", help="One table of runs: the params that differ, metrics and losses, best marked; overlaid loss curves.")
+    compare.add_argument("runs", nargs="+", help="Run folders, or folders of runs (a sweep's folder)")
+    compare.add_argument("--model", default="finetuned", help="Which row of each run's metrics to compare: finetuned (default), base, a quantized variant, or all")
+    compare.add_argument("--sort", help="Column to sort by (default: the first metric, best first)")
+    compare.add_argument("--out", help="Folder for comparison.csv, comparison.md and loss_curves.png (default: the runs' common folder)")
 
     score = sub.add_parser("score", help="Score a JSONL of predictions (fields: prediction, gold_answers).")
     score.add_argument("file")
@@ -51,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_pipeline(args.params, args.overrides, args.stages, resume=args.resume, overwrite=args.overwrite)
+        if args.command == "sweep":
+            from tunebook.sweep import run_sweep
+
+            return run_sweep(args.params, args.overrides, rerun=args.rerun, dry_run=args.dry_run)
+        if args.command == "compare":
+            from tunebook.compare import compare_command
+
+            return compare_command(args.runs, args.model, args.sort, args.out)
         if args.command == "score":
             return score_file(args.file, args.jsonl_out, args.metric)
         if args.command == "params":
@@ -70,13 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 def select_stages(spec: str | None) -> list[str]:
     if not spec:
         return list(STAGES)
-    chosen = []
-    for item in spec.split(","):
-        matches = [s for s in STAGES if s.startswith(item.strip().zfill(2))] if item.strip() else []
-        if len(matches) != 1:
-            raise TunebookError(f"--stages {spec!r}: '{item}' is not a stage. Stages: {', '.join(s[:2] + ' (' + s[3:] + ')' for s in STAGES)}.")
-        chosen.append(matches[0])
-    return [s for s in STAGES if s in chosen]
+    try:
+        return stage_names(spec)
+    except ValueError as e:
+        raise TunebookError(f"--stages {spec!r}: {e}.") from None
 
 
 def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None, *, resume: bool = False, overwrite: bool = False) -> int:
@@ -103,35 +119,18 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
     if not stages:
         print(f"All stages of {run_dir} are complete; nothing to do.")
         return 0
-    import papermill as pm
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("papermill").setLevel(logging.INFO)
-    executed = run_dir / "notebooks"
-    executed.mkdir(exist_ok=True)
     started = time.time()
     for number, stage in enumerate(stages, start=1):
-        print(f"\n=== [{number}/{len(stages)}] {stage} → {executed / (stage + '.ipynb')}", flush=True)
+        print(f"\n=== [{number}/{len(stages)}] {stage} → {run_dir / 'notebooks' / (stage + '.ipynb')}", flush=True)
         stage_started = time.time()
-        try:
-            pm.execute_notebook(
-                str(NOTEBOOKS / f"{stage}.ipynb"),
-                str(executed / f"{stage}.ipynb"),
-                parameters={"params_path": str(params_file), "overrides": []},
-                cwd=str(NOTEBOOKS),
-                kernel_name=_kernel_name(),
-                log_output=True,
-                progress_bar=False,
-            )
-        except pm.PapermillExecutionError as e:
-            raise TunebookError(
-                f"Stage {stage} failed: {e.ename}: {e.evalue}\nThe executed notebook with the full traceback: {executed / (stage + '.ipynb')}"
-            ) from None
+        execute_stage(stage, params_file, params_file.parent)
         print(f"=== {stage} done in {time.time() - stage_started:.0f}s", flush=True)
     print(f"\nRun {params.run_name} finished in {time.time() - started:.0f}s: {run_dir}")
     metrics = run_dir / "metrics.json"
     if metrics.exists():
-        print(_markdown_table(json.loads(metrics.read_text(encoding="utf-8"))))
+        import pandas as pd
+
+        print(pd.DataFrame(json.loads(metrics.read_text(encoding="utf-8"))).to_markdown(index=False))
     return 0
 
 
@@ -152,13 +151,6 @@ def replace_section(path: Path, markers: tuple[str, str], content: str) -> None:
         raise TunebookError(f"{path} has no {start.strip()} ... {end.strip()} markers.")
     head, rest = text.split(start, 1)
     path.write_text(head + start + content + end + rest.split(end, 1)[1], encoding="utf-8")
-
-
-def _kernel_name() -> str:
-    """The kernel `make setup` registers for this environment, else the default python3 (Colab, GPU hosts)."""
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    return "tunebook" if "tunebook" in KernelSpecManager().find_kernel_specs() else "python3"
 
 
 def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
@@ -191,12 +183,3 @@ def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
                 f.write(json.dumps(r) + "\n")
         shutil.move(tmp, jsonl_out)
     return 0
-
-
-def _markdown_table(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)

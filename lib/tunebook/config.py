@@ -6,6 +6,7 @@ table is generated from it), notebooks and the CLI read params only through `loa
 from __future__ import annotations
 
 import difflib
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from tunebook.errors import TunebookError
 
 DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 TEMPLATE_FIELDS = ("instruction", "passages", "question", "labels")
+STAGES = ("01_build_dataset", "02_finetune", "03_quantize", "04_evaluate", "05_error_analysis")
+RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 class ParamsError(TunebookError):
@@ -250,8 +253,58 @@ class EvaluateParams(Section):
         return value
 
 
+def stage_names(spec: str | list) -> list[str]:
+    """Stage names, in pipeline order, from numbers ("01,04", [1, 2, "04"]) or names; a ValueError names a wrong one."""
+    items = spec.split(",") if isinstance(spec, str) else spec
+    chosen = []
+    for item in items:
+        text = str(item).strip()
+        matches = [s for s in STAGES if s == text or s.startswith(text.zfill(2) + "_")] if text else []
+        if len(matches) != 1:
+            raise ValueError(f"'{item}' is not a stage; stages: {', '.join(s[:2] + ' (' + s[3:] + ')' for s in STAGES)}")
+        chosen.append(matches[0])
+    return [s for s in STAGES if s in chosen]
+
+
+class VariantParams(Section):
+    name: str = Field(..., pattern=RUN_NAME, description="The variant's name: its run folder is output_dir/run_name/NAME (joined with the grid's names by '.').")
+    set: dict[str, Any] = Field({}, description="Params keys (dotted, e.g. train.lora_r) and the values this variant gives them.")
+
+
+class SweepParams(Section):
+    stages: list[str] = Field(list(STAGES), description="Stages each run of `python -m tunebook sweep` executes, e.g. [\"01\", \"02\", \"04\"]; a stage another run of the sweep already ran with the same params is copied, not re-run.")
+    grid: dict[str, list[Any] | dict[str, Any]] = Field({}, description="Params keys (dotted) and the values to try; every combination is a run. A list names runs key-value (lora_r-16); a mapping {name: value} names them.")
+    variants: list[VariantParams] = Field([], description="Named runs, each a `set` of key: value changes; with a grid too, every variant is run at every grid point.")
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _known_stages(cls, value: Any) -> list[str]:
+        return stage_names(value) if isinstance(value, (str, list)) else value
+
+    @model_validator(mode="after")
+    def _runs_are_well_defined(self) -> "SweepParams":
+        names = [v.name for v in self.variants]
+        if len(set(names)) < len(names):
+            raise ValueError(f"sweep.variants names must be distinct: {sorted({n for n in names if names.count(n) > 1})}")
+        varied = [*self.grid, *(k for v in self.variants for k in v.set)]
+        fixed = [k for k in varied if k.split(".")[0] in ("run_name", "output_dir", "sweep")]
+        if fixed:
+            raise ValueError(f"a sweep names its runs' folders itself: it cannot vary {sorted(set(fixed))}")
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"sweep.grid.{key} has no values to try")
+            bad = [n for n in values if isinstance(values, dict) and not re.match(RUN_NAME, str(n))]
+            if bad:
+                raise ValueError(f"sweep.grid.{key}: value names {bad} must be usable in a folder name (letters, digits, . _ -)")
+        for v in self.variants:
+            clash = sorted(set(v.set) & set(self.grid))
+            if clash:
+                raise ValueError(f"sweep variant '{v.name}' sets {clash}, which sweep.grid varies too")
+        return self
+
+
 class Params(Section):
-    run_name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run folder under output_dir.")
+    run_name: str = Field("default", pattern=RUN_NAME, description="Name of the run folder under output_dir.")
     output_dir: str = Field("outputs", description="Folder that holds the run folders.")
     seed: int = Field(42, description="Seed for the split, LoRA initialisation and training order.")
     model: ModelParams = Field(default_factory=ModelParams, description="Base model and backend.")
@@ -261,6 +314,7 @@ class Params(Section):
     train: TrainParams = Field(default_factory=TrainParams, description="LoRA supervised fine-tuning.")
     quantize: QuantizeParams = Field(default_factory=QuantizeParams, description="Quantized copies of the fine-tuned model.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Batched generation and scoring.")
+    sweep: SweepParams = Field(default_factory=SweepParams, description="Many runs from this file (`python -m tunebook sweep`): a grid and/or named variants over any keys above.")
 
     @model_validator(mode="after")
     def _one_source_of_training_rows(self) -> "Params":
@@ -284,6 +338,11 @@ DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Read a params YAML, apply `key=value` overrides, validate, and return the params."""
+    return validate_params(read_params(path, overrides), source=str(path))
+
+
+def read_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A params YAML as a plain dict, its relative paths resolved and `key=value` overrides applied (not validated)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"Params file not found: {path}")
@@ -297,12 +356,16 @@ def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ParamsError(f"{path} must hold a mapping of keys (run_name:, data:, ...), not {type(raw).__name__}.")
     _resolve_paths(raw, path.resolve().parent)
     for item in overrides:
-        key, value = _parse_override(item)
-        single = {}
-        _set_dotted(single, key, value, source="--set")
-        _resolve_paths(single, Path.cwd())
-        _set_dotted(raw, key, _get_dotted(single, key), source="--set")
-    return validate_params(raw, source=str(path))
+        apply_setting(raw, *_parse_override(item), base=Path.cwd(), source="--set")
+    return raw
+
+
+def apply_setting(raw: dict, key: str, value: Any, base: Path, source: str) -> None:
+    """Set one dotted key of a raw params dict; a relative path value is resolved against `base`."""
+    single: dict = {}
+    _set_dotted(single, key, value, source=source)
+    _resolve_paths(single, base)
+    _set_dotted(raw, key, _get_dotted(single, key), source=source)
 
 
 def validate_params(raw: dict, source: str = "params") -> Params:

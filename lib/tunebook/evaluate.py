@@ -4,13 +4,15 @@ Models: base (the params' model), finetuned (the merged model of 02), each quant
 API baseline (an OpenAI-compatible endpoint). Each is loaded, run through the batched generator (GGUF files
 through llama.cpp, baselines through the API client), timed, measured for peak memory and freed before the
 next. Writes predictions/<model>.jsonl, metrics.json (a list of rows with bits and size on disk) and
-metrics.csv.
+metrics.csv. The base and API rows do not depend on training: a sweep passes its other runs as `reuse_from`, and
+a row one of them scored with the same data, prompt, model and evaluate params is copied, not generated again.
 """
 from __future__ import annotations
 
 import csv
 import gc
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from tunebook.data import load_split, read_jsonl
 from tunebook.generate import answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import load_for_inference, load_tokenizer, pick_backend, resolve_model
-from tunebook.runs import Run, write_json_atomic
+from tunebook.runs import Run, params_key, write_json_atomic
 
 TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "bits", "size_mb"]
 
@@ -68,10 +70,32 @@ def answer_budget(run: Run) -> int:
     return budget
 
 
-def evaluate(run: Run) -> list[dict]:
+def untrained_key(params) -> str:
+    """The key of the rows that do not depend on training (base model, API baselines)."""
+    return params_key(params, lambda key: key.split(".")[0] not in ("train", "quantize") and key != "evaluate.models")
+
+
+def reusable_rows(run: Run, reuse_from: list[str]) -> dict[str, dict]:
+    """{label: {run, row, file}} of base / API rows that other finished runs scored under this run's untrained key."""
+    key, found = untrained_key(run.params), {}
+    for folder in map(Path, reuse_from):
+        manifest = folder / "manifest.json"
+        entry = json.loads(manifest.read_text(encoding="utf-8"))["stages"].get("04_evaluate", {}) if manifest.exists() else {}
+        outputs = entry.get("outputs", {})
+        if entry.get("status") != "complete" or outputs.get("untrained_key") != key:
+            continue
+        for row in json.loads(Path(outputs["metrics_json"]).read_text(encoding="utf-8")):
+            file = outputs["predictions"].get(row["model"])
+            if row["model"] in outputs.get("untrained_labels", []) and row["model"] not in found and file and Path(file).exists():
+                found[row["model"]] = {"run": folder.name, "row": row, "file": file}
+    return found
+
+
+def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
     p = run.params
     examples = load_split(run, "eval")
     models = models_to_evaluate(run)
+    reusable = reusable_rows(run, reuse_from)
     labels = run.outputs_of("01_build_dataset").get("labels") or []
     constrain = labels if p.evaluate.metric == "classification" and p.evaluate.constrain_labels else None
     hit_rate = _retrieval_hit_rate(examples)
@@ -82,9 +106,16 @@ def evaluate(run: Run) -> list[dict]:
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
         predictions_dir.mkdir(exist_ok=True)
-        table, files = [], {}
+        table, files, reused = [], {}, {}
         for m in models:
             label = m["label"]
+            path = predictions_dir / f"{label}.jsonl"
+            if label in reusable:
+                shutil.copy2(reusable[label]["file"], path)
+                table.append(reusable[label]["row"])
+                files[label], reused[label] = str(path), reusable[label]["run"]
+                print(f"{label}: reused from run {reused[label]} (same data, prompt, model and evaluate params)")
+                continue
             conversations = [e["prompt"] for e in examples]
             # llama.cpp from pip runs on the CPU even on a GPU machine: then its memory is the process's RSS.
             with peak_memory(gpu=m["format"] != "gguf" or gguf_runs_on_gpu()) as peak:
@@ -123,7 +154,6 @@ def evaluate(run: Run) -> list[dict]:
                 for row, request in zip(rows, result.requests):
                     row["request"] = request
             failed = {"failed_requests": sum(r["status"] != "ok" for r in result.requests)} if result.requests else {}
-            path = predictions_dir / f"{label}.jsonl"
             with open(path, "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -150,7 +180,10 @@ def evaluate(run: Run) -> list[dict]:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(table)
-        outputs.update(metrics_json=str(run.dir / "metrics.json"), metrics_csv=str(run.dir / "metrics.csv"), predictions=files, labels=labels)
+        outputs.update(
+            metrics_json=str(run.dir / "metrics.json"), metrics_csv=str(run.dir / "metrics.csv"), predictions=files, labels=labels,
+            untrained_key=untrained_key(p), untrained_labels=[m["label"] for m in models if m["label"] == "base" or m["format"] == "api"], reused=reused,
+        )
     return table
 
 

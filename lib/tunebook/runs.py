@@ -2,11 +2,15 @@
 
 Each notebook opens the run, does its stage inside `run.stage(...)` and records its outputs there; the next
 notebook finds them with `run.outputs_of(...)`. A stage that fails is marked failed (never complete), and
-re-running a stage marks the stages after it stale.
+re-running a stage marks the stages after it stale. A finished stage records its key: a hash of every params
+value read up to that stage, so runs with the same key at a stage have the same outputs there (a sweep runs
+such a stage once and copies it, `adopt_stage`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -15,12 +19,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from tunebook.config import Params, dump_params, load_params
+from tunebook.config import STAGES, Params, dump_params, load_params
 from tunebook.errors import TunebookError
 
-STAGES = ("01_build_dataset", "02_finetune", "03_quantize", "04_evaluate", "05_error_analysis")
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+# The stage that first reads each params key (the most specific prefix wins; keys not listed: 01).
+FIRST_READ_BY = {
+    "model.backend": "02_finetune",
+    "model.dtype": "02_finetune",
+    "model.load_in_4bit": "02_finetune",
+    "train": "02_finetune",
+    "quantize": "03_quantize",
+    "evaluate": "04_evaluate",
+    "evaluate.metric": "01_build_dataset",  # 01 collects a classification run's labels
+}
+WHERE_KEYS = ("run_name", "output_dir", "sweep")  # where a run lives and how it was launched, not what it computes
 
 
 def _now() -> str:
@@ -58,19 +73,19 @@ class Run:
             )
         return entry["outputs"]
 
+    def key_of(self, stage: str) -> str | None:
+        """The params key a finished stage recorded (None for runs made before keys were recorded)."""
+        return self.manifest()["stages"].get(stage, {}).get("key")
+
     @contextmanager
     def stage(self, name: str) -> Iterator[dict]:
         """Mark `name` running; yield a dict the stage fills with its outputs; mark it complete or failed."""
         if name not in STAGES:
             raise ValueError(f"unknown stage {name}")
         manifest = self.manifest()
-        later = [s for s in STAGES[STAGES.index(name) + 1 :] if manifest["stages"].get(s, {}).get("status") == "complete"]
         if manifest["stages"].get(name, {}).get("status") == "complete":
             print(f"Re-running {name}: its previous outputs in {self.dir} will be replaced when it succeeds.")
-        for stage in later:
-            manifest["stages"][stage]["status"] = "stale"
-        if later:
-            print(f"Stages {', '.join(later)} are now marked stale: re-run them to use the new {name} outputs.")
+        _mark_later_stale(manifest, name)
         started = time.time()
         manifest["stages"][name] = {"status": "running", "started": _now()}
         self._write_manifest(manifest)
@@ -93,9 +108,120 @@ class Run:
             "started": manifest["stages"][name]["started"],
             "finished": _now(),
             "seconds": round(time.time() - started, 1),
+            "key": stage_key(self.params, name),
             "outputs": outputs,
         }
         self._write_manifest(manifest)
+
+
+def _mark_later_stale(manifest: dict, name: str) -> None:
+    later = [s for s in STAGES[STAGES.index(name) + 1 :] if manifest["stages"].get(s, {}).get("status") == "complete"]
+    for stage in later:
+        manifest["stages"][stage]["status"] = "stale"
+    if later:
+        print(f"Stages {', '.join(later)} are now marked stale: re-run them to use the new {name} outputs.")
+
+
+def params_key(params: Params, keep: Callable[[str], bool]) -> str:
+    """A short hash of the params values whose dotted keys `keep` accepts."""
+    flat = flatten(params.model_dump(mode="json"))
+    kept = {k: v for k, v in flat.items() if keep(k) and not is_under(k, WHERE_KEYS)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_key(params: Params, stage: str) -> str:
+    """The key of a stage's outputs: every params value read by this stage or an earlier one."""
+    return params_key(params, lambda key: STAGES.index(first_read_by(key)) <= STAGES.index(stage))
+
+
+def first_read_by(key: str) -> str:
+    prefixes = [p for p in FIRST_READ_BY if is_under(key, (p,))]
+    return FIRST_READ_BY[max(prefixes, key=len)] if prefixes else STAGES[0]
+
+
+def is_under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
+def adopt_stage(run: Run, donor: Run, stage: str) -> None:
+    """Make `stage` of `run` the finished stage of `donor` (same key): copy the files its outputs name into this run,
+    pointing the recorded paths at the copies, and record it complete, reused from the donor."""
+    entry = donor.manifest()["stages"][stage]
+    source, target = str(donor.dir.resolve()), run.dir.resolve()
+    tops: set[str] = set()
+
+    def moved(value):
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if isinstance(value, str) and value.startswith(source + os.sep):
+            relative = Path(value).relative_to(source)
+            tops.add(relative.parts[0])
+            return str(target / relative)
+        return value
+
+    outputs = moved(entry["outputs"])
+    for top in sorted(tops):
+        src = Path(source) / top
+        if src.is_dir():
+            tmp = fresh_tmp_dir(target / top)
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            replace_dir(tmp, target / top)
+        else:
+            shutil.copy2(src, target / (top + ".tmp"))
+            os.replace(target / (top + ".tmp"), target / top)
+    manifest = run.manifest()
+    _mark_later_stale(manifest, stage)
+    manifest["stages"][stage] = {**entry, "outputs": outputs, "reused_from": donor.dir.name, "finished": _now()}
+    run._write_manifest(manifest)
+
+
+class StageFailed(TunebookError):
+    def __init__(self, message: str, notebook: Path):
+        super().__init__(message)
+        self.notebook = notebook
+
+
+def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict | None = None) -> Path:
+    """Run notebooks/<stage>.ipynb headless with papermill into <run>/notebooks/<stage>.ipynb (returned). A failing
+    cell raises StageFailed; the executed notebook, saved either way, holds the full traceback."""
+    import papermill as pm
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("papermill").setLevel(logging.INFO)
+    executed = run_dir / "notebooks" / f"{stage}.ipynb"
+    executed.parent.mkdir(exist_ok=True)
+    try:
+        pm.execute_notebook(
+            str(NOTEBOOKS / f"{stage}.ipynb"),
+            str(executed),
+            parameters={"params_path": str(params_file), "overrides": [], **(parameters or {})},
+            cwd=str(NOTEBOOKS),
+            kernel_name=_kernel_name(),
+            log_output=True,
+            progress_bar=False,
+        )
+    except pm.PapermillExecutionError as e:
+        raise StageFailed(f"Stage {stage} failed: {e.ename}: {e.evalue}\nThe executed notebook with the full traceback: {executed}", executed) from None
+    return executed
+
+
+def _kernel_name() -> str:
+    """The kernel `make setup` registers for this environment, else the default python3 (Colab, GPU hosts)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return "tunebook" if "tunebook" in KernelSpecManager().find_kernel_specs() else "python3"
 
 
 def open_run(params_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:

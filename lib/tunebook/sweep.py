@@ -1,0 +1,182 @@
+"""Sweeps: one params file with a `sweep:` section becomes many runs, executed stage by stage with papermill.
+
+    python -m tunebook sweep params/sweep_lora.yaml
+
+The runs live in <output_dir>/<run_name>/<run>/, named from the variant and grid values (all-linear.lora_r-16),
+and sweep.json beside them records what happened to each. A run's stage whose key (every params value read up to
+that stage, runs.stage_key) matches a stage another run of the sweep finished is copied from it, not run again:
+the LoRA variants share one dataset build, and 04 copies the base model's scores (evaluate.reusable_rows). Finished
+runs are skipped (unless --rerun), an interrupted sweep picks up where it stopped, and a failed run is recorded
+with its executed notebook and error while the sweep goes on.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tunebook.config import Params, ParamsError, apply_setting, read_params, validate_params
+from tunebook.runs import Run, StageFailed, adopt_stage, execute_stage, save_params, stage_key, write_json_atomic
+
+
+@dataclass
+class SweepRun:
+    name: str
+    changes: dict[str, Any]  # dotted params key -> the value this run gives it
+    params: Params
+
+
+def expand(params_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Params, list[SweepRun]]:
+    """The sweep's own params and its runs: every variant at every grid point, each validated as a params file."""
+    path = Path(params_path)
+    raw = read_params(path, overrides)
+    sweep_params = validate_params(raw, source=str(path))
+    sweep = sweep_params.sweep
+    if not sweep.grid and not sweep.variants:
+        raise ParamsError(f"{path} has no sweep.grid or sweep.variants: nothing to sweep. `python -m tunebook run {path}` runs it once.")
+    axes = [[(v.name, v.set) for v in sweep.variants]] if sweep.variants else []
+    for key, values in sweep.grid.items():
+        named = values.items() if isinstance(values, dict) else [(f"{key.rsplit('.', 1)[-1]}-{_slug(v)}", v) for v in values]
+        axes.append([(name, {key: value}) for name, value in named])
+    runs = []
+    for combination in itertools.product(*axes):
+        name = ".".join(part for part, _ in combination)
+        changes = {k: v for _, change in combination for k, v in change.items()}
+        run_raw = {k: copy.deepcopy(v) for k, v in raw.items() if k != "sweep"}
+        for key, value in changes.items():
+            apply_setting(run_raw, key, value, base=path.resolve().parent, source=f"{path} sweep run '{name}':")
+        run_raw.update(run_name=name, output_dir=str(sweep_params.run_dir.resolve()))
+        runs.append(SweepRun(name, changes, validate_params(run_raw, source=f"{path} (sweep run '{name}')")))
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):
+        raise ParamsError(f"{path}: two sweep runs would share a folder name ({sorted({n for n in names if names.count(n) > 1})}); name the grid values with a mapping {{name: value}}.")
+    return sweep_params, runs
+
+
+def _slug(value: Any) -> str:
+    text = "_".join(map(str, value)) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) or value is None else str(value)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "empty"
+
+
+def run_sweep(params_path: str, overrides: list[str], *, rerun: bool = False, dry_run: bool = False) -> int:
+    """Execute every run of the sweep; 0 when all finished, 1 when some failed, 130 when interrupted."""
+    sweep_params, runs = expand(params_path, overrides)
+    stages = sweep_params.sweep.stages
+    folder = sweep_params.run_dir.resolve()
+    print(f"Sweep {sweep_params.run_name}: {len(runs)} runs x stages {', '.join(s[:2] for s in stages)} in {folder}")
+    for r in runs:
+        print(f"  {r.name}: " + ", ".join(f"{k}={v}" for k, v in r.changes.items()))
+    if dry_run:
+        return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / "sweep.json"
+    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {"runs": {}}
+    state.update(params_file=str(Path(params_path).resolve()), overrides=overrides, stages=stages, order=[r.name for r in runs])
+    members = {r.name: Run(params=r.params, dir=folder / r.name) for r in runs}
+    started = time.time()
+    # A kill (SIGTERM) stops the sweep like Ctrl-C: the notebook's kernel is shut down and the state is saved.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for number, r in enumerate(runs, start=1):
+            print(f"\n##### [{number}/{len(runs)}] {r.name}", flush=True)
+            record = state["runs"].setdefault(r.name, {"stages": {}})
+            record["changes"] = r.changes
+            try:
+                _run_one(members[r.name], stages, record, members, rerun, save=lambda: write_json_atomic(state_path, state))
+            except KeyboardInterrupt:
+                record["status"] = "interrupted"
+                write_json_atomic(state_path, state)
+                print(f"\nSweep interrupted during {r.name}. Run the same command again to finish the missing runs.")
+                return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    state["seconds_last_invocation"] = round(time.time() - started, 1)
+    write_json_atomic(state_path, state)
+    print(f"\nSweep {sweep_params.run_name} done in {time.time() - started:.0f}s: {state_path}")
+    print(stage_table(state))
+    failed = [name for name in state["order"] if state["runs"][name].get("status") == "failed"]
+    finished = [folder / name for name in state["order"] if state["runs"][name].get("status") == "finished"]
+    if finished and "04_evaluate" in stages:
+        from tunebook.compare import write_comparison
+
+        write_comparison(finished, folder)
+    for name in failed:
+        print(f"FAILED {name}: {state['runs'][name]['error']}\n  executed notebook: {state['runs'][name]['notebook']}")
+    return 1 if failed else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_one(run: Run, stages: list[str], record: dict, members: dict[str, Run], rerun: bool, save) -> None:
+    """Bring one run's stages to complete: skip finished ones, copy shared ones, execute the rest."""
+    if rerun and run.dir.exists() and all(run.status(s) == "complete" for s in stages):
+        aside = run.dir.with_name(f"{run.dir.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
+        run.dir.rename(aside)
+        print(f"--rerun: moved the finished run to {aside}")
+        record["stages"] = {}
+    changed = [s for s in stages if run.status(s) == "complete" and run.key_of(s) not in (None, stage_key(run.params, s))]
+    if changed:
+        record.update(status="outdated", error=f"stages {', '.join(changed)} finished with other params than the sweep file's now")
+        print(f"Skipped: {run.dir} finished {', '.join(changed)} with other params than the sweep file gives it now. "
+              "Nothing was changed; --rerun moves it aside and runs it again, or give the sweep another run_name.")
+        save()
+        return
+    todo = [s for s in stages if run.status(s) != "complete"]
+    if not todo:
+        record["status"] = "finished"
+        print("Already finished: skipped.")
+        save()
+        return
+    record.update(status="running", error=None, notebook=None)
+    params_file = save_params(run.params)
+    for stage in todo:
+        key = stage_key(run.params, stage)
+        donor = next((other for other in members.values() if other is not run and other.status(stage) == "complete" and other.key_of(stage) == key), None)
+        stage_started = time.time()
+        if donor:
+            adopt_stage(run, donor, stage)
+            record["stages"][stage] = {"how": "reused", "from": donor.dir.name, "seconds": round(time.time() - stage_started, 1)}
+            print(f"=== {stage}: reused from {donor.dir.name} (same params up to this stage)", flush=True)
+            save()
+            continue
+        print(f"=== {stage} → {run.dir / 'notebooks' / (stage + '.ipynb')}", flush=True)
+        others = [str(other.dir) for other in members.values() if other is not run]
+        try:
+            execute_stage(stage, params_file, run.dir, {"reuse_from": others} if stage == "04_evaluate" else None)
+        except Exception as e:  # noqa: BLE001  (a dead kernel too: the sweep records it and goes on)
+            notebook = getattr(e, "notebook", run.dir / "notebooks" / f"{stage}.ipynb")
+            error = str(e).split("\n")[0] if isinstance(e, StageFailed) else f"Stage {stage} failed: {type(e).__name__}: {e}"
+            record["stages"][stage] = {"how": "failed", "seconds": round(time.time() - stage_started, 1)}
+            record.update(status="failed", error=error, notebook=str(notebook))
+            print(f"=== {error}\n    executed notebook: {notebook}\n    the sweep goes on with the next run", flush=True)
+            save()
+            return
+        record["stages"][stage] = {"how": "ran", "seconds": round(time.time() - stage_started, 1)}
+        print(f"=== {stage} done in {time.time() - stage_started:.0f}s", flush=True)
+        save()
+    record["status"] = "finished"
+    save()
+
+
+def stage_table(state: dict) -> str:
+    """Markdown: one row per run, one column per stage (ran Ns / reused from X / failed), and the run's status."""
+    import pandas as pd
+
+    rows = []
+    for name in state["order"]:
+        record = state["runs"][name]
+        row = {"run": name, "status": record.get("status", "pending")}
+        for stage in state["stages"]:
+            s = record["stages"].get(stage)
+            row[stage] = "" if not s else f"reused ← {s['from']}" if s["how"] == "reused" else f"{s['how']} {s['seconds']:.0f}s"
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False)
