@@ -11,8 +11,8 @@ from tunebook.compare import best_rows, sort_table, to_markdown
 from tunebook.config import ParamsError, validate_params
 from tunebook.errors import TunebookError
 from tunebook.evaluate import untrained_key
-from tunebook.runs import adopt_stage, open_run, stage_key
-from tunebook.sweep import expand
+from tunebook.runs import Run, adopt_stage, open_run, stage_key
+from tunebook.sweep import _run_one, expand
 
 BASE = "run_name: lora\noutput_dir: out\ndata:\n  train_path: rows.jsonl\n"
 
@@ -153,3 +153,19 @@ def test_best_marks_and_sort_directions():
     assert "Best f1: b, c (0.7)" in markdown and "Best eval_loss: b (0.9)" in markdown
     with pytest.raises(TunebookError, match="--sort accuracy: no such column. Columns: run, train.lora_r, f1, eval_loss, exact_match"):
         sort_table(table, "accuracy")
+
+
+def test_a_finished_run_with_changed_params_is_left_as_it_is(write_params, tmp_path):
+    _, runs = expand(write_params(BASE + "sweep:\n  stages: '01,02'\n  grid:\n    train.lora_r: [16]\n"))
+    finished = Run(params=runs[0].params, dir=runs[0].params.run_dir)
+    finished.dir.mkdir(parents=True)
+    for stage in ("01_build_dataset", "02_finetune"):
+        with finished.stage(stage):
+            pass
+    before = finished.manifest_path.read_text()
+    _, runs = expand(write_params(BASE + "train:\n  epochs: 3\nsweep:\n  stages: '01,02'\n  grid:\n    train.lora_r: [16]\n"))
+    changed = Run(params=runs[0].params, dir=runs[0].params.run_dir)
+    record = {"stages": {}}
+    _run_one(changed, ["01_build_dataset", "02_finetune"], record, {runs[0].name: changed}, rerun=False, save=lambda: None)
+    assert record["status"] == "outdated" and "02_finetune finished with other params" in record["error"]
+    assert finished.manifest_path.read_text() == before
