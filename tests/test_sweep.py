@@ -75,6 +75,14 @@ def test_cli_reports_a_wrong_sweep_without_traceback(write_params):
     assert result.returncode == 2 and "Did you mean 'train.lora_r'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_sweep_file_is_not_run_as_one_run(write_params):
+    path = write_params(BASE + "sweep:\n  grid:\n    train.lora_r: [8]\n")
+    result = subprocess.run([sys.executable, "-m", "tunebook", "run", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and f"has a sweep section: run it with `python -m tunebook sweep {path}`" in result.stderr
+    with pytest.raises(TunebookError, match="has a sweep section"):
+        open_run(path)  # what each notebook does first
+
+
 def params(**sections):
     raw = {"data": {"train_path": "/x/rows.jsonl"}}
     for key, value in sections.items():
@@ -169,3 +177,13 @@ def test_a_finished_run_with_changed_params_is_left_as_it_is(write_params, tmp_p
     _run_one(changed, ["01_build_dataset", "02_finetune"], record, {runs[0].name: changed}, rerun=False, save=lambda: None)
     assert record["status"] == "outdated" and "02_finetune finished with other params" in record["error"]
     assert finished.manifest_path.read_text() == before
+
+
+def test_the_shipped_lora_sweep_shares_its_dataset_and_base_evaluation():
+    sweep_params, runs = expand(ROOT / "params" / "sweep_lora.yaml")
+    assert [r.name for r in runs] == ["r16.all-linear", "r16.attention", "r64.all-linear", "r64.attention"]
+    assert sweep_params.sweep.stages == ["01_build_dataset", "02_finetune", "04_evaluate"]
+    assert len({stage_key(r.params, "01_build_dataset") for r in runs}) == 1
+    assert len({untrained_key(r.params) for r in runs}) == 1
+    assert len({stage_key(r.params, "02_finetune") for r in runs}) == 4
+    assert {(r.params.train.lora_alpha / r.params.train.lora_r) for r in runs} == {2}

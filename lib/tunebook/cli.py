@@ -20,7 +20,7 @@ from pathlib import Path
 from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
 from tunebook.errors import TunebookError
 from tunebook.metrics import SCORERS
-from tunebook.runs import Run, execute_stage, save_params
+from tunebook.runs import Run, execute_stage, refuse_sweep, save_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +97,7 @@ def select_stages(spec: str | None) -> list[str]:
 
 def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None, *, resume: bool = False, overwrite: bool = False) -> int:
     params = load_params(params_path, overrides)  # fail on a typo before anything starts
+    refuse_sweep(params, params_path)
     stages = select_stages(stages_spec)
     run_dir = params.run_dir
     existing = Run(params=params, dir=run_dir)

@@ -227,7 +227,17 @@ def _kernel_name() -> str:
 def open_run(params_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
     """Load params, create the run folder if needed, and keep the resolved params in it as params.yaml."""
     params = load_params(params_path, overrides)
+    refuse_sweep(params, params_path)
     return Run(params=params, dir=save_params(params).parent)
+
+
+def refuse_sweep(params: Params, params_path: str | Path) -> None:
+    """A sweep file names many runs; run as one, it would write into the folder that holds them."""
+    if params.sweep.grid or params.sweep.variants:
+        raise TunebookError(
+            f"{params_path} has a sweep section: run it with `python -m tunebook sweep {params_path}`. "
+            f"One of its runs opens with the params.yaml in its folder, e.g. {params.run_dir}/<run>/params.yaml."
+        )
 
 
 def save_params(params: Params) -> Path:
