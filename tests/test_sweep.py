@@ -159,6 +159,9 @@ def test_best_marks_and_sort_directions():
     markdown = to_markdown(table)
     assert "**0.7**" in markdown and "**0.9**" in markdown and "**0.3**" not in markdown
     assert "Best f1: b, c (0.7)" in markdown and "Best eval_loss: b (0.9)" in markdown
+    prompts = table.assign(**{"prompt.instruction": ["Answer.\nShort|exact", "x" * 200, None]})
+    rows = to_markdown(prompts).split("\n\n")[0].splitlines()
+    assert len(rows) == 5 and "Answer. Short\\|exact" in rows[2] and "x" * 79 + "…" in rows[3]  # one line per run
     with pytest.raises(TunebookError, match="--sort accuracy: no such column. Columns: run, train.lora_r, f1, eval_loss, exact_match"):
         sort_table(table, "accuracy")
 

@@ -1,4 +1,5 @@
-"""Command line: run the notebooks headless, score a predictions file, list the params, cache a model.
+"""Command line: run the notebooks headless (one run or a sweep), compare runs, score a predictions file, list the
+params, cache a model.
 
     python -m tunebook run params/default.yaml [--stages 04,05] [--set train.max_steps=10] [--resume | --overwrite]
     python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run]

@@ -130,7 +130,7 @@ def _sortable(values: pd.Series) -> pd.Series:
 def to_markdown(table: pd.DataFrame) -> str:
     """The table with each metric's best value in bold, then a line naming the best run per metric."""
     best = best_rows(table)
-    shown = table.astype(object).where(table.notna(), "")
+    shown = table.astype(object).where(table.notna(), "").map(_one_line).astype(object)
     for column, positions in best.items():
         for i in positions:
             shown.iloc[i, shown.columns.get_loc(column)] = f"**{table[column].iloc[i]}**"
@@ -138,6 +138,14 @@ def to_markdown(table: pd.DataFrame) -> str:
     name = (table["run"] + (" / " + table["model"] if "model" in table else "")).tolist()
     lines += [f"Best {column}: {', '.join(name[i] for i in positions)} ({table[column].iloc[positions[0]]})" for column, positions in best.items()]
     return "\n".join(lines).rstrip()
+
+
+def _one_line(value, limit: int = 80):
+    """A cell that keeps a markdown row on one line: no line breaks or pipes, long texts (prompts) cut; the CSV keeps them whole."""
+    if not isinstance(value, str):
+        return value
+    text = " ".join(value.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def plot_losses(run_dirs: list[Path]):
