@@ -17,6 +17,7 @@ import yaml
 from tunebook.errors import TunebookError
 from tunebook.metrics import SUMMARY_KEYS
 from tunebook.runs import WHERE_KEYS, flatten, is_under
+from tunebook.train import loss_curves
 
 METRICS = list(dict.fromkeys(k for keys in SUMMARY_KEYS.values() for k in keys))
 # Where a lower value is the better one; every other metric column is better higher.
@@ -90,8 +91,6 @@ def _training(entry: dict) -> dict:
     """Final eval loss, mean train loss and train time of a finished 02."""
     if entry.get("status") != "complete":
         return {}
-    from tunebook.train import loss_curves
-
     outputs = entry["outputs"]
     log = Path(outputs.get("train_log", ""))
     _, evals = loss_curves(json.loads(log.read_text(encoding="utf-8"))) if log.is_file() else ([], [])
@@ -151,8 +150,6 @@ def _one_line(value, limit: int = 80):
 def plot_losses(run_dirs: list[Path]):
     """Training loss (lines) and eval loss (dashed, dots) of every run with a finished 02, one colour per run."""
     import matplotlib.pyplot as plt
-
-    from tunebook.train import loss_curves
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, folder in enumerate(run_dirs):
