@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from tunebook.data import load_split
-from tunebook.runs import Run, open_run, write_json_atomic
+from tunebook.runs import Run, is_run_folder, open_run, write_json_atomic
 
 CATEGORIES = ("request_failed", "empty", "normalization", "too_verbose", "truncated", "wrong")
 CATEGORY_MEANING = {
@@ -498,16 +498,12 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
 
 
 def finished_runs(output_dir: Path) -> dict[str, Run]:
-    """The runs in output_dir whose evaluation (04) is complete, by run name (folders moved aside by --overwrite,
-    whose params name another folder, are left out)."""
+    """The runs in output_dir whose evaluation (04) is complete, by run name (folders moved aside are left out)."""
     runs = {}
     for manifest in sorted(Path(output_dir).glob("*/manifest.json")):
         stages = json.loads(manifest.read_text(encoding="utf-8")).get("stages", {})
-        params = manifest.parent / "params.yaml"
-        if stages.get("04_evaluate", {}).get("status") == "complete" and params.exists():
-            run = open_run(params)
-            if run.dir.resolve() == manifest.parent.resolve():
-                runs[run.dir.name] = run
+        if stages.get("04_evaluate", {}).get("status") == "complete" and is_run_folder(manifest.parent):
+            runs[manifest.parent.name] = open_run(manifest.parent / "params.yaml")
     return runs
 
 

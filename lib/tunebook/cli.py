@@ -15,13 +15,12 @@ import json
 import shutil
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
 from tunebook.errors import TunebookError
 from tunebook.metrics import SCORERS
-from tunebook.runs import Run, execute_stage, refuse_sweep, save_params
+from tunebook.runs import Run, execute_stage, move_aside, refuse_sweep, save_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,9 +104,7 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
     done = [s for s in STAGES if existing.status(s) == "complete"] if run_dir.exists() else []
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
-            aside = run_dir.with_name(f"{run_dir.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
-            run_dir.rename(aside)
-            print(f"Moved the existing run folder to {aside}")
+            print(f"Moved the existing run folder to {move_aside(run_dir)}")
             done = []
         elif resume:
             stages = [s for s in stages if s not in done]

@@ -16,7 +16,7 @@ import yaml
 
 from tunebook.errors import TunebookError
 from tunebook.metrics import SUMMARY_KEYS
-from tunebook.runs import WHERE_KEYS, flatten, is_under
+from tunebook.runs import WHERE_KEYS, flatten, is_run_folder, is_under
 from tunebook.train import loss_curves
 
 METRICS = list(dict.fromkeys(k for keys in SUMMARY_KEYS.values() for k in keys))
@@ -34,7 +34,7 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             continue
         if not path.is_dir():
             raise TunebookError(f"{path}: no such folder. Give run folders (outputs/<run>) or a folder of runs (a sweep's).")
-        children = [c.resolve() for c in sorted(path.iterdir()) if (c / "manifest.json").is_file() and _named_as_run(c)]
+        children = [c.resolve() for c in sorted(path.iterdir()) if is_run_folder(c)]
         sweep = path / "sweep.json"
         if sweep.is_file():
             order = json.loads(sweep.read_text(encoding="utf-8")).get("order", [])
@@ -43,12 +43,6 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             raise TunebookError(f"{path}: neither a run folder (no manifest.json) nor a folder of runs.")
         found += children
     return list(dict.fromkeys(found))
-
-
-def _named_as_run(folder: Path) -> bool:
-    """False for folders that --overwrite / --rerun moved aside (their params name another folder)."""
-    params = folder / "params.yaml"
-    return params.is_file() and (yaml.safe_load(params.read_text(encoding="utf-8")) or {}).get("run_name") == folder.name
 
 
 def comparison(run_dirs: list[Path], model: str = "finetuned") -> pd.DataFrame:
@@ -191,14 +185,10 @@ def compare_command(paths: list[str], model: str, sort: str | None, out: str | N
 
     matplotlib.use("Agg")
     run_dirs = find_runs(paths)
-    # Default: a sweep folder given alone keeps its comparison; otherwise the runs' common folder.
-    out_dir = Path(out) if out else Path(paths[0]).resolve() if len(paths) == 1 and not (Path(paths[0]) / "manifest.json").is_file() else _common_parent(run_dirs)
+    # Default: the folder that holds the runs (a sweep's own folder for its runs).
+    out_dir = Path(out) if out else Path(os.path.commonpath([d.parent for d in run_dirs]))
     write_comparison(run_dirs, out_dir, model, sort)
     return 0
-
-
-def _common_parent(run_dirs: list[Path]) -> Path:
-    return Path(os.path.commonpath([d.parent for d in run_dirs]))
 
 
 def widget(*paths: str | Path, model: str = "finetuned"):

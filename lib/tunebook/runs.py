@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+import yaml
+
 from tunebook.config import STAGES, Params, dump_params, load_params
 from tunebook.errors import TunebookError
 
@@ -238,6 +240,19 @@ def refuse_sweep(params: Params, params_path: str | Path) -> None:
             f"{params_path} has a sweep section: run it with `python -m tunebook sweep {params_path}`. "
             f"One of its runs opens with the params.yaml in its folder, e.g. {params.run_dir}/<run>/params.yaml."
         )
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A run folder with its own params; False for one that --overwrite / --rerun moved aside (its params name another)."""
+    params = folder / "params.yaml"
+    return (folder / "manifest.json").is_file() and params.is_file() and (yaml.safe_load(params.read_text(encoding="utf-8")) or {}).get("run_name") == folder.name
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename a run folder out of the way (kept, never deleted) so the run can start over."""
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
+    run_dir.rename(aside)
+    return aside
 
 
 def save_params(params: Params) -> Path:

@@ -18,12 +18,11 @@ import re
 import signal
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tunebook.config import Params, ParamsError, apply_setting, read_params, validate_params
-from tunebook.runs import Run, StageFailed, adopt_stage, execute_stage, save_params, stage_key, write_json_atomic
+from tunebook.runs import Run, StageFailed, adopt_stage, execute_stage, move_aside, save_params, stage_key, write_json_atomic
 
 
 @dataclass
@@ -119,9 +118,7 @@ def _interrupt(signum, frame):
 def _run_one(run: Run, stages: list[str], record: dict, members: dict[str, Run], rerun: bool, save) -> None:
     """Bring one run's stages to complete: skip finished ones, copy shared ones, execute the rest."""
     if rerun and run.dir.exists() and all(run.status(s) == "complete" for s in stages):
-        aside = run.dir.with_name(f"{run.dir.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
-        run.dir.rename(aside)
-        print(f"--rerun: moved the finished run to {aside}")
+        print(f"--rerun: moved the finished run to {move_aside(run.dir)}")
         record["stages"] = {}
     changed = [s for s in stages if run.status(s) == "complete" and run.key_of(s) not in (None, stage_key(run.params, s))]
     if changed:
