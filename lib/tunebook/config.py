@@ -37,6 +37,7 @@ class ModelParams(Section):
     load_in_4bit: bool = Field(True, description="Load the base model in 4-bit for QLoRA (GPU only: Unsloth or bitsandbytes); ignored on CPU.")
     max_seq_length: int = Field(1024, ge=32, description="Longest prompt + answer in tokens; longer examples are dropped in 01 (and counted).")
     chat_template: str | None = Field(None, description="Replace the tokenizer's chat template with one of Unsloth's by name (llama-3.1, chatml, qwen-2.5, gemma-3, ...; needs unsloth); empty = the model's own.")
+    enable_thinking: bool = Field(False, description="Templates with a thinking switch (Qwen3): false = every prompt, in training and generation, is rendered in the family's non-thinking mode, so the model is never taught a reasoning block; true = thinking mode. A <think> block a model prints is removed before scoring either way (kept as `reasoning`).")
 
 
 class RaftParams(Section):

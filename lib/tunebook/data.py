@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tunebook.config import DataParams, PromptParams, RaftParams
 from tunebook.errors import TunebookError
+from tunebook.families import chat_format, training_tokens
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
 from tunebook.synthetic import passage, synthesize
 
@@ -292,9 +293,10 @@ def with_chat(example: dict, prompt: PromptParams, labels: list[str] = ()) -> di
     }
 
 
-def count_tokens(examples: list[dict], tokenizer) -> list[int]:
-    texts = [tokenizer.apply_chat_template(e["prompt"] + e["completion"], tokenize=False) for e in examples]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+def count_tokens(examples: list[dict], tokenizer, fmt) -> list[int]:
+    """Each example's length as 02 trains it (families.training_tokens: this also runs the template checks in 01, so a
+    template that would teach template text or never stop is refused before anything is trained)."""
+    return [sum(map(len, training_tokens(tokenizer, fmt, e["prompt"], e["completion"]))) for e in examples]
 
 
 @dataclass
@@ -334,7 +336,9 @@ def build_dataset(run: Run) -> BuiltDataset:
     with run.stage("01_build_dataset") as outputs:
         final = run.dir / "dataset"
         tmp = fresh_tmp_dir(final)  # written whole, then swapped in: a failed build leaves the last dataset as it was
-        tokenizer = load_tokenizer(p.model.name, p.model.chat_template)
+        tokenizer = load_tokenizer(p.model.name, p.model.chat_template, p.model.enable_thinking)
+        fmt = chat_format(tokenizer, enable_thinking=p.model.enable_thinking)
+        print(f"Chat format: {fmt.family}; answers end with {fmt.end_of_turn!r}" + (f"; thinking {'on' if fmt.enable_thinking else 'off'}" if fmt.thinking_switch else ""))
         fields, synthetic = p.data, None
         if p.synthesize.documents_path:
             # The documents' chunks are the retrieval corpus, and real eval questions have no oracle passage.
@@ -388,7 +392,7 @@ def build_dataset(run: Run) -> BuiltDataset:
         splits, table = {}, []
         for name, rows in (("train", train), ("eval", evaluation)):
             rows = [with_chat(e, p.prompt, labels) for e in rows]
-            lengths = count_tokens(rows, tokenizer)
+            lengths = count_tokens(rows, tokenizer, fmt)
             kept = [dict(e, n_tokens=n) for e, n in zip(rows, lengths) if n <= p.model.max_seq_length]
             golds_in_passages = sum(any(a in " ".join(e["passages"]) for a in e["answers"]) for e in kept)
             retrieval_hits = {"gold_doc_retrieved": sum(e["gold_retrieved"] for e in kept)} if kept and "gold_retrieved" in kept[0] else {}

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tunebook.errors import TunebookError
+from tunebook.families import render_prompt
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Generation:
 
 
 def render_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]:
-    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    return [render_prompt(tokenizer, c) for c in conversations]
 
 
 def label_sequences(tokenizer, labels: list[str]) -> list[list[int]]:

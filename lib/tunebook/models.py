@@ -128,17 +128,43 @@ def pick_backend(requested: str, key: str = "model.backend") -> str:
     return "unsloth" if has_cuda() and has_unsloth() else "hf"
 
 
-def pick_dtype(requested: str):
+def pick_dtype(requested: str, model_type: str | None = None):
+    """The compute dtype: the params' choice, or for auto bfloat16 / float16 (GPUs without bfloat16, a T4) / float32
+    (CPU). A family known to overflow float16 (Gemma 3) gets float32 instead of an automatic float16, as Unsloth
+    does, and an explicit float16 for it is refused."""
     import torch
 
+    from tunebook.families import float16_hazard
+
+    hazard = float16_hazard(model_type)
+    if requested == "float16" and hazard:
+        raise TunebookError(
+            f"model.dtype is float16, but {hazard} overflows in float16 (empty answers, infinite gradients; transformers "
+            "issue 36822). Use model.dtype: auto (bfloat16 where the GPU has it, else float32) or bfloat16."
+        )
     if requested != "auto":
         return getattr(torch, requested)
     if not has_cuda():
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if hazard:
+        print(f"{hazard} overflows in float16 and this GPU has no bfloat16: computing in float32 (twice the memory of float16).")
+        return torch.float32
+    return torch.float16
 
 
-def load_tokenizer(name: str, chat_template: str | None = None):
+def model_type(name: str) -> str | None:
+    """The architecture's model_type from the model's config.json (llama, qwen3, gemma3_text, ...)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name)).model_type
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e) from None
+
+
+def load_tokenizer(name: str, chat_template: str | None = None, enable_thinking: bool = False):
     from transformers import AutoTokenizer
 
     source = resolve_model(name)
@@ -146,11 +172,15 @@ def load_tokenizer(name: str, chat_template: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise _load_error(name, e) from None
-    return prepare_tokenizer(tokenizer, name, chat_template)
+    return prepare_tokenizer(tokenizer, name, chat_template, enable_thinking)
 
 
-def prepare_tokenizer(tokenizer, name: str, chat_template: str | None):
-    """The params' chat template (if one is named) and a pad token; refuses models without a chat template."""
+def prepare_tokenizer(tokenizer, name: str, chat_template: str | None, enable_thinking: bool = False):
+    """The params' chat template (if one is named) with the run's variables pinned in it, the end-of-turn token as
+    EOS (what generation, constrained labels and GGUF exports stop at) and a pad token; refuses models without a
+    chat template and templates whose answer turn never ends."""
+    from tunebook.families import chat_format, choose_pad_token, pin_template
+
     if chat_template:
         tokenizer = _unsloth_chat_template(tokenizer, chat_template)
     if tokenizer.chat_template is None:
@@ -158,8 +188,11 @@ def prepare_tokenizer(tokenizer, name: str, chat_template: str | None):
             f"Model '{name}' has no chat template: tunebook fine-tunes instruct/chat models. Pick an -Instruct model, "
             "or name one of Unsloth's templates in model.chat_template."
         )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = pin_template(tokenizer.chat_template, enable_thinking)
+    fmt = chat_format(tokenizer, enable_thinking=enable_thinking)
+    if tokenizer.eos_token != fmt.end_of_turn:
+        tokenizer.eos_token = fmt.end_of_turn
+    choose_pad_token(tokenizer, fmt.end_of_turn)
     return tokenizer
 
 
@@ -175,16 +208,17 @@ def _unsloth_chat_template(tokenizer, name: str):
     return get_chat_template(tokenizer, chat_template=name)
 
 
-def nf4_config(dtype: str = "auto"):
+def nf4_config(dtype: str = "auto", model_type: str | None = None):
     """bitsandbytes 4-bit NF4 with double quantization (QLoRA's format), computing in the run's dtype."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=pick_dtype(dtype))
+    compute = pick_dtype(dtype, model_type)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
 
 def load_for_inference(
     path: str, *, dtype: str = "auto", backend: str = "hf", chat_template: str | None = None, max_seq_length: int = 2048,
-    load_in_4bit: bool = False, quantization_config=None,
+    load_in_4bit: bool = False, quantization_config=None, enable_thinking: bool = False,
 ):
     """A model + tokenizer ready for batched generation (eval mode, left padding).
 
@@ -196,21 +230,21 @@ def load_for_inference(
         from unsloth import FastLanguageModel
 
         try:
-            model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=max_seq_length, dtype=pick_dtype(dtype), load_in_4bit=load_in_4bit)
+            model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=max_seq_length, dtype=pick_dtype(dtype, model_type(path)), load_in_4bit=load_in_4bit)
         except (OSError, ValueError) as e:
             raise _load_error(path, e) from None
         FastLanguageModel.for_inference(model)
-        tokenizer = prepare_tokenizer(tokenizer, path, chat_template)
+        tokenizer = prepare_tokenizer(tokenizer, path, chat_template, enable_thinking)
     else:
         from transformers import AutoModelForCausalLM
 
-        tokenizer = load_tokenizer(path, chat_template)
+        tokenizer = load_tokenizer(path, chat_template, enable_thinking)
         # Pass quantization_config only when given: an explicit None would override a saved model's own.
         if load_in_4bit:
-            quantization_config = nf4_config(dtype)
+            quantization_config = nf4_config(dtype, model_type(path))
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype), device_map="auto" if has_cuda() else None, **extra)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, model_type(path)), device_map="auto" if has_cuda() else None, **extra)
         except (OSError, ValueError) as e:
             raise _load_error(path, e) from None
         model.eval()

@@ -18,11 +18,9 @@ from pathlib import Path
 
 from tunebook.config import Params
 from tunebook.errors import TunebookError
-from tunebook.models import has_cuda, nf4_config, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
+from tunebook.families import ChatFormat, chat_format, linear_layer_names, training_tokens
+from tunebook.models import has_cuda, model_type, nf4_config, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
-
-# What "all-linear" means for Unsloth, which wants explicit names (Llama/Qwen/Mistral/Gemma naming).
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -41,11 +39,15 @@ def finetune(run: Run) -> TrainResult:
         trainer, backend = build_trainer(p, splits["train"], splits["eval"], run.dir / "checkpoints")
         result, meter = train(trainer, p)
         adapter_dir, merged_dir = run.dir / "adapter", run.dir / "merged"
-        _save(backend, trainer.model, trainer.processing_class, adapter_dir, merged_dir)
+        _save(backend, trainer.model, trainer.processing_class, trainer.chat_format, adapter_dir, merged_dir)
         history = trainer.state.log_history
         (run.dir / "train_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
         outputs.update(
             backend=backend,
+            family=trainer.chat_format.family,
+            stop_ids=list(trainer.chat_format.stop_ids),
+            trained_prompt=trainer.trained_prompt,
+            loss_example=trainer.loss_example,
             batching=batching_in_use(trainer.args),
             adapter_dir=str(adapter_dir),
             merged_dir=str(merged_dir),
@@ -67,13 +69,33 @@ def build_trainer(p: Params, train_rows, eval_rows, output_dir: Path):
         import unsloth  # noqa: F401  (must be imported before transformers/trl to patch them)
     _check_trl(backend)
     _check_gpu_only_knobs(p, backend)
-    train_ds = train_rows.select_columns(["prompt", "completion"])
-    eval_ds = eval_rows.select(range(min(len(eval_rows), p.train.eval_loss_examples))).select_columns(["prompt", "completion"])
     model, tokenizer, peft_config = (_unsloth_model if backend == "unsloth" else _hf_model)(p)
+    fmt = chat_format(tokenizer, getattr(model, "generation_config", None), p.model.enable_thinking)
+    train_ds = tokenized(train_rows, tokenizer, fmt)
+    eval_ds = tokenized(eval_rows.select(range(min(len(eval_rows), p.train.eval_loss_examples))), tokenizer, fmt)
     steps = _total_steps(p, len(train_ds))
     trainer = _trainer(p, backend, model, tokenizer, peft_config, train_ds, eval_ds, output_dir, steps)
-    _check_labels(trainer, len(train_ds))
+    trained_ids = _check_labels(trainer, len(train_ds), fmt)
+    trainer.chat_format = fmt
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
+    trainer.loss_example = {"text": decode(train_ds[0]["input_ids"]), "trained": decode(trained_ids)}
+    print(f"The first training example as trained: {trainer.loss_example['text']!r}; loss on {trainer.loss_example['trained']!r}")
+    # 04 checks that each model it scores is prompted with exactly these ids (no train/inference template drift).
+    trainer.trained_prompt = {"id": train_rows[0].get("id"), "prompt": train_rows[0]["prompt"], "prompt_ids": train_ds[0]["input_ids"][: train_ds[0]["completion_mask"].index(1)]}
     return trainer, backend
+
+
+def tokenized(rows, tokenizer, fmt: ChatFormat):
+    """Prompt/completion rows as token ids with a completion mask: the prompt exactly as generation renders it, then
+    the answer and the family's end-of-turn token (families.training_tokens, which refuses template text in the
+    answer). TRL takes pre-tokenized rows as they are."""
+    from datasets import Dataset
+
+    encoded = []
+    for row in rows:
+        prompt_ids, completion_ids = training_tokens(tokenizer, fmt, row["prompt"], row["completion"])
+        encoded.append({"input_ids": prompt_ids + completion_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)})
+    return Dataset.from_list(encoded)
 
 
 def train(trainer, p: Params):
@@ -188,12 +210,12 @@ def _hf_model(p: Params):
 
     from tunebook.models import load_tokenizer
 
-    tokenizer = load_tokenizer(p.model.name, p.model.chat_template)
+    tokenizer = load_tokenizer(p.model.name, p.model.chat_template, p.model.enable_thinking)
     kwargs = {}
     if has_cuda() and p.model.load_in_4bit:
-        kwargs["quantization_config"] = nf4_config(p.model.dtype)
+        kwargs["quantization_config"] = nf4_config(p.model.dtype, model_type(p.model.name))
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(p.model.name), dtype=pick_dtype(p.model.dtype), device_map="auto" if has_cuda() else None, **kwargs
+        resolve_model(p.model.name), dtype=pick_dtype(p.model.dtype, model_type(p.model.name)), device_map="auto" if has_cuda() else None, **kwargs
     )
     lora = LoraConfig(
         r=p.train.lora_r,
@@ -212,20 +234,22 @@ def _unsloth_model(p: Params):
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=resolve_model(p.model.name),
         max_seq_length=p.model.max_seq_length,
-        dtype=pick_dtype(p.model.dtype),
+        dtype=pick_dtype(p.model.dtype, model_type(p.model.name)),
         load_in_4bit=p.model.load_in_4bit,
     )
+    # Unsloth wants explicit names: "all-linear" is this architecture's own linear layers, read from the model.
+    targets = linear_layer_names(model) if p.train.target_modules == "all-linear" else p.train.target_modules
     model = FastLanguageModel.get_peft_model(
         model,
         r=p.train.lora_r,
         lora_alpha=p.train.lora_alpha,
         lora_dropout=p.train.lora_dropout,
-        target_modules=ALL_LINEAR if p.train.target_modules == "all-linear" else p.train.target_modules,
+        target_modules=targets,
         use_rslora=p.train.use_rslora,
         use_gradient_checkpointing="unsloth",
         random_state=p.seed,
     )
-    return model, prepare_tokenizer(tokenizer, p.model.name, p.model.chat_template), None
+    return model, prepare_tokenizer(tokenizer, p.model.name, p.model.chat_template, p.model.enable_thinking), None
 
 
 def _total_steps(p: Params, n_train: int) -> int:
@@ -237,7 +261,7 @@ def _total_steps(p: Params, n_train: int) -> int:
 def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, eval_ds, output_dir: Path, steps: int):
     from trl import SFTConfig, SFTTrainer
 
-    dtype = str(pick_dtype(p.model.dtype)).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.")
     batching = {
         # auto on Unsloth: leave padding_free unset, and Unsloth picks padding-free or padded per GPU and data.
         "auto": {} if backend == "unsloth" else {"padding_free": False},
@@ -298,9 +322,11 @@ def _progress_printer():
     return ProgressPrinter()
 
 
-def _check_labels(trainer, n_train: int) -> None:
-    """Fail loudly unless the loss falls on answer tokens only: some answer tokens must carry loss (a row whose
-    answer was cut off by max_seq_length has none) and the prompt tokens must not."""
+def _check_labels(trainer, n_train: int, fmt: ChatFormat) -> list[int]:
+    """Fail loudly unless the loss falls on the answer tokens and the end-of-turn token, and on nothing else: some
+    answer tokens must carry loss (a row whose answer was cut off by max_seq_length has none), the prompt tokens must
+    not, and in a batch as the collator makes it (where pad == end of turn could mask the stop) every row's trained
+    tokens must end with the family's end-of-turn token, or the model never learns to stop."""
     counts = supervised_tokens(trainer.train_dataset)
     trained, total = sum(t for t, _ in counts), sum(n for _, n in counts)
     if trained == 0:
@@ -309,7 +335,30 @@ def _check_labels(trainer, n_train: int) -> None:
         raise TunebookError("The loss covers the prompt tokens too, not only the answers: completion-only masking is off. Train on prompt/completion rows from 01.")
     if not trainer.args.packing and len(counts) < n_train:
         print(f"Note: {n_train - len(counts)} of {n_train} training examples had no answer tokens left and were dropped.")
-    print(f"Loss on answer tokens only: {trained:,} of {total:,} tokens ({trained / total:.1%}).")
+    print(f"Loss on answer tokens only: {trained:,} of {total:,} tokens ({trained / total:.1%}); each answer ends with {fmt.end_of_turn!r} ({fmt.family}).")
+    return _check_collated_stop(trainer, fmt)
+
+
+def _check_collated_stop(trainer, fmt: ChatFormat, rows: int = 4) -> list[int]:
+    """The first example's trained token ids in a batch as the collator makes it, after checking every answer in
+    the batch ends with the end-of-turn token."""
+    import torch
+
+    first = trainer.train_dataset.select(range(min(rows, len(trainer.train_dataset))))
+    labels = trainer.data_collator([first[i] for i in range(len(first))])["labels"]
+    # The last token of each run of trained positions: one run per row when padded, several when padding-free.
+    trained = labels != -100
+    run_ends = trained & ~torch.nn.functional.pad(trained[:, 1:], (0, 1), value=False)
+    ends = labels[run_ends].tolist()
+    answered = sum(t > 0 for t, _ in supervised_tokens(first))
+    if len(ends) < answered or any(e != fmt.end_of_turn_id for e in ends):
+        raise TunebookError(
+            f"In a training batch the loss does not end each answer with the {fmt.family} end-of-turn token "
+            f"{fmt.end_of_turn!r} (id {fmt.end_of_turn_id}; last trained tokens: {ends}), so the model would never learn to "
+            "stop. This happens when the pad token is the end-of-turn token and the collator masks pad ids: set a distinct pad token."
+        )
+    first_end = int(torch.nonzero(run_ends[0]).flatten()[0])
+    return [int(t) for t, on in zip(labels[0][: first_end + 1], trained[0][: first_end + 1]) if on]
 
 
 def supervised_tokens(dataset) -> list[tuple[int, int]]:
@@ -323,7 +372,7 @@ def supervised_tokens(dataset) -> list[tuple[int, int]]:
     raise TunebookError(f"Cannot check the loss masking: the tokenized training set has none of labels, completion_mask, assistant_masks (columns: {columns}).")
 
 
-def _save(backend: str, model, tokenizer, adapter_dir: Path, merged_dir: Path) -> None:
+def _save(backend: str, model, tokenizer, fmt: ChatFormat, adapter_dir: Path, merged_dir: Path) -> None:
     adapter_tmp, merged_tmp = fresh_tmp_dir(adapter_dir), fresh_tmp_dir(merged_dir)
     model.save_pretrained(str(adapter_tmp))
     tokenizer.save_pretrained(str(adapter_tmp))
@@ -333,8 +382,23 @@ def _save(backend: str, model, tokenizer, adapter_dir: Path, merged_dir: Path) -
         merged = model.merge_and_unload()
         merged.save_pretrained(str(merged_tmp))
         tokenizer.save_pretrained(str(merged_tmp))
+    write_stop_tokens(merged_tmp, fmt, tokenizer.pad_token_id)
     replace_dir(adapter_tmp, adapter_dir)
     replace_dir(merged_tmp, merged_dir)
+
+
+def write_stop_tokens(model_dir: Path, fmt: ChatFormat, pad_token_id: int | None) -> None:
+    """The family's end-of-turn set in the saved model's generation_config.json, which vLLM, Ollama's importer and
+    llama.cpp's converter read: a served copy stops where the fine-tuned model was taught to."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        config = GenerationConfig()
+    config.eos_token_id = list(fmt.stop_ids)
+    config.pad_token_id = pad_token_id
+    config.save_pretrained(model_dir)
 
 
 def loss_curves(log_history: list[dict]):
