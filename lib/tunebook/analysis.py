@@ -256,8 +256,9 @@ def _full_output(row: dict) -> str:
     """The model's whole output, when only its final-answer part was scored (reasoning outputs)."""
     if row.get("request", {}).get("status") == "failed":
         return f'<p><b>Request error</b> after {row["request"]["attempts"]} attempt(s): {html.escape(str(row["request"]["error"]))}</p>'
+    reasoning = f'<p class="reasoning"><b>Reasoning</b> (a &lt;think&gt; block, taken out before scoring): <span class="pred">{html.escape(row["reasoning"]) or "(empty)"}</span></p>' if "reasoning" in row else ""
     output = row.get("output", row["prediction"])
-    return "" if output == row["prediction"] else f'<p><b>Full output:</b> <span class="pred">{html.escape(output)}</span></p>'
+    return reasoning + ("" if output == row["prediction"] else f'<p><b>Full output:</b> <span class="pred">{html.escape(output)}</span></p>')
 
 
 def _table_html(rows: list[dict]) -> str:

@@ -154,6 +154,7 @@ def replace_section(path: Path, markers: tuple[str, str], content: str) -> None:
 
 def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
     from tunebook.data import read_jsonl
+    from tunebook.families import split_reasoning
     from tunebook.metrics import score_predictions
 
     source = Path(path)
@@ -168,7 +169,7 @@ def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
             gold = [gold]
         if not isinstance(prediction, str) or not isinstance(gold, list) or not gold or not all(isinstance(g, str) for g in gold):
             raise TunebookError(f"{source} row {number}: needs 'prediction' (text) and 'gold_answers' (a non-empty list of texts).")
-        predictions.append(prediction)
+        predictions.append(split_reasoning(prediction)[1].strip())  # a <think> block is never part of the answer
         golds.append(gold)
     if not predictions:
         raise TunebookError(f"{source}: no rows to score.")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tunebook.data import load_split, read_jsonl
+from tunebook.families import TemplateError, render_prompt, split_reasoning
 from tunebook.generate import answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import load_for_inference, load_tokenizer, pick_backend, resolve_model
@@ -65,7 +66,7 @@ def answer_budget(run: Run) -> int:
     if p.evaluate.max_new_tokens:
         return p.evaluate.max_new_tokens
     answers = [turn["content"] for e in load_split(run, "train") for turn in e["completion"]]
-    budget = answer_token_budget(load_tokenizer(p.model.name, p.model.chat_template), answers)
+    budget = answer_token_budget(load_tokenizer(p.model.name, p.model.chat_template, p.model.enable_thinking), answers)
     print(f"max_new_tokens: {budget} (the longest training answer + 25%; set evaluate.max_new_tokens to fix it)")
     return budget
 
@@ -127,7 +128,8 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
                     result = generate_api(m["baseline"], conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=label)
                 elif m["format"] == "gguf":
                     # The merged model's tokenizer renders the prompts, so llama.cpp sees the same tokens.
-                    tokenizer = load_tokenizer(run.outputs_of("02_finetune")["merged_dir"], p.model.chat_template)
+                    tokenizer = load_tokenizer(run.outputs_of("02_finetune")["merged_dir"], p.model.chat_template, p.model.enable_thinking)
+                    check_trained_prompt(run, tokenizer, label)
                     model = load_gguf(m["path"], n_ctx=p.model.max_seq_length + max_new_tokens)
                     load_seconds = time.time() - started
                     result = generate_gguf(model, tokenizer, conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=label, labels=constrain)
@@ -135,8 +137,9 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
                     model, tokenizer = load_for_inference(
                         m["path"], dtype=p.model.dtype, chat_template=p.model.chat_template, max_seq_length=p.model.max_seq_length,
                         backend=backend if label in ("base", "finetuned") else "hf",
-                        load_in_4bit=p.evaluate.load_in_4bit and label in ("base", "finetuned"),
+                        load_in_4bit=p.evaluate.load_in_4bit and label in ("base", "finetuned"), enable_thinking=p.model.enable_thinking,
                     )
+                    check_trained_prompt(run, tokenizer, label)
                     load_seconds = time.time() - started
                     result = generate(
                         model, tokenizer, conversations,
@@ -144,12 +147,16 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
                     )
             del model
             gc.collect()
-            answers = [final_answer(text, p.prompt.final_answer_prefix) for text in result.texts]
+            # A reasoning block is never part of the answer: taken out before scoring, kept beside it.
+            reasonings, replies = zip(*map(split_reasoning, result.texts)) if result.texts else ((), ())
+            answers = [final_answer(reply.strip(), p.prompt.final_answer_prefix) for reply in replies]
             scores, summary = score_predictions(p.evaluate.metric, answers, [e["answers"] for e in examples], labels)
             rows = [
-                {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": answer, "output": text, **s}
-                for e, text, answer, s in zip(examples, result.texts, answers, scores)
+                {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": answer, "output": text, **({"reasoning": r} if r is not None else {}), **s}
+                for e, text, answer, r, s in zip(examples, result.texts, answers, reasonings, scores)
             ]
+            if any(r is not None for r in reasonings):
+                print(f"{label}: {sum(r is not None for r in reasonings)} of {len(rows)} outputs held a <think> block, taken out before scoring (predictions: 'reasoning').")
             if result.requests:  # API rows keep their request's outcome, so a failed request shows as one
                 for row, request in zip(rows, result.requests):
                     row["request"] = request
@@ -185,6 +192,25 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
             untrained_key=untrained_key(p), untrained_labels=[m["label"] for m in models if m["label"] == "base" or m["format"] == "api"], reused=reused,
         )
     return table
+
+
+def check_trained_prompt(run: Run, tokenizer, label: str) -> None:
+    """Stop unless this model's tokenizer prompts the first training example with exactly the token ids 02 trained
+    on: a changed chat template, enable_thinking or date header would score the model on prompts it never saw."""
+    if run.status("02_finetune") != "complete":
+        return
+    trained = run.outputs_of("02_finetune").get("trained_prompt")
+    if not trained:
+        return
+    ids = tokenizer(render_prompt(tokenizer, trained["prompt"]), add_special_tokens=False)["input_ids"]
+    if ids != trained["prompt_ids"]:
+        at = next((i for i, (a, b) in enumerate(zip(ids, trained["prompt_ids"])) if a != b), min(len(ids), len(trained["prompt_ids"])))
+        family = run.outputs_of("02_finetune").get("family", "this model's")
+        raise TemplateError(
+            f"{label}: the evaluation prompt differs from the training prompt from token {at} on ({tokenizer.decode(ids[at:at + 12])!r} "
+            f"instead of {tokenizer.decode(trained['prompt_ids'][at:at + 12])!r}; {family} template). model.chat_template or "
+            "model.enable_thinking changed since 02, or the saved tokenizer differs: re-run 02, or set them back."
+        )
 
 
 def _retrieval_hit_rate(examples: list[dict]) -> dict:

@@ -92,7 +92,9 @@ def _int8_weight_only(run: Run, merged_dir: str, target: Path) -> None:
 
     from tunebook.models import load_for_inference
 
-    model, tokenizer = load_for_inference(merged_dir, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
+    model, tokenizer = load_for_inference(
+        merged_dir, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()), enable_thinking=run.params.model.enable_thinking
+    )
     tmp = fresh_tmp_dir(target)
     # torchao tensors are tensor subclasses that safetensors cannot hold; they save as a torch pickle.
     model.save_pretrained(str(tmp), safe_serialization=False)
@@ -103,7 +105,7 @@ def _int8_weight_only(run: Run, merged_dir: str, target: Path) -> None:
 # ----------------------------------------------------------------------------------------------- bitsandbytes
 def _bnb(load_in_4bit: bool):
     def quantize_bnb(run: Run, merged_dir: str, target: Path) -> None:
-        from tunebook.models import has_cuda, load_for_inference, nf4_config
+        from tunebook.models import has_cuda, load_for_inference, model_type, nf4_config
 
         if not has_cuda():
             raise Skipped("bitsandbytes quantization needs a CUDA GPU (the CPU install has no bitsandbytes)")
@@ -113,10 +115,10 @@ def _bnb(load_in_4bit: bool):
         except ImportError as e:
             raise Skipped(f"bitsandbytes is not installed ({e}); pip install bitsandbytes") from None
         if load_in_4bit:
-            config = nf4_config(run.params.model.dtype)
+            config = nf4_config(run.params.model.dtype, model_type(merged_dir))
         else:
             config = BitsAndBytesConfig(load_in_8bit=True)
-        model, tokenizer = load_for_inference(merged_dir, dtype=run.params.model.dtype, quantization_config=config)
+        model, tokenizer = load_for_inference(merged_dir, dtype=run.params.model.dtype, quantization_config=config, enable_thinking=run.params.model.enable_thinking)
         tmp = fresh_tmp_dir(target)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -137,20 +139,22 @@ def _llm_compressor(algorithm: str):
             raise Skipped(f"llm-compressor is not installed ({e}); pip install llmcompressor") from None
         from transformers import AutoModelForCausalLM
 
-        from tunebook.models import has_cuda, load_tokenizer, pick_dtype
+        from tunebook.models import has_cuda, load_tokenizer, model_type, pick_dtype
 
         p = run.params
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=pick_dtype(p.model.dtype), device_map="auto" if has_cuda() else None)
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=pick_dtype(p.model.dtype, model_type(merged_dir)), device_map="auto" if has_cuda() else None)
         _check_group_size(model, p.quantize.group_size)
-        tokenizer = load_tokenizer(merged_dir)
+        tokenizer = load_tokenizer(merged_dir, enable_thinking=p.model.enable_thinking)
         weights = QuantizationArgs(num_bits=4, type="int", symmetric=algorithm == "gptq", strategy="group", group_size=p.quantize.group_size)
         groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
         modifier = GPTQModifier if algorithm == "gptq" else AWQModifier
         calibration = calibration_set(run, tokenizer)
         if not has_cuda():
             _skip_memory_pinning()
+        # The tokenizer as processor: llm-compressor would otherwise load the model's AutoProcessor, which for Gemma 3
+        # is a multimodal processor a text-only copy cannot build.
         oneshot(
-            model=model, dataset=calibration, recipe=modifier(config_groups=groups, ignore=["lm_head"]),
+            model=model, processor=tokenizer, dataset=calibration, recipe=modifier(config_groups=groups, ignore=["lm_head"]),
             max_seq_length=p.model.max_seq_length, num_calibration_samples=len(calibration),
         )
         tmp = fresh_tmp_dir(target)
@@ -206,6 +210,11 @@ def _gguf(method: str):
         f16 = target.with_name(F16_GGUF)
         if not f16.exists():  # made once per 03 run, shared by the GGUF methods
             write_f16_gguf(merged_dir, f16)
+            try:
+                check_gguf_stop(f16, merged_dir, run.params.model.enable_thinking)
+            except TunebookError:
+                f16.unlink()
+                raise
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, GGUF_TYPES[method])
         tmp = target.with_name(target.name + ".tmp")
@@ -227,6 +236,20 @@ def write_f16_gguf(model_dir: str | Path, out: Path) -> None:
         last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
         raise TunebookError(f"llama.cpp's converter failed on {model_dir}: {last[0]}")
     tmp.replace(out)
+
+
+def check_gguf_stop(gguf_file: Path, model_dir: str, enable_thinking: bool) -> None:
+    """The GGUF's EOS (or EOT) must be the model's end-of-turn token, or llama.cpp and Ollama would not stop where the
+    fine-tuned model was taught to."""
+    from gguf import GGUFReader
+
+    from tunebook.models import load_tokenizer
+
+    end_of_turn = load_tokenizer(model_dir, enable_thinking=enable_thinking).eos_token_id  # prepare_tokenizer made it EOS
+    fields = GGUFReader(gguf_file).fields
+    written = {key: int(fields[key].parts[fields[key].data[0]][0]) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if key in fields}
+    if end_of_turn not in written.values():
+        raise TunebookError(f"llama.cpp's converter wrote {written or 'no EOS'} into {gguf_file.name}, not the end-of-turn id {end_of_turn}: the copy would not stop.")
 
 
 def llama_cpp_converter() -> Path:
