@@ -64,7 +64,7 @@ def test_loss_on_prompt_tokens_fails_loudly():
 
     unmasked = Dataset.from_dict({"input_ids": [[5, 6, 7]] * 3, "labels": [[5, 6, 7]] * 3})
     with pytest.raises(TunebookError, match="prompt tokens too"):
-        _check_labels(types.SimpleNamespace(train_dataset=unmasked, args=types.SimpleNamespace(packing=False)), 3)
+        _check_labels(types.SimpleNamespace(train_dataset=unmasked, args=types.SimpleNamespace(packing=False)), 3, fmt=None)
 
 
 def test_throughput_meter_reports_steady_tokens_per_second(tmp_path):

