@@ -224,3 +224,11 @@ def test_error_view_shows_the_reasoning_taken_out_of_an_answer():
            "prediction": "Paris", "output": "<think>The passage says so.</think>\n\nParis", "reasoning": "The passage says so.", "exact_match": 1.0}
     html = item_html(row, "finetuned")
     assert "<b>Reasoning</b> (a &lt;think&gt; block, taken out before scoring)" in html and "The passage says so." in html
+
+
+def test_a_template_that_refuses_a_system_message_says_so_without_a_traceback():
+    """Gemma 2's template raises on a system role: one message naming prompt.system."""
+    tokenizer = tokenizer_of("gemma3")
+    tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + tokenizer.chat_template
+    with pytest.raises(TemplateError, match="Gemma's chat template refused the conversation: System role not supported.*prompt.system"):
+        training_text(tokenizer, chat_format(tokenizer), PROMPT, ANSWER)

@@ -101,9 +101,7 @@ def chat_format(tokenizer, model_config=None, enable_thinking: bool = False) -> 
     template = tokenizer.chat_template or ""
     family = family_of(template)
     name = family.name if family else "an unrecognised chat template"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE_ANSWER}], tokenize=False
-    )
+    rendered = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE_ANSWER}])
     after = rendered.split(PROBE_ANSWER, 1)[1] if PROBE_ANSWER in rendered else ""
     found = [(after.find(t), t) for t in special_tokens(tokenizer) if t and t in after]
     if not found:
@@ -140,16 +138,31 @@ def choose_pad_token(tokenizer, end_of_turn: str) -> None:
     tokenizer.pad_token = next((t for t in candidates if t != end_of_turn), tokenizer.pad_token or tokenizer.eos_token)
 
 
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template applied; a template that refuses the conversation (Gemma 2 has no system role, some
+    templates insist on alternating turns) stops with its own words."""
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except JinjaError as e:
+        family = family_of(tokenizer.chat_template or "")
+        raise TemplateError(
+            f"The {family.name if family else 'model'}'s chat template refused the conversation: {e}. "
+            "Without a system role, leave prompt.system empty; or name another template in model.chat_template."
+        ) from None
+
+
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """A conversation as the model is prompted to answer it (the template's generation prompt included)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render(tokenizer, messages, add_generation_prompt=True)
 
 
 def training_text(tokenizer, fmt: ChatFormat, prompt: list[dict], completion: list[dict]) -> tuple[str, str]:
     """(prompt text, completion text) of one training example: the prompt exactly as generation renders it, then
     what the template writes for the answer, up to and including the end-of-turn token (nothing after it)."""
     prompt_text = render_prompt(tokenizer, prompt)
-    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    full = render(tokenizer, prompt + completion)
     if not full.startswith(prompt_text):
         at = next((i for i, (a, b) in enumerate(zip(full, prompt_text)) if a != b), min(len(full), len(prompt_text)))
         raise TemplateError(
