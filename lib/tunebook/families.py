@@ -183,9 +183,10 @@ def training_text(tokenizer, fmt: ChatFormat, prompt: list[dict], completion: li
             return prompt_text, completion_text  # thinking mode: the template's reasoning block is the family's format
         extra = written.replace(answer.strip(), "…answer…", 1)
         fix = (
-            "model.enable_thinking is false: the prompt should already hold the empty reasoning block; name the "
-            "family's own template (leave model.chat_template empty)" if reasoning is not None else
-            "set model.chat_template to a template that writes the answer alone"
+            "model.enable_thinking is false, yet the template writes a reasoning block into the answer (a template "
+            "without a working thinking switch, or a thinking-only model): set model.enable_thinking: true to train the "
+            "family's thinking format (the block is taken out before scoring), or name another template in "
+            "model.chat_template" if reasoning is not None else "set model.chat_template to a template that writes the answer alone"
         )
         raise TemplateError(
             f"The {fmt.family} template puts text of its own into the training answer ({extra!r}), so the model would "

@@ -261,7 +261,7 @@ def _total_steps(p: Params, n_train: int) -> int:
 def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, eval_ds, output_dir: Path, steps: int):
     from trl import SFTConfig, SFTTrainer
 
-    dtype = str(model.dtype).removeprefix("torch.")
+    dtype = str(pick_dtype(p.model.dtype, model_type(p.model.name))).removeprefix("torch.")
     batching = {
         # auto on Unsloth: leave padding_free unset, and Unsloth picks padding-free or padded per GPU and data.
         "auto": {} if backend == "unsloth" else {"padding_free": False},
