@@ -13,16 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunebook.config import DataParams, PromptParams, RaftParams
-from tunebook.errors import TunebookError
 from tunebook.families import chat_format, training_tokens
+from tunebook.rows import DataError, field_value, read_jsonl, read_text, write_jsonl
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
 from tunebook.synthetic import passage, synthesize
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
-
-
-class DataError(TunebookError):
-    pass
 
 
 def read_rows(path_or_id: str, split: str) -> list[dict]:
@@ -41,7 +37,7 @@ def read_rows(path_or_id: str, split: str) -> list[dict]:
             return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in r.items()} for r in records]  # numpy -> lists
         if suffix == ".jsonl":
             return read_jsonl(path)
-        text = _read_text(path)
+        text = read_text(path)
         if suffix == ".json":
             try:
                 data = json.loads(text)
@@ -52,37 +48,6 @@ def read_rows(path_or_id: str, split: str) -> list[dict]:
             return data
         return list(csv.DictReader(text.splitlines()))
     return _read_hub(path_or_id, split)
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path} is not UTF-8 text (bad byte 0x{raw[e.start]:02x} on line {line}). Re-save it as UTF-8.") from None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The objects of a UTF-8 JSONL file (blank lines skipped); a bad line is named by its number."""
-    rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {number}: not valid JSON ({e.msg}).") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}.")
-        rows.append(row)
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _read_hub(dataset_id: str, split: str) -> list[dict]:
@@ -185,16 +150,6 @@ def raft_example(example: dict, raft, rng: random.Random, *, train: bool, answer
         target = answer
     kept = {k: v for k, v in example.items() if k not in ("titles", "oracle_titles", "quotes", "reasoning")}
     return {**kept, "passages": [example["passages"][i] for i in chosen], "target": target, "oracle_kept": keep_oracle}
-
-
-def field_value(row: dict, name: str):
-    """row[name]; a dotted name reaches into nested records, e.g. answers.text for SQuAD on the hub."""
-    value = row
-    for part in name.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
 
 
 def _text_list(value, where: str, field: str) -> list[str]:

@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from tunebook.data import DataError, _read_text, field_value, read_jsonl
+from tunebook.rows import DataError, field_value, read_jsonl, read_text
 
 DOCUMENT_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf")
 _SENTENCE_ENDS = ".?!"
@@ -65,9 +65,9 @@ def _read_file(path: Path, root: Path) -> dict:
     if suffix == ".pdf":
         title, text = _read_pdf(path)
     elif suffix in (".html", ".htm"):
-        title, text = _read_html(_read_text(path))
+        title, text = _read_html(read_text(path))
     else:
-        text = _read_text(path)
+        text = read_text(path)
         title = _markdown_title(text) if suffix == ".md" else ""
     return {"id": relative, "title": title or path.stem, "text": _normalize(text), "source": relative}
 

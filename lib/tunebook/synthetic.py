@@ -268,9 +268,9 @@ def raft_rows(pairs: list[dict], chunks: list[dict], params: Params, rng: random
     by_id = {c["id"]: i for i, c in enumerate(chunks)}
     nearest = None
     if params.synthesize.distractor_choice == "nearest":
-        from tunebook.metrics import _embedder
+        from tunebook.metrics import embedder
 
-        vectors = _embedder().encode([c["text"] for c in chunks], normalize_embeddings=True, batch_size=32, convert_to_numpy=True)
+        vectors = embedder().encode([c["text"] for c in chunks], normalize_embeddings=True, batch_size=32, convert_to_numpy=True)
         nearest = (vectors @ vectors.T).argsort(axis=1)[:, ::-1]
     rows = []
     for n, p in enumerate(pairs):
