@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 import string
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,6 +134,8 @@ class TrainParams(Section):
     eval_steps: int | None = Field(None, ge=1, description="Steps between eval-loss measurements; empty = about 4 per run.")
     eval_loss_examples: int = Field(64, ge=1, description="Eval rows used for the eval-loss curve (generation metrics use the whole eval split).")
     logging_steps: int = Field(5, ge=1, description="Steps between training-loss log points.")
+    save_steps: int = Field(50, ge=1, description="Steps between checkpoints (adapter, optimizer, scheduler, RNG and data position) in <run>/checkpoints/; an interrupted 02 (a lost Colab runtime) resumes from the last one.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the oldest is deleted); all are removed once 02 has saved its adapter.")
 
 
 QUANTIZE_METHODS = Literal["int8_weight_only", "gguf_q8_0", "gguf_q4_k_m", "bnb_nf4", "bnb_int8", "gptq_w4a16", "awq_w4a16"]
@@ -304,6 +307,18 @@ class SweepParams(Section):
         return self
 
 
+DRIVE_MOUNT = "/content/drive"
+
+
+def on_colab() -> bool:
+    """Colab's kernel imports google.colab at start; nothing else does."""
+    return "google.colab" in sys.modules
+
+
+class ColabParams(Section):
+    drive_dir: str | None = Field(None, description="On Colab: a Google Drive folder (e.g. MyDrive/tunebook) that holds the run folders instead of output_dir, and the model downloads, so both outlive the runtime; the first cell mounts Drive. Empty = the runtime's disk. Ignored elsewhere.")
+
+
 class Params(Section):
     run_name: str = Field("default", pattern=RUN_NAME, description="Name of the run folder under output_dir.")
     output_dir: str = Field("outputs", description="Folder that holds the run folders.")
@@ -316,6 +331,7 @@ class Params(Section):
     quantize: QuantizeParams = Field(default_factory=QuantizeParams, description="Quantized copies of the fine-tuned model.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Batched generation and scoring.")
     sweep: SweepParams = Field(default_factory=SweepParams, description="Many runs from this file (`python -m tunebook sweep`): a grid and/or named variants over any keys above.")
+    colab: ColabParams = Field(default_factory=ColabParams, description="Google Colab: where runs are kept.")
 
     @model_validator(mode="after")
     def _one_source_of_training_rows(self) -> "Params":
@@ -324,6 +340,15 @@ class Params(Section):
         if self.synthesize.documents_path and self.data.retrieval.corpus_path:
             raise ValueError("with synthesize.documents_path the documents' chunks are the retrieval corpus: leave data.retrieval.corpus_path empty")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _runs_on_drive(cls, raw: Any) -> Any:
+        # Decided where the params are read, so every stage, the saved params.yaml and a sweep's runs agree.
+        drive_dir = raw.get("colab", {}).get("drive_dir") if isinstance(raw, dict) and isinstance(raw.get("colab"), dict) else None
+        if isinstance(drive_dir, str) and drive_dir and on_colab():
+            return {**raw, "output_dir": str(Path(DRIVE_MOUNT, drive_dir))}
+        return raw
 
     @property
     def run_dir(self) -> Path:

@@ -37,7 +37,7 @@ FIRST_READ_BY = {
     "evaluate": "04_evaluate",
     "evaluate.metric": "01_build_dataset",  # 01 collects a classification run's labels
 }
-WHERE_KEYS = ("run_name", "output_dir", "sweep")  # where a run lives and how it was launched, not what it computes
+WHERE_KEYS = ("run_name", "output_dir", "sweep", "colab")  # where a run lives and how it was launched, not what it computes
 
 
 def _now() -> str:
