@@ -1,4 +1,5 @@
 import json
+import sys
 
 from tunebook.analysis import (
     categorize, closest_gold, confusion_matrix, diff_html, gold_in_passages, highlight, is_right, item_html, report_html, transitions,
@@ -199,3 +200,18 @@ def test_category_and_length_plots():
     assert plot_length_vs_correctness({"finetuned": tuned}).axes[0].get_ylabel() == "share right"
     counts = [{"model": "finetuned", "correct": 2, "empty": 0, "normalization": 0, "too_verbose": 0, "truncated": 0, "wrong": 1, "n": 3}]
     assert len(plot_categories(counts).axes[0].patches) == 6
+
+
+def test_browser_on_colab_enables_its_custom_widget_manager(monkeypatch):
+    """Colab draws ipyevents (the keyboard stepping) only after enable_custom_widget_manager(); the cell calls it."""
+    import types
+
+    from tunebook.analysis import browser
+
+    calls = []
+    output = types.SimpleNamespace(enable_custom_widget_manager=lambda: calls.append("enabled"))
+    colab = types.ModuleType("google.colab")
+    colab.output = output
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    widget = browser({"finetuned": rows_of(0, 1)}, None)
+    assert calls == ["enabled"] and "buttons" in widget.children[-1].value

@@ -21,6 +21,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
+from tunebook.config import on_colab
 from tunebook.data import load_split
 from tunebook.runs import Run, is_run_folder, open_run, write_json_atomic
 
@@ -385,6 +386,14 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
     import ipywidgets as w
     from ipyevents import Event
 
+    colab_note = w.HTML()
+    if on_colab():
+        # Colab draws third-party widgets (ipyevents, the keyboard stepping) only through its custom widget manager.
+        from google.colab import output
+
+        output.enable_custom_widget_manager()
+        colab_note.value = ("<small>Colab: keyboard stepping needs Colab's custom widget manager (enabled by this cell). If the keys "
+                            "do nothing, click the answer first, or step with the buttons.</small>")
     names = list(predictions)
     model = w.Dropdown(options=names, description="model")
     against = w.Dropdown(description="against")
@@ -494,7 +503,7 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
     pick_model()
     return w.VBox([
         w.HBox([model, against, category, changed, search], layout=w.Layout(flex_flow="row wrap")), w.HBox([prev_button, next_button, position]),
-        w.HBox([gold_wrong, acceptable, saved]), w.HBox([cell_label, clear_cell]), cells, view,
+        w.HBox([gold_wrong, acceptable, saved]), w.HBox([cell_label, clear_cell]), cells, view, colab_note,
     ])
 
 
