@@ -33,6 +33,9 @@ NO_DEPS = ("unsloth", "unsloth_zoo", "bitsandbytes", "cut_cross_entropy")
 # Unsloth's vision and Apple paths import.
 NOT_NEEDED = (*TORCH_FAMILY, "torchao", "diffusers", "mlx", "mlx-lm", "mlx-vlm", "triton-windows")
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+# llama-cpp-python ships only a source distribution on PyPI (a 7-minute llama.cpp build on Colab's 2 cores); its
+# project publishes prebuilt CPU wheels here, which pip prefers. Where the index cannot be reached pip builds it.
+WHEEL_INDEX = {"gguf": "https://abetlen.github.io/llama-cpp-python/whl/cpu"}
 
 
 def setup_cell() -> str:
@@ -111,7 +114,7 @@ def install_for_stage(params, stage: str) -> None:
         if missing:
             print(f"{reason}: installing the {name} group ({' '.join(missing)}).", flush=True)
             started = time.time()
-            pip_install(missing)
+            pip_install(missing, index=WHEEL_INDEX.get(name))
             print(f"Installed in {time.time() - started:.0f}s.")
 
 
@@ -182,11 +185,12 @@ def canonical(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def pip_install(requirements: list[str], no_deps: bool = False) -> None:
+def pip_install(requirements: list[str], no_deps: bool = False, index: str | None = None) -> None:
     """pip, with the torch family held at the runtime's versions, so nothing can replace Colab's CUDA builds."""
     pins = Path(PYPROJECT.parent, ".colab-pins.txt")
     pins.write_text("".join(f"{n}=={version(n)}\n" for n in TORCH_FAMILY if version(n)), encoding="utf-8")
-    command = [sys.executable, "-m", "pip", "install", "-q", "--prefer-binary", "-c", str(pins), *(["--no-deps"] if no_deps else []), *requirements]
-    if subprocess.run(command).returncode != 0:
+    command = [sys.executable, "-m", "pip", "install", "-q", "--prefer-binary", "-c", str(pins), *(["--no-deps"] if no_deps else []),
+               *(["--extra-index-url", index] if index else []), *requirements]
+    if subprocess.run(command, check=False).returncode != 0:
         raise TunebookError(f"pip could not install {' '.join(requirements)} (its message is above); torch was left as it was.")
     importlib.invalidate_caches()
