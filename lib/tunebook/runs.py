@@ -124,16 +124,29 @@ def _mark_later_stale(manifest: dict, name: str) -> None:
         print(f"Stages {', '.join(later)} are now marked stale: re-run them to use the new {name} outputs.")
 
 
+def params_values(params: Params, keep: Callable[[str], bool]) -> dict:
+    """The flattened params values whose dotted keys `keep` accepts (where-keys never count): what params_key hashes."""
+    flat = flatten(params.model_dump(mode="json"))
+    return {k: v for k, v in flat.items() if keep(k) and not is_under(k, WHERE_KEYS)}
+
+
 def params_key(params: Params, keep: Callable[[str], bool]) -> str:
     """A short hash of the params values whose dotted keys `keep` accepts."""
-    flat = flatten(params.model_dump(mode="json"))
-    kept = {k: v for k, v in flat.items() if keep(k) and not is_under(k, WHERE_KEYS)}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(params_values(params, keep), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stage_key(params: Params, stage: str) -> str:
     """The key of a stage's outputs: every params value read by this stage or an earlier one."""
-    return params_key(params, lambda key: STAGES.index(first_read_by(key)) <= STAGES.index(stage))
+    return params_key(params, lambda key: _read_by(key, stage))
+
+
+def stage_values(params: Params, stage: str) -> dict:
+    """The flattened params values stage_key hashes, to name the keys that differ between two keys."""
+    return params_values(params, lambda key: _read_by(key, stage))
+
+
+def _read_by(key: str, stage: str) -> bool:
+    return STAGES.index(first_read_by(key)) <= STAGES.index(stage)
 
 
 def first_read_by(key: str) -> str:

@@ -7,11 +7,19 @@ Two backends, one recipe:
 Both train TRL's SFTTrainer on conversational prompt/completion rows with completion_only_loss, so only the
 completion (the answer) carries loss; a check refuses to train when that masking is not in place. Outputs:
 the LoRA adapter, a merged model, the log history, throughput and peak GPU memory, and a loss plot.
+
+Checkpoints: every train.save_steps steps the Trainer saves the adapter, optimizer, scheduler, RNG states and its
+state in <run>/checkpoints/checkpoint-N, beside params_key.json (the stage key and the params it hashes). Re-running
+02 on an interrupted run (the notebook again, or `python -m tunebook run PARAMS --resume`) continues from the last
+complete checkpoint, with the same total steps; the Trainer skips the batches already seen (same seed and data_seed),
+so the run trains on what an uninterrupted one would. Checkpoints made with other params are never resumed: 02 stops
+and names the keys that changed. Once the adapter and the merged model are saved, the checkpoints are removed.
 """
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +28,10 @@ from tunebook.config import Params
 from tunebook.errors import TunebookError
 from tunebook.families import ChatFormat, chat_format, linear_layer_names, training_tokens
 from tunebook.models import has_cuda, model_type, nf4_config, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
-from tunebook.runs import Run, fresh_tmp_dir, replace_dir
+from tunebook.runs import Run, fresh_tmp_dir, replace_dir, stage_key, stage_values, write_json_atomic
+
+STAGE = "02_finetune"
+KEY_FILE = "params_key.json"  # in the checkpoints folder: which params its checkpoints were made with
 
 
 @dataclass
@@ -34,14 +45,22 @@ def finetune(run: Run) -> TrainResult:
     dataset_dir = run.outputs_of("01_build_dataset")["dataset_dir"]
     from datasets import load_from_disk
 
-    with run.stage("02_finetune") as outputs:
+    checkpoints = run.dir / "checkpoints"
+    with run.stage(STAGE) as outputs:
+        resume_from = resume_point(checkpoints, p)  # before loading anything: changed params stop here
         splits = load_from_disk(dataset_dir)
-        trainer, backend = build_trainer(p, splits["train"], splits["eval"], run.dir / "checkpoints")
-        result, meter = train(trainer, p)
+        trainer, backend = build_trainer(p, splits["train"], splits["eval"], checkpoints)
+        checkpoints.mkdir(exist_ok=True)
+        write_json_atomic(checkpoints / KEY_FILE, {"stage": STAGE, "key": stage_key(p, STAGE), "params": stage_values(p, STAGE)})
+        result, meter = train(trainer, p, resume_from)
         adapter_dir, merged_dir = run.dir / "adapter", run.dir / "merged"
         _save(backend, trainer.model, trainer.processing_class, trainer.chat_format, adapter_dir, merged_dir)
+        # Restored from the checkpoint on a resume, so it holds every logged step once.
         history = trainer.state.log_history
         (run.dir / "train_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+        shutil.rmtree(checkpoints)  # the adapter is the result; checkpoints of a large model take gigabytes
+        # After a resume the Trainer's training_loss sums only this session's losses but divides by all the steps.
+        train_loss = result.training_loss if resume_from is None else mean_logged_loss(history)
         outputs.update(
             backend=backend,
             family=trainer.chat_format.family,
@@ -53,9 +72,10 @@ def finetune(run: Run) -> TrainResult:
             merged_dir=str(merged_dir),
             train_log=str(run.dir / "train_log.json"),
             steps=result.global_step,
+            resumed_from_step=checkpoint_step(resume_from) if resume_from else 0,
             train_examples=len(splits["train"]),
-            train_seconds=round(meter.seconds, 1),
-            train_loss=round(result.training_loss, 4),
+            train_seconds=round(meter.seconds, 1),  # this session's: after a resume, the steps since the checkpoint
+            train_loss=None if train_loss is None else round(train_loss, 4),
             **meter.summary(),
         )
     return TrainResult(log_history=history, summary=outputs)
@@ -98,19 +118,76 @@ def tokenized(rows, tokenizer, fmt: ChatFormat):
     return Dataset.from_list(encoded)
 
 
-def train(trainer, p: Params):
-    """Run the trainer with a throughput meter; an out-of-memory error becomes one message naming the knobs."""
+def train(trainer, p: Params, resume_from: Path | None = None):
+    """Run the trainer with a throughput meter, from step 0 or from the checkpoint `resume_from`; an out-of-memory
+    error becomes one message naming the knobs."""
     import torch
 
     meter = throughput_meter()
     trainer.add_callback(meter)
     device = "cuda" if has_cuda() else "cpu"
-    print(f"Training, {len(trainer.train_dataset)} rows, {trainer.args.max_steps if trainer.args.max_steps > 0 else 'all'} steps, device {device}, batching {batching_in_use(trainer.args)}.")
+    resuming = f", resuming at step {checkpoint_step(resume_from)} from {resume_from}" if resume_from else ""
+    print(f"Training, {len(trainer.train_dataset)} rows, {trainer.args.max_steps if trainer.args.max_steps > 0 else 'all'} steps, device {device}, batching {batching_in_use(trainer.args)}{resuming}.")
     try:
-        result = trainer.train()
+        # The same call on both backends (Unsloth's notebooks resume this way too).
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.OutOfMemoryError:
         raise TunebookError(out_of_memory_message(p)) from None
     return result, meter
+
+
+def resume_point(checkpoints: Path, p: Params) -> Path | None:
+    """The last complete checkpoint in `checkpoints` to resume from (None: train from step 0). Checkpoints made with
+    other params, or with no record of their params, stop 02 with the ways out; nothing is deleted."""
+    last = last_checkpoint(checkpoints)
+    if last is None:
+        return None
+    key_file = checkpoints / KEY_FILE
+    restart = f"delete or move {checkpoints} to train from step 0"
+    if not key_file.is_file():
+        raise TunebookError(f"{checkpoints} holds {last.name} but no {KEY_FILE} saying which params made it, so it cannot be resumed safely: {restart}.")
+    saved = json.loads(key_file.read_text(encoding="utf-8"))
+    if saved["key"] != stage_key(p, STAGE):
+        old, new = saved["params"], stage_values(p, STAGE)
+
+        def shown(values: dict, k: str) -> str:
+            return json.dumps(values[k]) if k in values else "(absent)"
+
+        changed = [f"{k}: {shown(old, k)} -> {shown(new, k)}" for k in sorted(old.keys() | new.keys()) if shown(old, k) != shown(new, k)]
+        raise TunebookError(
+            f"The checkpoints in {checkpoints} (last: {last.name}) were made with other params than this run's; changed: "
+            f"{'; '.join(changed) or 'none named (the key scheme changed)'}. Nothing was resumed or deleted. Either restore "
+            f"those params (the run folder keeps its earlier ones as params.<time>.yaml) to continue from step {checkpoint_step(last)}, "
+            f"or {restart} with the new ones."
+        )
+    return last
+
+
+def last_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint-N. The Trainer writes trainer_state.json last, so a runtime lost in the middle of
+    a save leaves a folder without it (or with it half written), which is passed over."""
+
+    def complete(folder: Path) -> bool:
+        try:
+            return "global_step" in json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+
+    done = [d for d in checkpoints.glob("checkpoint-*") if d.name.removeprefix("checkpoint-").isdigit() and complete(d)]
+    return max(done, key=checkpoint_step, default=None)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-"))
+
+
+def mean_logged_loss(log_history: list[dict]) -> float | None:
+    """The mean training loss per step from the logged losses, each weighted by the steps since the previous log."""
+    train_points, _ = loss_curves(log_history)
+    total, last = 0.0, 0
+    for step, loss in train_points:
+        total, last = total + loss * (step - last), step
+    return total / last if last else None
 
 
 def throughput_meter(warmup_fraction: float = 0.2):
@@ -118,7 +195,7 @@ def throughput_meter(warmup_fraction: float = 0.2):
 
     It times each optimizer step (from the end of one to the end of the next) with the tokens that went in
     (the Trainer's non-padding count), and leaves out the first `warmup_fraction` of the steps (compilation,
-    allocator growth) and any step followed by an evaluation."""
+    allocator growth) and any step followed by an evaluation or a checkpoint save; it counts the saves."""
     import torch
     from transformers import TrainerCallback  # here, not at the top: Unsloth must be imported before transformers
 
@@ -128,8 +205,9 @@ def throughput_meter(warmup_fraction: float = 0.2):
 
     class ThroughputMeter(TrainerCallback):
         def __init__(self):
-            self.steps: list[tuple[float, int, bool]] = []  # (seconds, tokens, an evaluation ran in it) per step
+            self.steps: list[tuple[float, int, bool]] = []  # (seconds, tokens, an evaluation or a save ran in it) per step
             self.seconds = 0.0
+            self.saves = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             sync()
@@ -141,6 +219,10 @@ def throughput_meter(warmup_fraction: float = 0.2):
 
         def on_evaluate(self, args, state, control, **kwargs):
             self._evaluated = True  # evaluation runs after on_step_end: it lands in the next step's interval
+
+        def on_save(self, args, state, control, **kwargs):
+            self._evaluated = True  # so does a checkpoint save
+            self.saves += 1
 
         def on_step_end(self, args, state, control, **kwargs):
             sync()
@@ -159,7 +241,7 @@ def throughput_meter(warmup_fraction: float = 0.2):
 
         def summary(self) -> dict:
             rate = self.tokens_per_second()
-            out = {"tokens_per_second": round(rate, 1) if rate else None, "measured_steps": len(self.steps)}
+            out = {"tokens_per_second": round(rate, 1) if rate else None, "measured_steps": len(self.steps), "checkpoints_written": self.saves}
             if torch.cuda.is_available():
                 out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
             return out
@@ -283,7 +365,11 @@ def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, e
         logging_steps=p.train.logging_steps,
         eval_strategy="steps",
         eval_steps=p.train.eval_steps or max(1, steps // 4),
-        save_strategy="no",
+        # Checkpoints to resume an interrupted run from; on resume the Trainer skips the batches already seen
+        # (ignore_data_skip stays False) and restores the RNG states, so the data order is that of an unbroken run.
+        save_strategy="steps",
+        save_steps=p.train.save_steps,
+        save_total_limit=p.train.save_total_limit,
         report_to="none",
         seed=p.seed,
         data_seed=p.seed,
@@ -309,15 +395,18 @@ def _progress_printer():
 
     class ProgressPrinter(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.time()
+            self.started, self.first_step = time.time(), state.global_step  # a resumed run starts past step 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "train_runtime" in logs:
+            if not logs or "train_loss" in logs:  # the end-of-training summary (every log carries train_runtime)
                 return
             elapsed = time.time() - self.started
-            left = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+            left = elapsed / max(state.global_step - self.first_step, 1) * (state.max_steps - state.global_step)
             values = "  ".join(f"{k} {logs[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if isinstance(logs.get(k), (int, float)))
             print(f"step {state.global_step}/{state.max_steps}  {values}  elapsed {elapsed:.0f}s  left ~{left:.0f}s", flush=True)
+
+        def on_save(self, args, state, control, **kwargs):
+            print(f"checkpoint saved at step {state.global_step} in {args.output_dir}", flush=True)
 
     return ProgressPrinter()
 
