@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 
 import yaml
 
-from tunebook.config import STAGES, Params, dump_params, load_params
+from tunebook.colab import install_for_stage
+from tunebook.config import STAGES, Params, dump_params, load_params, on_colab
 from tunebook.errors import TunebookError
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
@@ -84,6 +85,8 @@ class Run:
         """Mark `name` running; yield a dict the stage fills with its outputs; mark it complete or failed."""
         if name not in STAGES:
             raise ValueError(f"unknown stage {name}")
+        if on_colab():
+            install_for_stage(self.params, name)
         manifest = self.manifest()
         if manifest["stages"].get(name, {}).get("status") == "complete":
             print(f"Re-running {name}: its previous outputs in {self.dir} will be replaced when it succeeds.")
