@@ -2,6 +2,7 @@
 params, cache a model.
 
     python -m tunebook run params/default.yaml [--stages 04,05] [--set train.max_steps=10] [--resume | --overwrite]
+    python -m tunebook check params/default.yaml [--stages 04,05] [--set KEY=VALUE]
     python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run]
     python -m tunebook compare outputs/sweep_lora [outputs/default ...] [--model finetuned] [--sort f1] [--out DIR]
     python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric squad|hotpot|japanese|classification|faq]
@@ -35,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--resume", action="store_true", help="Run only the stages of an existing run that are not complete")
     mode.add_argument("--overwrite", action="store_true", help="Move an existing run folder aside (renamed, kept) and start over")
 
+    check = sub.add_parser("check", help="The preflight alone: check params, data files, model, endpoints, output folder and disk in seconds.")
+    check.add_argument("params", help="A params YAML, e.g. params/default.yaml")
+    check.add_argument("--stages", help="Check for these stages only, e.g. 04,05 (default: all)")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a params key (repeatable)")
+
     sweep = sub.add_parser("sweep", help="Expand a params file's sweep section into runs and execute them (stages shared across runs run once).")
     sweep.add_argument("params", help="A params YAML with a sweep: section, e.g. params/sweep_lora.yaml")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a params key of every run (repeatable)")
@@ -62,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_pipeline(args.params, args.overrides, args.stages, resume=args.resume, overwrite=args.overwrite)
+        if args.command == "check":
+            from tunebook.preflight import check_or_stop
+
+            params = load_params(args.params, args.overrides)
+            check_or_stop(params, select_stages(args.stages), args.params)
+            print("No problems found.")
+            return 0
         if args.command == "sweep":
             from tunebook.sweep import run_sweep
 
@@ -96,6 +109,8 @@ def select_stages(spec: str | None) -> list[str]:
 
 
 def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None, *, resume: bool = False, overwrite: bool = False) -> int:
+    from tunebook.preflight import check_or_stop
+
     params = load_params(params_path, overrides)  # fail on a typo before anything starts
     refuse_sweep(params, params_path)
     stages = select_stages(stages_spec)
@@ -114,10 +129,11 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
                 "Nothing was changed. Use --resume to run the missing stages, --stages 04,05 to re-run some, "
                 "--overwrite to move it aside and start over, or --set run_name=NEW for a new run."
             )
-    params_file = save_params(params)
     if not stages:
         print(f"All stages of {run_dir} are complete; nothing to do.")
         return 0
+    check_or_stop(params, stages, params_path)  # before anything is written
+    params_file = save_params(params)
     started = time.time()
     for number, stage in enumerate(stages, start=1):
         print(f"\n=== [{number}/{len(stages)}] {stage} → {run_dir / 'notebooks' / (stage + '.ipynb')}", flush=True)

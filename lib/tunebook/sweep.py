@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.config import Params, ParamsError, apply_setting, read_params, validate_params
+from tunebook.preflight import check_sweep
 from tunebook.runs import Run, StageFailed, adopt_stage, execute_stage, move_aside, save_params, stage_key, write_json_atomic
 
 
@@ -74,6 +75,7 @@ def run_sweep(params_path: str, overrides: list[str], *, rerun: bool = False, dr
         print(f"  {r.name}: " + ", ".join(f"{k}={v}" for k, v in r.changes.items()))
     if dry_run:
         return 0
+    check_sweep({r.name: r.params for r in runs}, stages, params_path)
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "sweep.json"
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {"runs": {}}
