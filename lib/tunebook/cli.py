@@ -21,7 +21,7 @@ from pathlib import Path
 from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
 from tunebook.errors import TunebookError
 from tunebook.metrics import SCORERS
-from tunebook.runs import Run, execute_stage, move_aside, refuse_sweep, save_params
+from tunebook.runs import Run, execute_stage, move_aside, refuse_sweep, save_params, stage_key, stage_values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +122,11 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
             print(f"Moved the existing run folder to {move_aside(run_dir)}")
             done = []
         elif resume:
+            stale = changed_stages(existing, done)
+            if stale:
+                # A complete stage made with other params would be kept silently: re-run it and what follows it.
+                print(f"Stage {stale[0]} is complete but was made with other params ({', '.join(stale_keys(existing, stale[0]))}): re-running it and the stages after it.")
+                done = done[: done.index(stale[0])]
             stages = [s for s in stages if s not in done]
         elif not stages_spec:
             raise TunebookError(
@@ -147,6 +152,19 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
 
         print(pd.DataFrame(json.loads(metrics.read_text(encoding="utf-8"))).to_markdown(index=False))
     return 0
+
+
+def changed_stages(run: Run, done: list[str]) -> list[str]:
+    """Complete stages whose recorded params key differs from the current params' (runs older than keys: none)."""
+    return [s for s in done if run.key_of(s) is not None and run.key_of(s) != stage_key(run.params, s)]
+
+
+def stale_keys(run: Run, stage: str) -> list[str]:
+    saved = run.dir / "params.yaml"
+    if not saved.is_file():
+        return ["params.yaml is missing"]
+    old, new = stage_values(load_params(saved), stage), stage_values(run.params, stage)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)] or ["unknown keys"]
 
 
 README_MARKERS = ("<!-- params-table:start -->\n", "\n<!-- params-table:end -->")

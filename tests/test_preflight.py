@@ -1,0 +1,118 @@
+"""The preflight: `python -m tunebook check`, and `run`, `sweep` and the notebooks' first cell, stop in seconds with
+every problem at once, before any model is loaded, and leave an existing run folder as it was."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+DEAD = "http://127.0.0.1:9/v1"  # the discard port: nothing listens, so the connection is refused at once
+
+
+def tunebook(*args, env=None):
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "tunebook", *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    return done, time.time() - started
+
+
+def folder_hash(folder) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(folder)).encode() + f.read_bytes() + str(f.stat().st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def built_run(tmp_path_factory):
+    """A run folder whose 01 is complete (the smoke params): what a bad re-run must not touch."""
+    out = tmp_path_factory.mktemp("outputs")
+    done, _ = tunebook("run", "params/smoke.yaml", "--stages", "01", "--set", f"output_dir={out}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_check_passes_the_default_params():
+    done, seconds = tunebook("check", "params/default.yaml")
+    assert done.returncode == 0, done.stderr
+    assert "No problems found." in done.stdout and "data.train_path" in done.stdout and "free disk space" in done.stdout
+    assert seconds < 10
+
+
+def test_every_problem_at_once_within_seconds(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"id": "1", "article": "A", "question": "q?", "passages": ["p"], "answers": ["a"]}\n{"id": "2", "article": "B", "question": "r?", "answers": ["b"]}\n')
+    done, seconds = tunebook(
+        "check", "params/default.yaml",
+        "--set", f"data.train_path={train}",
+        "--set", "model.name=nobody/no-such-model",
+        "--set", "model.backend=unsloth",
+        "--set", f"evaluate.api_baselines=[{{label: gpt, base_url: '{DEAD}', model: x, api_key_env: TUNEBOOK_UNSET_KEY}}, "
+                 f"{{label: local, base_url: '{DEAD}', model: x, api_key_env: null}}]",
+        "--set", f"output_dir={train}/outputs",
+        env={k: v for k, v in os.environ.items() if k != "TUNEBOOK_UNSET_KEY"} | {"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    message = done.stderr
+    assert "6 problem(s) found before anything ran; nothing was changed." in message, message
+    assert f"{train} is a file, so the output folder" in message
+    assert "row 2" in message and "passages" in message  # the bad row, named
+    assert "nobody/no-such-model: the hub could not be reached" in message
+    assert "model.backend is 'unsloth' but no CUDA GPU is visible" in message
+    assert "api_key_env names TUNEBOOK_UNSET_KEY, which is not set" in message
+    assert f"{DEAD} could not be reached" in message
+    assert seconds < 10, seconds
+
+
+def test_eval_file_that_is_the_training_file_stops_run_and_keeps_the_run(built_run):
+    before = folder_hash(built_run / "smoke")
+    done, seconds = tunebook("run", "params/smoke.yaml", "--stages", "01", "--set", f"output_dir={built_run}", "--set", "data.eval_path=data/minipedia_rag_qa.jsonl")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "data.eval_path is the training file" in done.stderr and "nothing was changed" in done.stderr
+    assert seconds < 10
+    assert folder_hash(built_run / "smoke") == before
+
+
+def test_sweep_checks_every_run_before_the_first(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        f"run_name: s\noutput_dir: {tmp_path}/out\ndata:\n  train_path: {ROOT}/data/minipedia_rag_qa.jsonl\n"
+        "sweep:\n  stages: ['01']\n  variants:\n    - {name: good, set: {}}\n"
+        f"    - {{name: bad, set: {{data.eval_path: {tmp_path}/missing.jsonl}}}}\n"
+    )
+    done, seconds = tunebook("sweep", sweep)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"- bad: data.eval_path: data.eval_path: {tmp_path}/missing.jsonl does not exist." in done.stderr
+    assert not (tmp_path / "out").exists() and seconds < 10
+
+
+def test_notebook_first_cell_runs_the_preflight(built_run, tmp_path):
+    """The notebook path: papermill on 01 with a bad eval file stops in its first cell, the run folder untouched."""
+    before = folder_hash(built_run / "smoke")
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "01_build_dataset.ipynb"), str(tmp_path / "01.ipynb"), "--cwd", str(ROOT / "notebooks"),
+         "-p", "params_path", str(ROOT / "params" / "smoke.yaml"), "-y", f"overrides: [output_dir={built_run}, data.eval_path={tmp_path}/missing.jsonl]"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    executed = json.loads((tmp_path / "01.ipynb").read_text())
+    errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert errors and errors[0]["ename"] == "PreflightError" and "missing.jsonl does not exist" in errors[0]["evalue"]
+    assert time.time() - started < 60  # papermill and a kernel start: most of it
+    assert folder_hash(built_run / "smoke") == before
+
+
+def test_resume_reruns_a_complete_stage_whose_params_changed(built_run, tmp_path):
+    """--resume keeps complete stages; one made with other params would be kept silently, so it is re-run."""
+    shutil.copytree(built_run, tmp_path / "out")
+    done, _ = tunebook("run", "params/smoke.yaml", "--resume", "--stages", "01", "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.max_train_examples=12")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Stage 01_build_dataset is complete but was made with other params (data.max_train_examples: 16 -> 12)" in done.stdout
+    manifest = json.loads((tmp_path / "out" / "smoke" / "manifest.json").read_text())
+    assert len(manifest["stages"]["01_build_dataset"]["outputs"]["lengths"]["train"]) == 12
