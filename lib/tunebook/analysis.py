@@ -17,12 +17,12 @@ import difflib
 import html
 import json
 import re
-import unicodedata
 from collections import Counter
 from pathlib import Path
 
 from tunebook.config import on_colab
 from tunebook.data import load_split
+from tunebook.metrics import answer_in_passages, loose_normalize
 from tunebook.runs import Run, is_run_folder, open_run, write_json_atomic
 
 CATEGORIES = ("request_failed", "empty", "normalization", "too_verbose", "truncated", "wrong")
@@ -34,12 +34,6 @@ CATEGORY_MEANING = {
     "truncated": "only part of the right answer",
     "wrong": "a different answer",
 }
-
-
-def loose_normalize(text: str) -> str:
-    """NFKC, casefold, and drop every Unicode punctuation, symbol and space character."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "PSZ" and not ch.isspace())
 
 
 def categorize(prediction: str, golds: list[str]) -> str:
@@ -213,10 +207,7 @@ def gold_in_passages(row: dict) -> bool | None:
     """Whether any gold answer occurs in the passages (loosely normalized); None when there are no passages or the
     answer is yes / no.
     A question whose passages lack every gold is a retrieval miss, not the model's error."""
-    if not row["passages"] or all(g.strip().lower() in ("yes", "no") for g in row["gold_answers"]):
-        return None  # nothing retrieved, or a yes/no question (HotpotQA comparisons): the passages need not say it
-    text = loose_normalize(" ".join(row["passages"]))
-    return any(g and g in text for g in (loose_normalize(g) for g in row["gold_answers"]))
+    return answer_in_passages(row["passages"], row["gold_answers"])  # 01 counts and flags its rows the same way
 
 
 def confusion_column(row: dict, labels: list[str]) -> str:
