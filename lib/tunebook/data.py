@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tunebook.config import DataParams, Params, PromptParams, RaftParams
 from tunebook.families import chat_format, training_tokens
-from tunebook.metrics import loose_normalize
+from tunebook.metrics import SPAN_METRICS, answer_in_passages, loose_normalize
 from tunebook.rows import DataError, field_value, read_jsonl, read_text, write_jsonl
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
 from tunebook.synthetic import passage, synthesize
@@ -468,12 +468,18 @@ def build_dataset(run: Run) -> BuiltDataset:
             for i, e in zip(unretrieved, retrieve_passages([rows[i] for i in unretrieved], fields)):
                 rows[i] = e
             train, evaluation = rows[: len(train)], rows[len(train) :]
-        splits, table = {}, []
+        splits, table, gold_missing = {}, [], {}
+        spans = p.evaluate.metric in SPAN_METRICS  # a class label or a long FAQ answer is not expected in the passages
         for name, rows in (("train", train), ("eval", evaluation)):
             rows = [with_chat(e, p.prompt, labels) for e in rows]
             lengths = count_tokens(rows, tokenizer, fmt)
             kept = [dict(e, n_tokens=n) for e, n in zip(rows, lengths) if n <= p.model.max_seq_length]
-            golds_in_passages = sum(any(a in " ".join(e["passages"]) for a in e["answers"]) for e in kept)
+            found = [answer_in_passages(e["passages"], e["answers"]) for e in kept]
+            golds_in_passages = sum(f is True for f in found)
+            if spans:
+                for e, f in zip(kept, found):
+                    e["gold_in_passages"] = f
+                gold_missing[name] = _warn_gold_missing(name, kept, p, fields, final)
             retrieval_hits = {"gold_doc_retrieved": sum(e["gold_retrieved"] for e in kept)} if kept and "gold_retrieved" in kept[0] else {}
             if not kept:
                 raise DataError(
@@ -504,6 +510,7 @@ def build_dataset(run: Run) -> BuiltDataset:
             labels=labels,
             relabeled=relabeled,
             eval_overlap=overlap,
+            **({"gold_missing": gold_missing} if spans else {}),
             lengths={k: [e["n_tokens"] for e in v] for k, v in splits.items()},
         )
         if synthetic:
@@ -513,6 +520,27 @@ def build_dataset(run: Run) -> BuiltDataset:
                 "pairs_jsonl": str(final / "synthetic_pairs.jsonl"), "chunks_jsonl": str(final / "chunks.jsonl"),
             }
     return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=outputs, dataset_dir=final)
+
+
+def _warn_gold_missing(split: str, rows: list[dict], p: Params, fields: DataParams, final: Path) -> dict:
+    """Count (and warn about) the rows none of whose gold answers is in their passages; a RAFT training row whose oracle
+    passages were dropped on purpose (data.raft.oracle_drop) is left out. What 01 records under gold_missing."""
+    dropped = sum(e.get("oracle_kept") is False for e in rows)
+    missing = [e for e in rows if e["gold_in_passages"] is False and e.get("oracle_kept") is not False]
+    of = len(rows) - dropped
+    record = {"rows": len(missing), "of": of, "share": round(len(missing) / of, 4) if of else 0.0, "ids": [e["id"] for e in missing[:20]]}
+    if missing:
+        noun, effect = ("training", "so the model is taught to answer without evidence") if split == "train" else ("eval", "so no model can read their answers there (05 flags them 'retrieval miss')")
+        if fields.retrieval.corpus_path:
+            cause = f"Retrieval (data.retrieval, top_k {fields.retrieval.top_k}) did not bring a passage that holds them."
+        else:
+            cut = f", and data.passage_max_chars ({p.data.passage_max_chars}), which cuts passages" if p.data.passage_max_chars else ""
+            cause = f"Check data.answers_field ('{p.data.answers_field}') and data.passages_field ('{p.data.passages_field}'){cut}."
+        aside = f" (not counting {dropped} RAFT rows whose oracle passages were dropped on purpose)" if dropped else ""
+        print(f"Warning: {len(missing)} of {of} {noun} rows ({record['share']:.1%}) have no gold answer in their passages{aside} "
+              f"(case, width, punctuation and spacing ignored), {effect}. {cause} "
+              f"They carry gold_in_passages: false in {final / (split + '.jsonl')}.")
+    return record
 
 
 RELABEL_MARKS = ("also_acceptable", "gold_wrong")
