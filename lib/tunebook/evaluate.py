@@ -28,7 +28,12 @@ TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_m
 
 
 class EvaluationFailed(TunebookError):
-    """A model produced no answer at all: it is not scored, and 04 ends with this error once the others are written."""
+    """A model produced no answer at all: it is not scored, and 04 ends with this error once the others are written.
+    `failures`: one record per such model (label, reason, its rows' file, n and timings); `table`: the rows written."""
+
+    def __init__(self, message: str, failures: list[dict], table: list[dict]):
+        super().__init__(message)
+        self.failures, self.table = failures, table
 
 
 def no_answers(predictions: list[str], outputs: list[str], requests: list[dict] | None) -> str | None:
@@ -196,7 +201,9 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
                     for e, text, request in zip(examples, result.texts, result.requests or [None] * len(examples)):
                         row = {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": "", "output": text}
                         f.write(json.dumps({**row, **({"request": request} if request else {})}, ensure_ascii=False) + "\n")
-                failures.append({"label": label, "format": m["format"], "path": m["path"], "reason": reason, "file": str(failed_path)})
+                failures.append({"label": label, "format": m["format"], "path": m["path"], "reason": reason, "file": str(failed_path), "n": len(examples),
+                                 "seconds": round(result.seconds, 2), "load_seconds": round(load_seconds, 2),
+                                 "peak_memory_mb": round(peak["mb"], 1) if m["format"] != "api" else None})
                 print(f"{label}: FAILED, not scored: {reason.rstrip('.')}.")
                 continue
             failed_path.unlink(missing_ok=True)
@@ -242,7 +249,7 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
                 writer.writeheader()
                 writer.writerows(table)
         if failures:
-            raise EvaluationFailed(failure_message(failures, [row["model"] for row in table]))
+            raise EvaluationFailed(failure_message(failures, [row["model"] for row in table]), failures, table)
         outputs.update(
             metrics_json=str(run.dir / "metrics.json"), metrics_csv=str(run.dir / "metrics.csv"), predictions=files, labels=labels,
             untrained_key=untrained_key(p), untrained_labels=[m["label"] for m in models if m["label"] == "base" or m["format"] == "api"], reused=reused,
