@@ -69,6 +69,7 @@ class DataParams(Section):
     answers_field: str = Field("answers", description="Column with the gold answer(s): a list of strings, or one string. Dotted names reach into records, e.g. answers.text.")
     group_field: str | None = Field(None, description="Column whose rows stay on one side of the train/eval split (e.g. the source article), so eval passages are unseen.")
     eval_size: float = Field(0.2, gt=0, description="Rows held out for eval when eval_path is empty: a fraction (< 1) or a count (>= 1).")
+    allow_eval_overlap: bool = Field(False, description="Keep eval rows that repeat a training row (the same id, or the same question with the same gold answer; case, width, punctuation and spacing ignored); false = 01 stops and names them. Set it only for an overlap you intend, e.g. a memorization test.")
     max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training rows (after the split); empty = all.")
     max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many eval rows; empty = all.")
     passage_max_chars: int | None = Field(None, ge=1, description="Cut each passage to its first N characters (long articles); empty = keep whole passages.")
