@@ -205,11 +205,38 @@ def hub_dataset(key: str, dataset_id: str):
     return "hub dataset found"
 
 
-def no_overlap(params: Params) -> str:
+def no_overlap(params: Params):
+    """The eval file repeating no training row (data.eval_overlap, on samples of large files); 01 checks them whole."""
+    from tunebook.data import eval_overlap
+
     d = params.data
-    if Path(d.eval_path).resolve() == Path(d.train_path or "").resolve():
+    if Path(d.eval_path).resolve() == Path(d.train_path or "").resolve() and not d.allow_eval_overlap:
         raise PreflightError(f"data.eval_path is the training file ({d.eval_path}): every eval row would be a training row, and the scores inflated.")
-    return "different files"
+    rows = {}
+    for key, path in (("train", d.train_path), ("eval", d.eval_path)):
+        path = Path(path or "")
+        if not path.is_file():
+            return "warning", f"not checked here: data.{key}_path is not a local file (01 checks the rows it reads)"
+        rows[key] = first_jsonl_rows(path, SAMPLE_ROWS) if path.stat().st_size > SAMPLE_BYTES and path.suffix == ".jsonl" else read_rows_or_none(path)
+        if rows[key] is None:
+            return "warning", f"not checked here: data.{key}_path could not be read (see its own check)"
+    overlap = eval_overlap(rows["train"], rows["eval"], d.id_field, d.question_field, d.answers_field)
+    if overlap and not d.allow_eval_overlap:
+        first = overlap[0]
+        raise PreflightError(
+            f"{len(overlap)} of {len(rows['eval'])} eval rows repeat a training row (by {' and '.join(first.by)}; e.g. eval id {first.eval_id!r}: "
+            f"{first.question!r}), so their scores would count answers the model was trained on. Fix the files, or set data.allow_eval_overlap: true."
+        )
+    return f"no eval row repeats a training row ({len(rows['eval'])} eval rows against {len(rows['train'])})" if not overlap else ("warning", f"{len(overlap)} eval rows repeat training rows (allowed)")
+
+
+def read_rows_or_none(path: Path) -> list[dict] | None:
+    from tunebook.data import read_rows
+
+    try:
+        return read_rows(str(path), "train")
+    except (DataError, OSError):
+        return None
 
 
 def model_source(name: str):
