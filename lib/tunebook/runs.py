@@ -21,10 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-import yaml
-
 from tunebook.colab import install_for_stage
-from tunebook.config import STAGES, Params, dump_params, load_params, on_colab
+from tunebook.config import STAGES, Params, dump_params, load_params, on_colab, read_yaml
 from tunebook.errors import TunebookError
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
@@ -261,7 +259,7 @@ def refuse_sweep(params: Params, params_path: str | Path) -> None:
 def is_run_folder(folder: Path) -> bool:
     """A run folder with its own params; False for one that --overwrite / --rerun moved aside (its params name another)."""
     params = folder / "params.yaml"
-    return (folder / "manifest.json").is_file() and params.is_file() and (yaml.safe_load(params.read_text(encoding="utf-8")) or {}).get("run_name") == folder.name
+    return (folder / "manifest.json").is_file() and params.is_file() and (read_yaml(params) or {}).get("run_name") == folder.name
 
 
 def move_aside(run_dir: Path) -> Path:
