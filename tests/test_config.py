@@ -151,7 +151,7 @@ def test_legal_types_with_no_legal_meaning_name_the_key_the_value_and_the_rule(w
         "synthesize.clean.min_question_chars=400": "min_question_chars (400) is above max_question_chars (300)",
         "output_dir=''": "output_dir must be a folder",
         "evaluate.api_baselines=[{label: x, model: m, base_url: 'localhost:8080'}]": "evaluate.api_baselines.0.base_url must be an http:// or https:// address",
-        "sweep.stages=[]": "names no stage",
+        "sweep.stages=[]": "sweep.stages must name at least one stage, e.g. 04,05 (stages: 01 (build_dataset),",
     }.items():
         with pytest.raises(ParamsError, match=re.escape(fragment)):
             load_params(path, [override])

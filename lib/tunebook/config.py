@@ -365,7 +365,7 @@ def stage_names(spec: str | list) -> list[str]:
     """Stage names, in pipeline order, from numbers ("01,04", [1, 2, "04"]) or names; a ValueError names a wrong one."""
     items = spec.split(",") if isinstance(spec, str) else spec
     if not any(str(item).strip() for item in items):
-        raise ValueError(f"{spec!r} names no stage; give stage numbers such as 04,05 (stages: {', '.join(s[:2] + ' (' + s[3:] + ')' for s in STAGES)})")
+        raise ValueError(f"must name at least one stage, e.g. 04,05 (stages: {', '.join(s[:2] + ' (' + s[3:] + ')' for s in STAGES)})")
     chosen = []
     for item in items:
         text = str(item).strip()
