@@ -146,7 +146,7 @@ def test_legal_types_with_no_legal_meaning_name_the_key_the_value_and_the_rule(w
         assert str(e.value).splitlines()[1] == f"  - {line}", override
     for override, fragment in {
         "data.group_field=id": "data.group_field is data.id_field ('id'): every row would be a group of its own",
-        "evaluate.models=[]": "evaluate.models is empty and there are no evaluate.api_baselines: 04 would score nothing",
+        "evaluate.models=[base, base]": "evaluate.models must list each model once (base more than once)",
         "prompt.template='{passages}'": "prompt.template must have a {question} placeholder",
         "synthesize.clean.min_question_chars=400": "min_question_chars (400) is above max_question_chars (300)",
         "output_dir=''": "output_dir must be a folder",

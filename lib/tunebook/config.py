@@ -345,12 +345,6 @@ class EvaluateParams(Section):
             raise ValueError("an empty stop string")
         return value
 
-    @model_validator(mode="after")
-    def _something_to_score(self) -> "EvaluateParams":
-        if not self.models and not self.api_baselines:
-            raise ValueError("evaluate.models is empty and there are no evaluate.api_baselines: 04 would score nothing")
-        return self
-
     @field_validator("api_baselines")
     @classmethod
     def _distinct_labels(cls, value: list[ApiBaselineParams]) -> list[ApiBaselineParams]:
