@@ -415,7 +415,8 @@ def open_run(params_path: str | Path, overrides: list[str] | tuple[str, ...] = (
     params = load_params(params_path, overrides)
     refuse_sweep(params, params_path)
     run = Run(params=params, dir=params.run_dir.resolve())
-    run.refuse_if_running()
+    # A stage running now in another process is refused by Run.stage, not here: 05's run picker opens every finished
+    # run of the folder, busy or not.
     for note in run.settle_interrupted().values():
         print(f"{note}.")
     save_params(params)
