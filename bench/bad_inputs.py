@@ -100,7 +100,7 @@ def run_case(name: str, command: str, files: dict) -> dict:
         before = folder_hash(existing) if existing.exists() else None
         env = {k: v for k, v in os.environ.items() if k != "TUNEBOOK_UNSET_KEY"} | {"HF_HUB_OFFLINE": "1"}
         started = time.time()
-        done = subprocess.run(f"{sys.executable} -m tunebook {command.format(tmp=tmp)}", shell=True, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        done = subprocess.run(f"{sys.executable} -m tunebook {command.replace('{tmp}', tmp)}", shell=True, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
         seconds = time.time() - started
         message = done.stderr.strip().replace(tmp, "<tmp>")
         return {

@@ -59,7 +59,7 @@ def check_or_stop(params: Params, stages: list[str], source: str) -> list[Check]
     print(table(checks, source))
     problems = [c for c in checks if c.result == "problem"]
     if problems:
-        lines = "\n".join(f"- {c.what}: {c.detail}" for c in problems)
+        lines = "\n".join(f"- {c.detail}" if c.detail.startswith(c.what) else f"- {c.what}: {c.detail}" for c in problems)
         raise PreflightError(f"{source}: {len(problems)} problem(s) found before anything ran; nothing was changed.\n{lines}")
     return checks
 
