@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 from conftest import ROOT
 from tunebook import colab
 from tunebook.config import load_params
@@ -47,9 +48,9 @@ def test_every_notebook_has_the_one_setup_cell(notebook):
 
 
 def test_requirements_txt_holds_every_group():
-    listed = {colab.canonical(re.split(r"[<>=!\[ ]", line)[0]) for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
+    listed = {canonicalize_name(re.split(r"[<>=!\[ ]", line)[0]) for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
     groups = ["core", "quantize", "gguf", "documents", "faq", "dev"]
-    wanted = {colab.canonical(re.split(r"[<>=!\[ ]", r)[0]) for g in groups for r in colab.group(g)}
+    wanted = {canonicalize_name(re.split(r"[<>=!\[ ]", r)[0]) for g in groups for r in colab.group(g)}
     assert wanted <= listed, f"in pyproject.toml but not requirements.txt: {sorted(wanted - listed)}"
 
 
@@ -72,7 +73,7 @@ def test_drive_dir_moves_the_run_folders_to_drive_only_on_colab(monkeypatch):
 
 def pip_freeze(python: Path) -> dict[str, str]:
     out = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True).stdout
-    return {colab.canonical(p["name"]): p["version"] for p in json.loads(out)}
+    return {canonicalize_name(p["name"]): p["version"] for p in json.loads(out)}
 
 
 def colab_image(folder: Path) -> Path:

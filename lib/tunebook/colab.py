@@ -17,6 +17,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -147,16 +148,17 @@ def group(name: str) -> list[str]:
 def unsloth_requirements() -> list[str]:
     """What Unsloth and its zoo require, less the torch family and the --no-deps set itself."""
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
     importlib.invalidate_caches()
     wanted = []
     for package in ("unsloth", "unsloth_zoo"):
         for spec in importlib.metadata.requires(package) or []:
             req = Requirement(spec)
-            name = canonical(req.name)
+            name = canonicalize_name(req.name)
             if req.marker and not req.marker.evaluate({"extra": ""}):
                 continue
-            if name in {canonical(n) for n in (*NOT_NEEDED, *NO_DEPS)}:
+            if name in {canonicalize_name(n) for n in (*NOT_NEEDED, *NO_DEPS)}:
                 continue
             wanted.append(str(req).split(";")[0].strip())
     return sorted(set(wanted))
@@ -181,16 +183,14 @@ def version(name: str) -> str | None:
         return None
 
 
-def canonical(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
 def pip_install(requirements: list[str], no_deps: bool = False, index: str | None = None) -> None:
     """pip, with the torch family held at the runtime's versions, so nothing can replace Colab's CUDA builds."""
-    pins = Path(PYPROJECT.parent, ".colab-pins.txt")
-    pins.write_text("".join(f"{n}=={version(n)}\n" for n in TORCH_FAMILY if version(n)), encoding="utf-8")
-    command = [sys.executable, "-m", "pip", "install", "-q", "--prefer-binary", "-c", str(pins), *(["--no-deps"] if no_deps else []),
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="colab-pins-", encoding="utf-8", delete=False) as pins:
+        pins.write("".join(f"{n}=={version(n)}\n" for n in TORCH_FAMILY if version(n)))
+    command = [sys.executable, "-m", "pip", "install", "-q", "--prefer-binary", "-c", pins.name, *(["--no-deps"] if no_deps else []),
                *(["--extra-index-url", index] if index else []), *requirements]
-    if subprocess.run(command, check=False).returncode != 0:
+    done = subprocess.run(command, check=False)
+    os.unlink(pins.name)
+    if done.returncode != 0:
         raise TunebookError(f"pip could not install {' '.join(requirements)} (its message is above); torch was left as it was.")
     importlib.invalidate_caches()
