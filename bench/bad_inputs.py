@@ -29,8 +29,8 @@ def jsonl(rows) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-# name -> (command after `python -m tunebook`, {file name: content} written to the scratch folder first).
-# "{tmp}" in the command is the scratch folder. Runs go to {tmp}/out.
+# name -> (command after `python -m tunebook`, {file name: content} written to the scratch folder first[, environment]).
+# "{tmp}" in the command and the environment is the scratch folder. Runs go to {tmp}/out.
 OUT = "--set output_dir={tmp}/out"
 CASES = {
     "params file missing": ("check params/nope.yaml", {}),
@@ -72,6 +72,15 @@ CASES = {
     "API key variable unset": ("check params/default.yaml --set 'evaluate.api_baselines=[{label: gpt, model: gpt-4o-mini, api_key_env: TUNEBOOK_UNSET_KEY}]'", {}),
     "API endpoint not running": ("check params/default.yaml --set 'evaluate.api_baselines=[{label: local, base_url: \"" + DEAD + "\", model: x, api_key_env: null}]'", {}),
     "teacher endpoint not running": ("check params/faq_from_docs.yaml --set synthesize.teacher.base_url=" + DEAD + " --set synthesize.teacher.api_key_env=null", {}),
+    "max_steps 0": ("check params/default.yaml --set train.max_steps=0", {}),
+    "an empty stop string": ("check params/default.yaml --set 'evaluate.stop_strings=[\"\"]'", {}),
+    "template without {question}": ("check params/default.yaml --set 'prompt.template=\"Passages: {passages}\"'", {}),
+    "group_field is the id field": ("check params/default.yaml --set data.group_field=id", {}),
+    "negative seed": ("check params/default.yaml --set seed=-1", {}),
+    "a quantize method twice": ("check params/default.yaml --set 'quantize.methods=[gguf_q8_0, gguf_q8_0]'", {}),
+    "base_url without http": ("check params/default.yaml --set 'evaluate.api_baselines=[{label: local, base_url: localhost:8000/v1, model: x}]'", {}),
+    "model cache under a file": ("check params/default.yaml", {"f": "a file"}, {"TUNEBOOK_CACHE": "{tmp}/f/cache"}),
+    "prepare-model into a cache under a file": ("prepare-model", {"f": "a file"}, {"TUNEBOOK_CACHE": "{tmp}/f/cache"}),
     "output_dir under a file": ("check params/default.yaml --set output_dir={tmp}/f/out", {"f": "a file"}),
     "run folder exists": ("run params/smoke.yaml --set output_dir={tmp}/out", {"out/smoke/manifest.json": '{"run_name": "smoke", "stages": {}}'}),
     "score: file missing": ("score {tmp}/p.jsonl", {}),
@@ -90,7 +99,7 @@ def folder_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def run_case(name: str, command: str, files: dict) -> dict:
+def run_case(name: str, command: str, files: dict, environment: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for rel, content in files.items():
             path = Path(tmp, rel)
@@ -99,6 +108,7 @@ def run_case(name: str, command: str, files: dict) -> dict:
         existing = Path(tmp, "out")
         before = folder_hash(existing) if existing.exists() else None
         env = {k: v for k, v in os.environ.items() if k != "TUNEBOOK_UNSET_KEY"} | {"HF_HUB_OFFLINE": "1"}
+        env |= {k: v.replace("{tmp}", tmp) for k, v in (environment or {}).items()}
         started = time.time()
         done = subprocess.run(f"{sys.executable} -m tunebook {command.replace('{tmp}', tmp)}", shell=True, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
         seconds = time.time() - started

