@@ -59,9 +59,14 @@ def check_or_stop(params: Params, stages: list[str], source: str) -> list[Check]
     print(table(checks, source))
     problems = [c for c in checks if c.result == "problem"]
     if problems:
-        lines = "\n".join(f"- {c.detail}" if c.detail.startswith(c.what) else f"- {c.what}: {c.detail}" for c in problems)
+        lines = "\n".join(f"- {problem_line(c)}" for c in problems)
         raise PreflightError(f"{source}: {len(problems)} problem(s) found before anything ran; nothing was changed.\n{lines}")
     return checks
+
+
+def problem_line(check: Check) -> str:
+    """What was checked, then what is wrong, naming the key once."""
+    return check.detail if check.detail.startswith(check.what) else f"{check.what}: {check.detail}"
 
 
 def check_sweep(runs: dict[str, Params], stages: list[str], source: str) -> None:
@@ -72,7 +77,7 @@ def check_sweep(runs: dict[str, Params], stages: list[str], source: str) -> None
         shown = checks if number == 0 else [c for c in checks if c.result != "ok"]
         if shown:
             print(table(shown, f"{source}, run {name}" + ("" if number == 0 else " (its checks that are not ok)")))
-        problems += [f"- {name}: {c.what}: {c.detail}" for c in checks if c.result == "problem"]
+        problems += [f"- {name}: {problem_line(c)}" for c in checks if c.result == "problem"]
     if problems:
         raise PreflightError(f"{source}: {len(problems)} problem(s) in the sweep's runs, found before any ran; nothing was changed.\n" + "\n".join(problems))
 
