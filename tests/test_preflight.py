@@ -44,6 +44,34 @@ def test_check_passes_the_default_params():
     assert seconds < 10
 
 
+OFFLINE_RECIPES = sorted(p.name for p in (ROOT / "params").glob("*.yaml") if "embedded:" in p.read_text() and p.name != "sweep_lora.yaml")
+
+
+@pytest.mark.parametrize("recipe", OFFLINE_RECIPES)
+def test_every_offline_recipe_passes_its_preflight(recipe):
+    """No false alarm on a shipped recipe: each one that runs here passes (the FAQ recipes' eval rows take their
+    passages from the documents, so they have none of their own)."""
+    from tunebook.config import STAGES, load_params
+    from tunebook.preflight import preflight
+
+    params = load_params(str(ROOT / "params" / recipe), [])
+    paths = [p for p in (params.data.train_path, params.data.eval_path, params.synthesize.documents_path) if p and "shared" in p]
+    if any(not os.path.exists(p) for p in paths):
+        pytest.skip(f"{recipe} reads {paths}, which is not present")
+    problems = [c for c in preflight(params, STAGES) if c.result == "problem"]
+    assert not problems, problems
+
+
+def test_an_unwritable_model_cache_is_a_problem_before_the_conversion(tmp_path):
+    (tmp_path / "f").write_text("a file")
+    done, seconds = tunebook("check", "params/default.yaml", env=os.environ | {"TUNEBOOK_CACHE": str(tmp_path / "f" / "cache")})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"{tmp_path / 'f'} is a file, so the model cache" in done.stderr and "TUNEBOOK_CACHE" in done.stderr
+    done, seconds = tunebook("prepare-model", env=os.environ | {"TUNEBOOK_CACHE": str(tmp_path / "f" / "cache")})
+    assert done.returncode == 2 and "is a file, not a folder" in done.stderr and "Materializing" not in done.stdout, done.stdout + done.stderr
+    assert seconds < 10, seconds
+
+
 def test_every_problem_at_once_within_seconds(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text('{"id": "1", "article": "A", "question": "q?", "passages": ["p"], "answers": ["a"]}\n{"id": "2", "article": "B", "question": "r?", "answers": ["b"]}\n')
