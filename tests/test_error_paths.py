@@ -1,7 +1,7 @@
 """Bad input as a new user gives it: every class ends in one message that names what, where and what is allowed, exit
 code 2 and no traceback, before anything in an existing run folder changes. Through the CLI (`python -m tunebook` in a
 subprocess) and through papermill (runs.execute_stage, the notebooks' path); real components throughout. The seconds
-until each message appears are measured (printed at the end with -s); params are checked before any model loads."""
+until each message appears are printed at the end (with -s); the 10-second target is bench/bad_inputs.py's."""
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +25,6 @@ from tunebook.runs import Run, execute_stage, open_run
 
 SMOKE = ROOT / "params" / "smoke.yaml"
 TIMES: dict[str, float] = {}
-LIMIT = 10  # seconds until a message appears, on a busy 2-core machine
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,11 +43,10 @@ def tunebook(name: str, *args, cwd=ROOT) -> subprocess.CompletedProcess:
 
 
 def refused(result: subprocess.CompletedProcess, name: str) -> str:
-    """The one message of a refused command: exit code 2, `error: ...` on stderr, no traceback, in time."""
+    """The one message of a refused command: exit code 2, `error: ...` on stderr, no traceback."""
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     assert result.stderr.startswith("error: "), result.stderr
-    assert TIMES[name] < LIMIT
     return result.stderr.removeprefix("error: ").rstrip("\n")
 
 
@@ -273,7 +271,6 @@ def test_sigterm_to_the_command_marks_the_stage_interrupted(tmp_path):
     ), log[-2000:]
     assert "Traceback" not in log
     assert not psutil.pid_exists(entry["pid"]) or psutil.Process(entry["pid"]).status() == psutil.STATUS_ZOMBIE  # the kernel is stopped
-    assert TIMES["SIGTERM to `run` during 01 (to exit)"] < LIMIT
 
 
 def test_a_hard_kill_is_found_and_the_stage_re_run(tmp_path):
@@ -301,7 +298,6 @@ def test_a_hard_kill_is_found_and_the_stage_re_run(tmp_path):
     assert re.fullmatch(pattern, first_line).group(1) >= entry["started"]
     assert "Re-running 01_build_dataset." in rest  # the kernel's stage context: said once, not twice
     assert json.loads((out / "smoke" / "manifest.json").read_text())["stages"]["01_build_dataset"]["status"] == "complete"
-    assert TIMES["--resume after a hard kill during 01 (the note)"] < LIMIT
 
 
 def test_sigterm_to_the_kernel_through_papermill(tmp_path):
@@ -340,7 +336,6 @@ def test_papermill_shows_a_repeated_key_in_the_run_params(existing):
         f"(YAML would silently use the last).\nThe executed notebook with the full traceback: {existing.dir / 'notebooks' / '01_build_dataset.ipynb'}"
     )
     assert {k: v for k, v in snapshot(existing.dir).items() if not k.startswith("notebooks/")} == before  # only the executed notebook is new
-    assert TIMES["papermill: a key given twice in <run>/params.yaml"] < 2 * LIMIT  # a kernel starts first
 
 
 def test_papermill_shows_a_file_system_error_in_a_stage(existing):
@@ -356,7 +351,6 @@ def test_papermill_shows_a_file_system_error_in_a_stage(existing):
         f"{existing.dir / 'notebooks' / '01_build_dataset.ipynb'}"
     )
     assert {k: v for k, v in snapshot(existing.dir).items() if not k.startswith("notebooks/")} == before
-    assert TIMES["papermill: a read-only run folder in 01"] < 2 * LIMIT
 
 
 def test_the_stage_context_records_ctrl_c_and_sigterm_in_process(existing):

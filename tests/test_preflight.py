@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,10 +14,8 @@ from conftest import ROOT
 DEAD = "http://127.0.0.1:9/v1"  # the discard port: nothing listens, so the connection is refused at once
 
 
-def tunebook(*args, env=None):
-    started = time.time()
-    done = subprocess.run([sys.executable, "-m", "tunebook", *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
-    return done, time.time() - started
+def tunebook(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunebook", *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
 
 
 def folder_hash(folder) -> str:
@@ -32,16 +29,15 @@ def folder_hash(folder) -> str:
 def built_run(tmp_path_factory):
     """A run folder whose 01 is complete (the smoke params): what a bad re-run must not touch."""
     out = tmp_path_factory.mktemp("outputs")
-    done, _ = tunebook("run", "params/smoke.yaml", "--stages", "01", "--set", f"output_dir={out}")
+    done = tunebook("run", "params/smoke.yaml", "--stages", "01", "--set", f"output_dir={out}")
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
 
 def test_check_passes_the_default_params():
-    done, seconds = tunebook("check", "params/default.yaml")
+    done = tunebook("check", "params/default.yaml")
     assert done.returncode == 0, done.stderr
     assert "No problems found." in done.stdout and "data.train_path" in done.stdout and "free disk space" in done.stdout
-    assert seconds < 10
 
 
 OFFLINE_RECIPES = sorted(p.name for p in (ROOT / "params").glob("*.yaml") if "embedded:" in p.read_text() and p.name != "sweep_lora.yaml")
@@ -64,18 +60,17 @@ def test_every_offline_recipe_passes_its_preflight(recipe):
 
 def test_an_unwritable_model_cache_is_a_problem_before_the_conversion(tmp_path):
     (tmp_path / "f").write_text("a file")
-    done, seconds = tunebook("check", "params/default.yaml", env=os.environ | {"TUNEBOOK_CACHE": str(tmp_path / "f" / "cache")})
+    done = tunebook("check", "params/default.yaml", env=os.environ | {"TUNEBOOK_CACHE": str(tmp_path / "f" / "cache")})
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"{tmp_path / 'f'} is a file, so the model cache" in done.stderr and "TUNEBOOK_CACHE" in done.stderr
-    done, seconds = tunebook("prepare-model", env=os.environ | {"TUNEBOOK_CACHE": str(tmp_path / "f" / "cache")})
+    done = tunebook("prepare-model", env=os.environ | {"TUNEBOOK_CACHE": str(tmp_path / "f" / "cache")})
     assert done.returncode == 2 and "is a file, not a folder" in done.stderr and "Materializing" not in done.stdout, done.stdout + done.stderr
-    assert seconds < 10, seconds
 
 
-def test_every_problem_at_once_within_seconds(tmp_path):
+def test_every_problem_at_once(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text('{"id": "1", "article": "A", "question": "q?", "passages": ["p"], "answers": ["a"]}\n{"id": "2", "article": "B", "question": "r?", "answers": ["b"]}\n')
-    done, seconds = tunebook(
+    done = tunebook(
         "check", "params/default.yaml",
         "--set", f"data.train_path={train}",
         "--set", "model.name=nobody/no-such-model",
@@ -94,15 +89,13 @@ def test_every_problem_at_once_within_seconds(tmp_path):
     assert "model.backend is 'unsloth' but no CUDA GPU is visible" in message
     assert "api_key_env names TUNEBOOK_UNSET_KEY, which is not set" in message
     assert f"{DEAD} could not be reached" in message
-    assert seconds < 10, seconds
 
 
 def test_eval_file_that_is_the_training_file_stops_run_and_keeps_the_run(built_run):
     before = folder_hash(built_run / "smoke")
-    done, seconds = tunebook("run", "params/smoke.yaml", "--stages", "01", "--set", f"output_dir={built_run}", "--set", "data.eval_path=data/minipedia_rag_qa.jsonl")
+    done = tunebook("run", "params/smoke.yaml", "--stages", "01", "--set", f"output_dir={built_run}", "--set", "data.eval_path=data/minipedia_rag_qa.jsonl")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "data.eval_path is the training file" in done.stderr and "nothing was changed" in done.stderr
-    assert seconds < 10
     assert folder_hash(built_run / "smoke") == before
 
 
@@ -113,16 +106,15 @@ def test_sweep_checks_every_run_before_the_first(tmp_path):
         "sweep:\n  stages: ['01']\n  variants:\n    - {name: good, set: {}}\n"
         f"    - {{name: bad, set: {{data.eval_path: {tmp_path}/missing.jsonl}}}}\n"
     )
-    done, seconds = tunebook("sweep", sweep)
+    done = tunebook("sweep", sweep)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"- bad: data.eval_path: data.eval_path: {tmp_path}/missing.jsonl does not exist." in done.stderr
-    assert not (tmp_path / "out").exists() and seconds < 10
+    assert f"- bad: data.eval_path: {tmp_path}/missing.jsonl does not exist." in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_notebook_first_cell_runs_the_preflight(built_run, tmp_path):
     """The notebook path: papermill on 01 with a bad eval file stops in its first cell, the run folder untouched."""
     before = folder_hash(built_run / "smoke")
-    started = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "01_build_dataset.ipynb"), str(tmp_path / "01.ipynb"), "--cwd", str(ROOT / "notebooks"),
          "-p", "params_path", str(ROOT / "params" / "smoke.yaml"), "-y", f"overrides: [output_dir={built_run}, data.eval_path={tmp_path}/missing.jsonl]"],
@@ -132,14 +124,13 @@ def test_notebook_first_cell_runs_the_preflight(built_run, tmp_path):
     executed = json.loads((tmp_path / "01.ipynb").read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert errors and errors[0]["ename"] == "PreflightError" and "missing.jsonl does not exist" in errors[0]["evalue"]
-    assert time.time() - started < 60  # papermill and a kernel start: most of it
     assert folder_hash(built_run / "smoke") == before
 
 
 def test_resume_reruns_a_complete_stage_whose_params_changed(built_run, tmp_path):
     """--resume keeps complete stages; one made with other params would be kept silently, so it is re-run."""
     shutil.copytree(built_run, tmp_path / "out")
-    done, _ = tunebook("run", "params/smoke.yaml", "--resume", "--stages", "01", "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.max_train_examples=12")
+    done = tunebook("run", "params/smoke.yaml", "--resume", "--stages", "01", "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.max_train_examples=12")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Stage 01_build_dataset is complete but was made with other params (data.max_train_examples: 16 -> 12)" in done.stdout
     manifest = json.loads((tmp_path / "out" / "smoke" / "manifest.json").read_text())
