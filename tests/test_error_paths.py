@@ -149,10 +149,10 @@ def test_output_dir_under_a_file(tmp_path):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder\n")
     message = refused(tunebook("output_dir under a file", *smoke(blocker / "outputs")), "output_dir under a file")
-    assert message == (
-        f"Cannot create the run folder {blocker}/outputs/smoke: {blocker} is a file, not a folder. "
-        f"Set output_dir (now {blocker}/outputs) to a folder you can write to."
-    )
+    assert message.endswith(
+        f"- output_dir: {blocker} is a file, so the output folder {blocker}/outputs cannot be created under it: "
+        "set output_dir to a folder you can write."
+    ), message  # the preflight's, before anything runs
     assert blocker.read_text() == "a file, not a folder\n"
 
 
@@ -161,10 +161,9 @@ def test_output_dir_read_only(tmp_path):
     folder.mkdir()
     with read_only(folder):
         message = refused(tunebook("output_dir read-only", *smoke(folder)), "output_dir read-only")
-    assert message == (
-        f"Cannot create the run folder {folder}/smoke: permission denied (the folder or file is read-only for you). "
-        f"Set output_dir (now {folder}) to a folder you can write to."
-    )
+    assert message.endswith(
+        f"- output_dir: {folder} is not writable, so the output folder {folder} cannot be written: set output_dir to a folder you can write."
+    ), message
     assert not any(folder.iterdir())
 
 
