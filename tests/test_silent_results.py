@@ -15,7 +15,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT
-from servers import free_port
+from servers import failing_endpoint, free_port
 from tunebook.analysis import analyze
 from tunebook.data import EvalOverlapError, build_dataset, eval_overlap, read_jsonl
 from tunebook.evaluate import EvaluationFailed, evaluate, no_answers
@@ -100,16 +100,20 @@ def test_eval_overlap_matches_ids_and_questions_with_their_answer():
     assert eval_overlap([{"question": "Q?", "answers": ["x"]}], [{"question": "q", "answers": ["X"]}])[0].by == ("question",)
 
 
-def test_overlap_through_the_cli_stops_01_and_leaves_the_run_folder_as_it_was(tiny_run, data_file):
+def test_overlap_through_the_cli_stops_before_01_and_leaves_the_run_folder_as_it_was(tiny_run, data_file, tmp_path):
+    """The preflight of `run` stops it: the eval file is the training file, or a copy of some of its rows."""
     run_dir, *_ = tiny_run
     before = hashes(run_dir)
     result = tunebook("run", "params/smoke.yaml", "--stages", "01", *sets(*tiny(run_dir.parent, data_file), f"data.eval_path={data_file}"))
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert "Stage 01_build_dataset failed: EvalOverlapError: 12 of 12 eval rows repeat a training row (12 by id, 12 by question with the same gold answer;" in result.stderr
-    assert "  - eval id 'a-001-q1', training id 'a-001-q1': 'How deep is Lake Baikal at its deepest point?'" in result.stderr
-    assert f"data.eval_path ({data_file}) overlaps data.train_path ({data_file}). Fix the files" in result.stderr
-    assert "or set data.allow_eval_overlap: true if the overlap is intended." in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"- train/eval overlap: data.eval_path is the training file ({data_file}): every eval row would be a training row" in result.stderr
+    copy = tmp_path / "eval.jsonl"
+    copy.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(data_file)[:3]), encoding="utf-8")
+    result = tunebook("run", "params/smoke.yaml", "--stages", "01", *sets(*tiny(run_dir.parent, data_file), f"data.eval_path={copy}"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr[-2000:]
+    assert ("- train/eval overlap: 3 of 3 eval rows repeat a training row (by id and question; e.g. eval id 'a-001-q1': "
+            "'How deep is Lake Baikal at its deepest point?'), so their scores would count answers the model was trained on.") in result.stderr
+    assert "or set data.allow_eval_overlap: true." in result.stderr
     assert hashes(run_dir) == before  # the manifest too: nothing marked failed or stale, the dataset as it was
 
 
@@ -155,24 +159,25 @@ def test_ids_shared_by_numbering_alone_are_named(tmp_path, data_file):
 # ---- (b) a model or API baseline that produced no answers ----
 
 
-def dead_baseline(*labels: str) -> str:
-    """evaluate.api_baselines: endpoints at closed ports, no retries (each request fails at once)."""
-    rows = [{"label": label, "base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "none", "api_key_env": None, "max_retries": 0}
+def dead_baseline(*labels: str, url: str | None = None) -> str:
+    """evaluate.api_baselines: endpoints at closed ports (or `url`), no retries (each request fails at once)."""
+    rows = [{"label": label, "base_url": url or f"http://127.0.0.1:{free_port()}/v1", "model": "none", "api_key_env": None, "max_retries": 0}
             for label in labels or ("dead-api",)]
     return f"evaluate.api_baselines={json.dumps(rows)}"
 
 
 def test_dead_api_baseline_is_not_scored_and_04_fails_through_the_cli(tiny_run, data_file):
+    """An endpoint that is up (the preflight finds it listing its model) but fails every request."""
     run_dir, *_ = tiny_run
     before, metrics = hashes(run_dir), json.loads((run_dir / "metrics.json").read_text())
-    baseline = dead_baseline()
-    url = json.loads(baseline.split("=", 1)[1])[0]["base_url"]
-    result = tunebook("run", "params/smoke.yaml", "--stages", "04", *sets(*tiny(run_dir.parent, data_file), baseline))
+    with failing_endpoint() as url:
+        baseline = dead_baseline(url=url)
+        result = tunebook("run", "params/smoke.yaml", "--stages", "04", *sets(*tiny(run_dir.parent, data_file), baseline))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr[-2000:]
     failed = run_dir / "predictions" / "dead-api.failed.jsonl"
     assert (f"Stage 04_evaluate failed: EvaluationFailed: dead-api (API baseline at {url}) produced no answers: all 4 requests failed after "
-            "their retries; the first error: APIConnectionError: Connection error. Is the endpoint up, and are its base_url, model and "
-            f"api_key_env in evaluate.api_baselines right? It was not scored and has no row in metrics.json; its rows are in {failed}.") in result.stderr
+            "their retries; the first error: InternalServerError HTTP 500: Error code: 500 - the model failed to load. Is the endpoint up, and are its base_url, model and api_key_env in evaluate.api_baselines right? "
+            f"It was not scored and has no row in metrics.json; its rows are in {failed}.") in result.stderr, result.stderr
     assert "The other models were scored and written (metrics.json, predictions/): base." in result.stderr
     # No row of zeros; base scored again, the same greedy answers; its predictions and everything before 04 as they were.
     after = json.loads((run_dir / "metrics.json").read_text())
@@ -190,8 +195,8 @@ def test_nothing_scored_through_papermill_leaves_the_metrics_as_they_were(tiny_r
     """The notebook path (runs.execute_stage, as `run` and a sweep execute a stage): only a dead baseline to score."""
     run_dir, *_ = tiny_run
     before = hashes(run_dir, skip=re.compile(BOOKKEEPING.pattern + "|^manifest.json$|^predictions/dead-api.failed.jsonl$"))
-    with pytest.raises(StageFailed) as error:
-        execute_stage("04_evaluate", run_dir / "params.yaml", run_dir, {"overrides": ["evaluate.models=[]", dead_baseline()]})
+    with failing_endpoint() as url, pytest.raises(StageFailed) as error:
+        execute_stage("04_evaluate", run_dir / "params.yaml", run_dir, {"overrides": ["evaluate.models=[]", dead_baseline(url=url)]})
     message = str(error.value)
     assert message.startswith("Stage 04_evaluate failed: EvaluationFailed: dead-api (API baseline at http://127.0.0.1:")
     assert "No model was scored: metrics.json and metrics.csv were left as they were." in message

@@ -298,17 +298,7 @@ def retrieve_passages(examples: list[dict], fields: DataParams) -> list[dict]:
     import bm25s
 
     r = fields.retrieval
-    corpus = read_rows(r.corpus_path, r.corpus_split)
-    ids, texts = [], []
-    for number, row in enumerate(corpus, start=1):
-        doc_id, text = field_value(row, r.id_field), field_value(row, r.text_field)
-        if doc_id is None or not isinstance(text, str) or not text.strip():
-            raise DataError(
-                f"{r.corpus_path} row {number}: needs an id in '{r.id_field}' and text in '{r.text_field}' "
-                f"(data.retrieval.id_field / text_field). Fields present: {sorted(row)}."
-            )
-        ids.append(str(doc_id))
-        texts.append(unicodedata.normalize("NFKC", text) if fields.nfkc else text)
+    ids, texts = corpus_documents(read_rows(r.corpus_path, r.corpus_split), fields)
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
     k = min(r.top_k, len(texts))
@@ -319,6 +309,22 @@ def retrieve_passages(examples: list[dict], fields: DataParams) -> list[dict]:
         extra = {"gold_retrieved": example["gold_doc"] in doc_ids} if "gold_doc" in example else {}
         result.append({**example, "passages": [texts[i][: fields.passage_max_chars] for i in found], "doc_ids": doc_ids, **extra})
     return result
+
+
+def corpus_documents(corpus: list[dict], fields: DataParams) -> tuple[list[str], list[str]]:
+    """The retrieval corpus's (ids, texts), naming the first row without an id or a text."""
+    r = fields.retrieval
+    ids, texts = [], []
+    for number, row in enumerate(corpus, start=1):
+        doc_id, text = field_value(row, r.id_field), field_value(row, r.text_field)
+        if doc_id is None or not isinstance(text, str) or not text.strip():
+            raise DataError(
+                f"{r.corpus_path} row {number}: needs an id in '{r.id_field}' and text in '{r.text_field}' "
+                f"(data.retrieval.id_field / text_field). Fields present: {sorted(row)}."
+            )
+        ids.append(str(doc_id))
+        texts.append(unicodedata.normalize("NFKC", text) if fields.nfkc else text)
+    return ids, texts
 
 
 def class_labels(train: list[dict], evaluation: list[dict], fields: DataParams) -> list[str]:
@@ -551,13 +557,19 @@ def _warn_gold_missing(split: str, rows: list[dict], p: Params, fields: DataPara
 RELABEL_MARKS = ("also_acceptable", "gold_wrong")
 
 
-def apply_relabels(examples: list[dict], path: Path) -> tuple[list[dict], dict[str, int]]:
-    """The marks of 05's answer browser applied by example id: "also_acceptable" adds the marked prediction to the
-    gold answers, "gold_wrong" drops the example (its gold cannot be trusted). Marks for other ids are counted."""
+def read_relabels(path: Path) -> list[dict]:
+    """05's marks, naming the first one that is not {id, prediction, mark}."""
     marks = read_jsonl(path)
     for number, m in enumerate(marks, start=1):
         if m.get("mark") not in RELABEL_MARKS or not isinstance(m.get("id"), str) or not isinstance(m.get("prediction"), str):
             raise DataError(f"{path} mark {number}: expected id, prediction and mark ({' or '.join(RELABEL_MARKS)}), got {m}.")
+    return marks
+
+
+def apply_relabels(examples: list[dict], path: Path) -> tuple[list[dict], dict[str, int]]:
+    """The marks of 05's answer browser applied by example id: "also_acceptable" adds the marked prediction to the
+    gold answers, "gold_wrong" drops the example (its gold cannot be trusted). Marks for other ids are counted."""
+    marks = read_relabels(path)
     ids = {e["id"] for e in examples}
     dropped = {m["id"] for m in marks if m["mark"] == "gold_wrong"} & ids
     added = 0

@@ -148,7 +148,7 @@ def data_paths(params: Params) -> list[tuple[str, str]]:
 
 def data_file(params: Params, key: str, path_or_id: str):
     """There, readable and UTF-8, and every row holding the fields the params name (a sample of a large file)."""
-    from tunebook.data import FILE_FORMATS, document_fields, read_rows, to_examples
+    from tunebook.data import FILE_FORMATS, corpus_documents, document_fields, read_relabels, read_rows, to_examples
 
     path = Path(path_or_id)
     if key == "synthesize.documents_path":
@@ -164,10 +164,14 @@ def data_file(params: Params, key: str, path_or_id: str):
     size = path.stat().st_size
     sampled = size > SAMPLE_BYTES and path.suffix.lower() == ".jsonl"
     try:
+        if key == "data.relabels_path":
+            return f"{len(read_relabels(path))} marks, each with id, prediction and mark"
         if sampled:
             rows = first_jsonl_rows(path, SAMPLE_ROWS)
         else:
-            rows = read_rows(str(path), "train")
+            rows = read_rows(str(path), params.data.retrieval.corpus_split if key == "data.retrieval.corpus_path" else "train")
+        if key == "data.retrieval.corpus_path":
+            corpus_documents(rows, params.data)
         if key in ("data.train_path", "data.eval_path"):
             documents = params.synthesize.documents_path  # eval rows then take their passages from the documents' chunks
             fields = document_fields(params.data, Path("chunks.jsonl")) if documents else params.data
