@@ -103,7 +103,8 @@ def write_rows(path: Path, n: int = 48) -> Path:
 def params_yaml(name: str, model: str, data: Path, out: Path, backend: str, quantize: bool = True) -> str:
     # A high learning rate and 40 steps teach a tiny random model the format (r 16 on all linear layers, the
     # default); the real SmolLM2 gets a few steps at a learning rate it survives. GPTQ groups of 32 divide the tiny
-    # widths (64, 128); SmolLM2's 576 needs 64.
+    # widths (64, 128); SmolLM2's 576 needs 64. A tiny family's base model is random weights, which may write no answer
+    # at all (04 then refuses to score it): only its fine-tuned model is scored.
     steps, rate, group = (8, 5.0e-4, 64) if name == "smollm2" else (40, 1.0e-2, 32)
     return f"""run_name: {name}
 output_dir: {out}
@@ -113,7 +114,7 @@ data: {{train_path: {data}, eval_size: 8}}
 prompt: {{system: "Answer with one word.", instruction: "Answer from the passage."}}
 train: {{max_steps: {steps}, batch_size: 4, learning_rate: {rate}, warmup_ratio: 0.0, lr_scheduler: constant, eval_loss_examples: 4, logging_steps: 12}}
 quantize: {{methods: {"[gguf_q8_0, gptq_w4a16]" if quantize else "[]"}, group_size: {group}, calibration_examples: 8}}
-evaluate: {{batch_size: 8, max_new_tokens: 8}}
+evaluate: {{batch_size: 8, max_new_tokens: 8, models: {"[base, finetuned]" if name == "smollm2" else "[finetuned]"}}}
 """
 
 

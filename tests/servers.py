@@ -1,5 +1,6 @@
 """Real servers for the tests: llama-cpp-python's OpenAI-compatible server with the embedded SmolLM2 GGUF on loopback,
-and a fault-injecting reverse proxy (standard library HTTP server + httpx) in front of it."""
+a fault-injecting reverse proxy (standard library HTTP server + httpx) in front of it, and an endpoint that lists its
+model but fails every request (a server up, with its model broken)."""
 import importlib.util
 import json
 import socket
@@ -130,3 +131,36 @@ def serving(proxy: "FaultProxy"):
         proxy.server.shutdown()
         proxy.server.server_close()
         proxy.client.close()
+
+
+@contextmanager
+def failing_endpoint(model: str = "none"):
+    """An OpenAI-compatible endpoint whose GET /v1/models lists `model` (so a preflight finds it up) and whose every
+    chat completion is a 500: the /v1 URL while the block runs."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, status: int, body: dict):
+            raw = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):
+            self.reply(200, {"object": "list", "data": [{"id": model, "object": "model"}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.reply(500, {"error": {"message": "the model failed to load", "type": "server_error"}})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from conftest import ROOT
-from tunebook.config import ParamsError, load_params, schema_markdown, schema_rows
+from tunebook.config import ParamsError, load_params, read_yaml, schema_markdown, schema_rows
 
 MINIMAL = "data:\n  train_path: rows.jsonl\n"
 
@@ -111,3 +111,75 @@ def test_raft_and_retrieval_do_not_combine(write_params):
     path = write_params("data:\n  train_path: x.jsonl\n  raft: {enabled: true}\n  retrieval: {corpus_path: docs.jsonl}\n")
     with pytest.raises(ParamsError, match="cannot be combined with data.retrieval.corpus_path"):
         load_params(path)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(write_params):
+    path = write_params(MINIMAL + "train:\n  lora_r: 8\n  lora_alpha: 16\n  lora_r: 32\n")
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert str(e.value) == f"{path}: key 'train.lora_r' is given twice, on lines 4 and 6; keep one (YAML would silently use the last)."
+    with pytest.raises(ParamsError, match=r"key 'data' is given twice, on lines 1 and 4"):
+        load_params(write_params(MINIMAL + "seed: 1\ndata:\n  eval_size: 3\n"))
+    with pytest.raises(ParamsError, match=r"key 'evaluate.api_baselines.1.model' is given twice, on line 6;"):
+        load_params(write_params(MINIMAL + "evaluate:\n  api_baselines:\n    - {label: a, model: m}\n    - {label: b, model: m, model: n}\n"))
+    # The same key in two mappings is no repeat, and a merge key's values may be overridden (that is what it is for).
+    params = load_params(write_params(MINIMAL + "train: {batch_size: 2}\nevaluate: {batch_size: 4}\n"))
+    assert (params.train.batch_size, params.evaluate.batch_size) == (2, 4)
+    assert read_yaml(write_params("a: &b {x: 1, y: 1}\nc:\n  <<: *b\n  x: 2\n", "m.yaml"))["c"] == {"x": 2, "y": 1}
+
+
+def test_legal_types_with_no_legal_meaning_name_the_key_the_value_and_the_rule(write_params):
+    path = write_params(MINIMAL)
+    cases = {
+        "data.eval_size=1.5": "data.eval_size must be a fraction between 0 and 1 (e.g. 0.2) or a whole number of rows (e.g. 50); got 1.5.",
+        "train.max_steps=0": "train.max_steps must be -1 (run the full train.epochs) or a number of steps of at least 1; got 0.",
+        "train.target_modules=5": "train.target_modules must be 'all-linear' or a list of layer names such as [q_proj, v_proj]; got 5.",
+        "train.target_modules=[]": "train.target_modules must be 'all-linear' or a list of layer names such as [q_proj, v_proj]; got [].",
+        "train.lora_r=true": "train.lora_r must be a number, not true or false; got true.",
+        "seed=-1": "seed must be a whole number from 0 to 4294967295; got -1.",
+        "evaluate.stop_strings=['']": "evaluate.stop_strings must be a list of non-empty strings, e.g. [\"\\n\"] (an empty one would cut every answer to nothing); got [''].",
+        "quantize.methods=[gguf_q8_0, gguf_q8_0]": "quantize.methods must list each method once (gguf_q8_0 more than once); got ['gguf_q8_0', 'gguf_q8_0'].",
+    }
+    for override, line in cases.items():
+        with pytest.raises(ParamsError) as e:
+            load_params(path, [override])
+        assert str(e.value).splitlines()[1] == f"  - {line}", override
+    for override, fragment in {
+        "data.group_field=id": "data.group_field is data.id_field ('id'): every row would be a group of its own",
+        "evaluate.models=[base, base]": "evaluate.models must list each model once (base more than once)",
+        "prompt.template='{passages}'": "prompt.template must have a {question} placeholder",
+        "synthesize.clean.min_question_chars=400": "min_question_chars (400) is above max_question_chars (300)",
+        "output_dir=''": "output_dir must be a folder",
+        "evaluate.api_baselines=[{label: x, model: m, base_url: 'localhost:8080'}]": "evaluate.api_baselines.0.base_url must be an http:// or https:// address",
+        "sweep.stages=[]": "sweep.stages must name at least one stage, e.g. 04,05 (stages: 01 (build_dataset),",
+    }.items():
+        with pytest.raises(ParamsError, match=re.escape(fragment)):
+            load_params(path, [override])
+    assert load_params(path, ["data.eval_size=8"]).data.eval_size == 8
+    assert load_params(path, ["data.eval_size=0.25", "train.max_steps=-1", "evaluate.models=[base]"]).data.eval_size == 0.25
+
+
+def test_every_union_key_says_what_it_takes_in_the_users_terms():
+    """pydantic names a union's branches (str, list[str]) in its errors: such a key must carry its own rule."""
+    import types
+    import typing
+
+    from tunebook.config import Params, _section_type
+
+    def has_union(annotation) -> bool:  # X | None is not one: pydantic reports it as X
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len([a for a in args if a is not type(None)]) > 1:
+            return True
+        return typing.get_origin(annotation) is not typing.Literal and any(has_union(a) for a in args)
+
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            section = _section_type(field.annotation)
+            if section is not None:
+                yield from walk(section, f"{prefix}{name}.")
+            elif has_union(field.annotation):
+                yield prefix + name, (field.json_schema_extra or {}).get("allowed")
+
+    unions = dict(walk(Params))
+    assert {"train.target_modules", "sweep.grid"} <= set(unions)
+    assert all(unions.values()), [k for k, v in unions.items() if not v]

@@ -94,8 +94,9 @@ def test_rerun_of_later_stages(smoke_run):
 
 
 def test_failed_stage_is_reported_and_marked(tmp_path):
-    result = tunebook("run", "params/smoke.yaml", "--set", f"output_dir={tmp_path}", "--set", "data.train_path=missing.jsonl")
+    """A stage that fails on what only it can see (here every prompt longer than max_seq_length, known once tokenized)."""
+    result = tunebook("run", "params/smoke.yaml", "--set", f"output_dir={tmp_path}", "--set", "model.max_seq_length=32")
     assert result.returncode == 2
-    assert "Stage 01_build_dataset failed" in result.stderr and "Data file not found" in result.stderr
+    assert "Stage 01_build_dataset failed" in result.stderr and "longer than model.max_seq_length=32" in result.stderr, result.stderr
     manifest = json.loads((tmp_path / "smoke" / "manifest.json").read_text())
     assert manifest["stages"]["01_build_dataset"]["status"] == "failed"

@@ -123,7 +123,7 @@ def test_cli_resume_continues_from_the_last_checkpoint(new_run, reference, tmp_p
     run = new_run(name)
     log = tmp_path / "killed.log"
     kill_after_checkpoint(start(cli(name, reference.parent, "--stages", "02"), log), run, 4, log)
-    assert run.status("02_finetune") == "running"  # killed: never marked complete or failed
+    assert run.status("02_finetune") == "interrupted"  # the command's SIGTERM handler records it (the kernel was SIGKILLed)
     first_01 = run.manifest()["stages"]["01_build_dataset"]
 
     resumed = subprocess.run(cli(name, reference.parent, "--stages", "01,02", "--resume"), cwd=ROOT, capture_output=True, text=True)

@@ -17,12 +17,12 @@ import difflib
 import html
 import json
 import re
-import unicodedata
 from collections import Counter
 from pathlib import Path
 
 from tunebook.config import on_colab
 from tunebook.data import load_split
+from tunebook.metrics import SPAN_METRICS, answer_in_passages, loose_normalize
 from tunebook.runs import Run, is_run_folder, open_run, write_json_atomic
 
 CATEGORIES = ("request_failed", "empty", "normalization", "too_verbose", "truncated", "wrong")
@@ -34,12 +34,6 @@ CATEGORY_MEANING = {
     "truncated": "only part of the right answer",
     "wrong": "a different answer",
 }
-
-
-def loose_normalize(text: str) -> str:
-    """NFKC, casefold, and drop every Unicode punctuation, symbol and space character."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "PSZ" and not ch.isspace())
 
 
 def categorize(prediction: str, golds: list[str]) -> str:
@@ -66,11 +60,13 @@ def load_predictions(run: Run) -> dict[str, list[dict]]:
     """Predictions per model, each row joined with its eval example (passages) and its category."""
     files = run.outputs_of("04_evaluate")["predictions"]
     passages = {e["id"]: e["passages"] for e in load_split(run, "eval")}
+    spans = run.params.evaluate.metric in SPAN_METRICS  # a class label or a long FAQ answer is not expected in the passages
     result = {}
     for label, path in files.items():
         rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         for row in rows:
             row["passages"] = passages.get(row["id"], [])
+            row["gold_in_passages"] = gold_in_passages(row) if spans else None  # False: flagged "retrieval miss"
             if row.get("request", {}).get("status") == "failed":
                 row["category"] = "request_failed"
             else:
@@ -135,9 +131,20 @@ def analyze(run: Run) -> dict:
         confusion = {m: confusion_matrix(rows, labels) for m, rows in predictions.items()} if labels else {}
         report = run.dir / "report.html"
         report.write_text(report_html(run.params.run_name, predictions, counts, compare, confusion, labels), encoding="utf-8")
-        write_json_atomic(run.dir / "analysis.json", {"category_counts": counts, "base_vs_finetuned": compare, "confusion": confusion})
+        missing = gold_missing(predictions)
+        if missing["rows"]:
+            print(f"{missing['rows']} of {missing['of']} eval questions have no gold answer in their passages: their answers are flagged "
+                  "'retrieval miss' (not the model's fault); the browser's and report's category filter 'retrieval miss' lists them.")
+        write_json_atomic(run.dir / "analysis.json", {"category_counts": counts, "base_vs_finetuned": compare, "confusion": confusion, "gold_missing": missing})
         outputs.update(report_html=str(report), analysis_json=str(run.dir / "analysis.json"))
     return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare, "labels": labels, "confusion": confusion}
+
+
+def gold_missing(predictions: dict[str, list[dict]]) -> dict:
+    """The eval questions none of whose gold answers is in their passages (RAG-QA metrics; the same for every model)."""
+    questions = {r["id"]: r for rows in predictions.values() for r in rows}
+    ids = [i for i, r in questions.items() if r.get("gold_in_passages") is False]
+    return {"rows": len(ids), "of": len(questions), "ids": ids}
 
 
 def confusion_matrix(rows: list[dict], labels: list[str]) -> dict:
@@ -213,10 +220,7 @@ def gold_in_passages(row: dict) -> bool | None:
     """Whether any gold answer occurs in the passages (loosely normalized); None when there are no passages or the
     answer is yes / no.
     A question whose passages lack every gold is a retrieval miss, not the model's error."""
-    if not row["passages"] or all(g.strip().lower() in ("yes", "no") for g in row["gold_answers"]):
-        return None  # nothing retrieved, or a yes/no question (HotpotQA comparisons): the passages need not say it
-    text = loose_normalize(" ".join(row["passages"]))
-    return any(g and g in text for g in (loose_normalize(g) for g in row["gold_answers"]))
+    return answer_in_passages(row["passages"], row["gold_answers"])  # 01 counts and flags its rows the same way
 
 
 def confusion_column(row: dict, labels: list[str]) -> str:
@@ -231,7 +235,8 @@ def item_html(row: dict, model: str = "", hidden: bool = False, labels: list[str
     head = f"<b>{html.escape(model)}</b> · " if model else ""
     if row.get("change"):
         head += f'<span class="change change-{row["change"]}">{row["change"].replace("_", " ")} vs {html.escape(row["reference"])}</span> · '
-    miss = not labels and gold_in_passages(row) is False  # a class label is not expected in the text
+    # load_predictions sets the flag by the run's metric; a row without it: a class label is not expected in the text.
+    miss = row["gold_in_passages"] is False if "gold_in_passages" in row else not labels and gold_in_passages(row) is False
     if miss:
         head += '<span class="miss">retrieval miss</span> <small>no gold answer is in the passages</small> · '
     diff = ""
@@ -341,6 +346,13 @@ def _options(values: list[tuple[str, str]]) -> str:
     return "".join(f'<option value="{html.escape(v)}">{html.escape(label)}</option>' for v, label in values)
 
 
+def _missing_html(missing: dict) -> str:
+    if not missing["rows"]:
+        return ""
+    return (f'<p>{missing["rows"]} of {missing["of"]} eval questions have no gold answer in their passages: their answers are flagged '
+            '<span class="miss">retrieval miss</span> (not the model\'s fault; category filter "retrieval miss").</p>')
+
+
 def _filters_html(models: list[str]) -> str:
     categories = [("all_wrong", "all wrong"), ("", "all answers"), *((c, c) for c in (*CATEGORIES, "correct")), ("miss", "retrieval miss (no gold in the passages)")]
     return (
@@ -363,6 +375,7 @@ def report_html(
         f"<style>{_CSS}</style></head><body><h1>Error analysis · run {html.escape(run_name)}</h1>",
         "<h2>Answers per category</h2>",
         _table_html(counts),
+        _missing_html(gold_missing(predictions)),
         "<ul>" + "".join(f"<li><b>{c}</b>: {html.escape(m)}</li>" for c, m in CATEGORY_MEANING.items()) + "</ul>",
     ]
     if compare:
@@ -397,7 +410,8 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
     names = list(predictions)
     model = w.Dropdown(options=names, description="model")
     against = w.Dropdown(description="against")
-    category = w.Dropdown(options=["all wrong", *CATEGORIES, "correct", "all answers"], description="category")
+    misses = any(r.get("gold_in_passages") is False for rows in predictions.values() for r in rows)
+    category = w.Dropdown(options=["all wrong", *CATEGORIES, "correct", "all answers", *(["retrieval miss"] if misses else [])], description="category")
     changed = w.Dropdown(options=[("any", ""), *((c.replace("_", " "), c) for c in CHANGES)], description="change")
     search = w.Text(description="search", placeholder="question, answer, passage", continuous_update=False)
     prev_button, next_button = w.Button(description="◀ previous"), w.Button(description="next ▶")
@@ -415,7 +429,8 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
         return {r["id"]: change(is_right(before[r["id"]]), is_right(r)) for r in predictions[model.value] if r["id"] in before}
 
     def refresh(*_):
-        wanted = {"all wrong": lambda r: r["category"] != "correct", "all answers": lambda r: True}.get(category.value, lambda r: r["category"] == category.value)
+        wanted = {"all wrong": lambda r: r["category"] != "correct", "all answers": lambda r: True, "retrieval miss": lambda r: r.get("gold_in_passages") is False}.get(
+            category.value, lambda r: r["category"] == category.value)
         query, moves = search.value.strip().lower(), changes()
         state["items"] = [
             {**r, "change": moves[r["id"]], "reference": against.value} if r["id"] in moves else {k: v for k, v in r.items() if k not in ("change", "reference")}

@@ -2,6 +2,7 @@
 params, cache a model.
 
     python -m tunebook run params/default.yaml [--stages 04,05] [--set train.max_steps=10] [--resume | --overwrite]
+    python -m tunebook check params/default.yaml [--stages 04,05] [--set KEY=VALUE]
     python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run]
     python -m tunebook compare outputs/sweep_lora [outputs/default ...] [--model finetuned] [--sort f1] [--out DIR]
     python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric squad|hotpot|japanese|classification|faq]
@@ -18,9 +19,9 @@ import time
 from pathlib import Path
 
 from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
-from tunebook.errors import TunebookError
+from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, sigterm_raises, signal_name
 from tunebook.metrics import SCORERS
-from tunebook.runs import Run, execute_stage, move_aside, refuse_sweep, save_params
+from tunebook.runs import Run, execute_stage, interruption_note, move_aside, refuse_sweep, save_params, stage_key, stage_values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="Run only the stages of an existing run that are not complete")
     mode.add_argument("--overwrite", action="store_true", help="Move an existing run folder aside (renamed, kept) and start over")
+
+    check = sub.add_parser("check", help="The preflight alone: check params, data files, model, endpoints, output folder and disk in seconds.")
+    check.add_argument("params", help="A params YAML, e.g. params/default.yaml")
+    check.add_argument("--stages", help="Check for these stages only, e.g. 04,05 (default: all)")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a params key (repeatable)")
 
     sweep = sub.add_parser("sweep", help="Expand a params file's sweep section into runs and execute them (stages shared across runs run once).")
     sweep.add_argument("params", help="A params YAML with a sweep: section, e.g. params/sweep_lora.yaml")
@@ -59,70 +65,124 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("name", nargs="?", default=DEFAULT_MODEL)
 
     args = parser.parse_args(argv)
-    try:
-        if args.command == "run":
-            return run_pipeline(args.params, args.overrides, args.stages, resume=args.resume, overwrite=args.overwrite)
-        if args.command == "sweep":
-            from tunebook.sweep import run_sweep
+    # Every error a user can cause ends here as one message and exit code 2, never a traceback: ours (TunebookError)
+    # and the file system's (a folder that cannot be created, no permission, a full disk). A SIGTERM is handled like
+    # Ctrl-C, so a stage being run is recorded as interrupted.
+    with sigterm_raises():
+        try:
+            return _command(args)
+        except TunebookError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            if not is_file_system_error(e):
+                raise
+            print(f"error: {file_system_error(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            print(f"\nInterrupted ({signal_name(e)}).", file=sys.stderr)
+            return interrupted_code(e)
 
-            return run_sweep(args.params, args.overrides, rerun=args.rerun, dry_run=args.dry_run)
-        if args.command == "compare":
-            from tunebook.compare import compare_command
 
-            return compare_command(args.runs, args.model, args.sort, args.out)
-        if args.command == "score":
-            return score_file(args.file, args.jsonl_out, args.metric)
-        if args.command == "params":
-            if args.update_readme:
-                return update_readme_table(Path(args.update_readme))
-            print(schema_markdown())
-            return 0
-        from tunebook.models import materialize_embedded
+def interrupted_code(interrupt: KeyboardInterrupt) -> int:
+    return 143 if isinstance(interrupt, Terminated) else 130  # 128 + the signal's number, as a shell reports it
 
-        print(materialize_embedded(args.name))
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return run_pipeline(args.params, args.overrides, args.stages, resume=args.resume, overwrite=args.overwrite)
+    if args.command == "check":
+        from tunebook.preflight import check_or_stop
+
+        check_or_stop(load_params(args.params, args.overrides), select_stages(args.stages), args.params)
+        print("No problems found.")
         return 0
-    except TunebookError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "sweep":
+        from tunebook.sweep import run_sweep
+
+        return run_sweep(args.params, args.overrides, rerun=args.rerun, dry_run=args.dry_run)
+    if args.command == "compare":
+        from tunebook.compare import compare_command
+
+        return compare_command(args.runs, args.model, args.sort, args.out)
+    if args.command == "score":
+        return score_file(args.file, args.jsonl_out, args.metric)
+    if args.command == "params":
+        if args.update_readme:
+            return update_readme_table(Path(args.update_readme))
+        print(schema_markdown())
+        return 0
+    from tunebook.models import materialize_embedded
+
+    print(materialize_embedded(args.name))
+    return 0
 
 
 def select_stages(spec: str | None) -> list[str]:
-    if not spec:
+    if spec is None:  # --stages "" names no stage: refused below, not taken as all of them
         return list(STAGES)
     try:
         return stage_names(spec)
     except ValueError as e:
+        if str(e).startswith("must"):
+            raise TunebookError(f"--stages {spec!r} {e}; leave --stages out to run them all.") from None
         raise TunebookError(f"--stages {spec!r}: {e}.") from None
 
 
 def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None, *, resume: bool = False, overwrite: bool = False) -> int:
+    from tunebook.preflight import check_or_stop
+
     params = load_params(params_path, overrides)  # fail on a typo before anything starts
     refuse_sweep(params, params_path)
     stages = select_stages(stages_spec)
     run_dir = params.run_dir
     existing = Run(params=params, dir=run_dir)
+    existing.refuse_if_running()
     done = [s for s in STAGES if existing.status(s) == "complete"] if run_dir.exists() else []
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
             print(f"Moved the existing run folder to {move_aside(run_dir)}")
             done = []
         elif resume:
+            stale = changed_stages(existing, done)
+            if stale:
+                # A complete stage made with other params would be kept silently: re-run it and what follows it.
+                print(f"Stage {stale[0]} is complete but was made with other params ({', '.join(stale_keys(existing, stale[0]))}): re-running it and the stages after it.")
+                done = done[: done.index(stale[0])]
             stages = [s for s in stages if s not in done]
-        elif not stages_spec:
+        elif stages_spec is None:
+            left = [s for s in STAGES if existing.status(s) in ("running", "interrupted")]
             raise TunebookError(
-                f"Run folder {run_dir} already exists (complete stages: {', '.join(s[:2] for s in done) or 'none'}). "
+                f"Run folder {run_dir} already exists (complete stages: {', '.join(s[:2] for s in done) or 'none'}"
+                f"{'; interrupted: ' + ', '.join(s[:2] for s in left) if left else ''}). "
                 "Nothing was changed. Use --resume to run the missing stages, --stages 04,05 to re-run some, "
                 "--overwrite to move it aside and start over, or --set run_name=NEW for a new run."
             )
-    params_file = save_params(params)
+    # A stage left running by a process that is gone (killed, a lost machine): said, and re-run when chosen.
+    for stage, note in existing.settle_interrupted().items():
+        print(f"{note}; re-running it." if stage in stages else f"{note}; `--stages {stage[:2]}` or --resume re-runs it.")
     if not stages:
         print(f"All stages of {run_dir} are complete; nothing to do.")
         return 0
+    check_or_stop(params, stages, params_path)  # before anything is written
+    params_file = save_params(params)
+    refuse_unwritable(params_file.parent)
     started = time.time()
     for number, stage in enumerate(stages, start=1):
         print(f"\n=== [{number}/{len(stages)}] {stage} → {run_dir / 'notebooks' / (stage + '.ipynb')}", flush=True)
         stage_started = time.time()
-        execute_stage(stage, params_file, params_file.parent)
+        try:
+            execute_stage(stage, params_file, params_file.parent)
+        except KeyboardInterrupt as e:
+            entry = existing.manifest()["stages"].get(stage, {})
+            state = interruption_note(stage, entry) if entry.get("status") == "interrupted" else f"Stage {stage} was interrupted ({signal_name(e)})"
+            print(
+                f"\n{state}; recorded in {existing.manifest_path}.\n"
+                f"`python -m tunebook run {params_path} --resume` runs the stages that are not complete"
+                f"{' (02 continues from its last checkpoint)' if stage == '02_finetune' else ''}.",
+                file=sys.stderr, flush=True,
+            )
+            return interrupted_code(e)
         print(f"=== {stage} done in {time.time() - stage_started:.0f}s", flush=True)
     print(f"\nRun {params.run_name} finished in {time.time() - started:.0f}s: {run_dir}")
     metrics = run_dir / "metrics.json"
@@ -131,6 +191,30 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
 
         print(pd.DataFrame(json.loads(metrics.read_text(encoding="utf-8"))).to_markdown(index=False))
     return 0
+
+
+def changed_stages(run: Run, done: list[str]) -> list[str]:
+    """Complete stages whose recorded params key differs from the current params' (runs older than keys: none)."""
+    return [s for s in done if run.key_of(s) is not None and run.key_of(s) != stage_key(run.params, s)]
+
+
+def stale_keys(run: Run, stage: str) -> list[str]:
+    saved = run.dir / "params.yaml"
+    if not saved.is_file():
+        return ["params.yaml is missing"]
+    old, new = stage_values(load_params(saved), stage), stage_values(run.params, stage)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)] or ["unknown keys"]
+def refuse_unwritable(run_dir: Path) -> None:
+    """A run folder the stages cannot write to (read-only, a full disk): said now, not after a kernel has started."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        if not is_file_system_error(e):
+            raise
+        raise file_system_error(e, operation="create", what="a file in the run folder", shown_path=run_dir, hint="The stages write their outputs there.") from None
 
 
 README_MARKERS = ("<!-- params-table:start -->\n", "\n<!-- params-table:end -->")
@@ -158,10 +242,20 @@ def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
     from tunebook.metrics import score_predictions
 
     source = Path(path)
-    if not source.is_file():
+    if source.is_dir():
+        raise TunebookError(f"{source} is a folder, not a predictions file: give a JSONL file (e.g. <run>/predictions/finetuned.jsonl).")
+    if not source.exists():
         raise TunebookError(f"Predictions file not found: {source}")
-    if jsonl_out and Path(jsonl_out).resolve() == source.resolve():
-        raise TunebookError("--jsonl-out must not be the input file (it would be overwritten).")
+    if jsonl_out:
+        out = Path(jsonl_out)
+        if out.resolve() == source.resolve():
+            raise TunebookError("--jsonl-out must not be the input file (it would be overwritten).")
+        if out.is_dir():
+            raise TunebookError(f"--jsonl-out {out} is a folder: give a file name in it, e.g. {out / 'scored.jsonl'}.")
+        if not out.parent.is_dir():  # checked before scoring, not after
+            blocker = next((p for p in out.parents if p.exists()), None)
+            why = f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir() else f"the folder {out.parent} does not exist"
+            raise TunebookError(f"--jsonl-out {out}: {why}. Create the folder first, or write the scored rows elsewhere.")
     predictions, golds = [], []
     for number, row in enumerate(read_jsonl(source), start=1):
         prediction, gold = row.get("prediction"), row.get("gold_answers")
@@ -177,9 +271,19 @@ def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
     rows, summary = score_predictions(metric, predictions, golds, labels=sorted({g[0] for g in golds}))
     print(f"n={len(rows)}  " + "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
     if jsonl_out:
+        out = Path(jsonl_out)
+        if out.is_symlink() or (out.exists() and not out.is_file()):  # /dev/stdout, a pipe, a link: written in place, never replaced
+            with open(out, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            return 0
         tmp = Path(jsonl_out + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)  # a half-written file (a full disk) is not left behind
+            if is_file_system_error(e):
+                raise file_system_error(e, what="--jsonl-out", shown_path=out) from None
+            raise
         shutil.move(tmp, jsonl_out)
     return 0

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from tunebook.config import read_yaml
 from tunebook.errors import TunebookError
 from tunebook.metrics import SUMMARY_KEYS
 from tunebook.runs import WHERE_KEYS, flatten, is_run_folder, is_under
@@ -61,7 +61,7 @@ def comparison(run_dirs: list[Path], model: str = "finetuned") -> pd.DataFrame:
         if not chosen:
             left_out.append(f"{folder.name} (no '{model}' row; it has {', '.join(m['model'] for m in metrics)})")
             continue
-        flat = flatten(yaml.safe_load((folder / "params.yaml").read_text(encoding="utf-8")))
+        flat = flatten(read_yaml(folder / "params.yaml"))
         params[folder.name] = {k: v for k, v in flat.items() if not is_under(k, WHERE_KEYS)}
         training = _training(stages.get("02_finetune", {}))
         for m in chosen:

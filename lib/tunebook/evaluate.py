@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tunebook.data import load_split, read_jsonl
+from tunebook.errors import TunebookError
 from tunebook.families import TemplateError, render_prompt, split_reasoning
 from tunebook.generate import answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
@@ -24,6 +25,48 @@ from tunebook.models import load_for_inference, load_tokenizer, pick_backend, re
 from tunebook.runs import Run, params_key, write_json_atomic
 
 TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "bits", "size_mb"]
+
+
+class EvaluationFailed(TunebookError):
+    """A model produced no answer at all: it is not scored, and 04 ends with this error once the others are written.
+    `failures`: one record per such model (label, reason, its rows' file, n and timings); `table`: the rows written."""
+
+    def __init__(self, message: str, failures: list[dict], table: list[dict]):
+        super().__init__(message)
+        self.failures, self.table = failures, table
+
+
+def no_answers(predictions: list[str], outputs: list[str], requests: list[dict] | None) -> str | None:
+    """Why a model produced no answer at all (every prediction empty), or None when it answered at least one row."""
+    if not predictions or any(p.strip() for p in predictions):
+        return None
+    n = len(predictions)
+    failed = [r for r in requests or [] if r["status"] != "ok"]
+    if failed:
+        first = failed[0]["error"]
+        if len(failed) == n:
+            return f"all {n} requests failed after their retries; the first error: {first}"
+        return f"{len(failed)} of {n} requests failed (the first error: {first}) and the other {n - len(failed)} replies were empty"
+    if requests:
+        return f"all {n} replies were empty"
+    if any(o.strip() for o in outputs):
+        return f"all {n} outputs are empty once the <think> block and the part before prompt.final_answer_prefix are taken out"
+    return f"all {n} outputs are empty"
+
+
+def failure_message(failures: list[dict], scored: list[str]) -> str:
+    """The error 04 ends with: each model that produced nothing, why, where its rows are; what was written for the others."""
+    lines = []
+    for f in failures:
+        if f["format"] == "api":
+            what, hint = f"API baseline at {f['path']}", "Is the endpoint up, and are its base_url, model and api_key_env in evaluate.api_baselines right?"
+        else:
+            what, hint = f"{f['format']} model {f['path']}", "Check model.chat_template, evaluate.stop_strings and evaluate.max_new_tokens."
+        lines.append(f"{f['label']} ({what}) produced no answers: {f['reason'].rstrip('.')}. {hint} "
+                     f"It was not scored and has no row in metrics.json; its rows are in {f['file']}.")
+    lines.append(f"The other models were scored and written (metrics.json, predictions/): {', '.join(scored)}." if scored else
+                 "No model was scored: metrics.json and metrics.csv were left as they were.")
+    return "\n".join(lines)
 
 
 def final_answer(output: str, prefix: str | None) -> str:
@@ -107,7 +150,7 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
         predictions_dir.mkdir(exist_ok=True)
-        table, files, reused = [], {}, {}
+        table, files, reused, failures = [], {}, {}, []
         for m in models:
             label = m["label"]
             path = predictions_dir / f"{label}.jsonl"
@@ -150,6 +193,20 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
             # A reasoning block is never part of the answer: taken out before scoring, kept beside it.
             reasonings, replies = zip(*map(split_reasoning, result.texts)) if result.texts else ((), ())
             answers = [final_answer(reply.strip(), p.prompt.final_answer_prefix) for reply in replies]
+            failed_path = predictions_dir / f"{label}.failed.jsonl"  # beside, so an earlier good predictions file stays
+            reason = no_answers(answers, result.texts, result.requests)
+            if reason:
+                # Not scored: a row of zeros would read as a model that answers everything wrong.
+                with open(failed_path, "w", encoding="utf-8") as f:
+                    for e, text, request in zip(examples, result.texts, result.requests or [None] * len(examples)):
+                        row = {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": "", "output": text}
+                        f.write(json.dumps({**row, **({"request": request} if request else {})}, ensure_ascii=False) + "\n")
+                failures.append({"label": label, "format": m["format"], "path": m["path"], "reason": reason, "file": str(failed_path), "n": len(examples),
+                                 "seconds": round(result.seconds, 2), "load_seconds": round(load_seconds, 2),
+                                 "peak_memory_mb": round(peak["mb"], 1) if m["format"] != "api" else None})
+                print(f"{label}: FAILED, not scored: {reason.rstrip('.')}.")
+                continue
+            failed_path.unlink(missing_ok=True)
             scores, summary = score_predictions(p.evaluate.metric, answers, [e["answers"] for e in examples], labels)
             rows = [
                 {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": answer, "output": text, **({"reasoning": r} if r is not None else {}), **s}
@@ -181,12 +238,18 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
                 }
             )
             print(f"{label}: " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items()) + f"  ({result.seconds:.1f}s)")
-        write_json_atomic(run.dir / "metrics.json", table)
-        with open(run.dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
-            columns = list(dict.fromkeys(k for row in table for k in row)) or ["model", *TIMING_COLUMNS]
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(table)
+            if failed.get("failed_requests"):
+                print(f"{label}: {failed['failed_requests']} of {len(rows)} requests failed after their retries and are scored as empty "
+                      "answers (failed_requests in metrics.json; 05 files them as request_failed, with their errors).")
+        if table or not failures:  # when nothing was scored, the last complete evaluation's tables stay
+            write_json_atomic(run.dir / "metrics.json", table)
+            with open(run.dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+                columns = list(dict.fromkeys(k for row in table for k in row)) or ["model", *TIMING_COLUMNS]
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(table)
+        if failures:
+            raise EvaluationFailed(failure_message(failures, [row["model"] for row in table]), failures, table)
         outputs.update(
             metrics_json=str(run.dir / "metrics.json"), metrics_csv=str(run.dir / "metrics.csv"), predictions=files, labels=labels,
             untrained_key=untrained_key(p), untrained_labels=[m["label"] for m in models if m["label"] == "base" or m["format"] == "api"], reused=reused,

@@ -17,6 +17,26 @@ _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
+def loose_normalize(text: str) -> str:
+    """NFKC, casefold, and drop every Unicode punctuation, symbol and space character: texts equal up to width, case,
+    punctuation and spacing (05's `normalization` category, the gold-in-passages check, the eval/train overlap check)."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "PSZ" and not ch.isspace())
+
+
+# Metrics whose gold answers are spans of the passages (not class labels, not long FAQ answers).
+SPAN_METRICS = ("squad", "hotpot", "japanese")
+
+
+def answer_in_passages(passages: list[str], answers: list[str]) -> bool | None:
+    """Whether any gold answer occurs in the passages (loose_normalize on both); None when there are no passages or every
+    answer is yes / no (HotpotQA comparisons: the passages need not say it)."""
+    if not passages or all(a.strip().lower() in ("yes", "no") for a in answers):
+        return None
+    text = loose_normalize(" ".join(passages))
+    return any(a and a in text for a in map(loose_normalize, answers))
+
+
 def normalize_answer(text: str) -> str:
     text = text.lower()
     text = "".join(ch for ch in text if ch not in _PUNCTUATION)

@@ -13,6 +13,9 @@ import json
 import logging
 import os
 import shutil
+import signal
+import socket
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -21,11 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-import yaml
+import psutil
 
 from tunebook.colab import install_for_stage
-from tunebook.config import STAGES, Params, dump_params, load_params, on_colab
-from tunebook.errors import TunebookError
+from tunebook.config import STAGES, Params, dump_params, load_params, on_colab, read_yaml
+from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, sigterm_raises, signal_name
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 # The stage that first reads each params key (the most specific prefix wins; keys not listed: 01).
@@ -55,9 +58,7 @@ class Run:
         return self.dir / "manifest.json"
 
     def manifest(self) -> dict:
-        if not self.manifest_path.exists():
-            return {"run_name": self.params.run_name, "stages": {}}
-        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        return read_manifest(self.dir, self.params.run_name)
 
     def _write_manifest(self, manifest: dict) -> None:
         write_json_atomic(self.manifest_path, manifest)
@@ -80,33 +81,80 @@ class Run:
         """The params key a finished stage recorded (None for runs made before keys were recorded)."""
         return self.manifest()["stages"].get(stage, {}).get("key")
 
+    def refuse_if_running(self) -> None:
+        """A stage this run's manifest says is running, in a process alive on this machine (another notebook or
+        command on the same run folder): stop here, before anything is written."""
+        for stage, entry in self.manifest()["stages"].items():
+            if entry.get("status") == "running" and process_state(entry) == "alive" and entry.get("pid") != os.getpid():
+                raise TunebookError(
+                    f"Stage {stage} of run '{self.params.run_name}' is running now in process {entry['pid']} (started {entry['started']}), "
+                    f"on this run folder ({self.dir}). Nothing was changed. Wait for it to finish, or stop it (kill {entry['pid']}) and run again."
+                )
+
+    def settle_interrupted(self) -> dict[str, str]:
+        """Stages the manifest says are running whose process is gone (killed, a lost machine or Colab runtime): marked
+        interrupted; {stage: a sentence saying so}, for the caller to print (the entry records that it was said)."""
+        if not self.manifest_path.exists():
+            return {}
+        manifest = self.manifest()
+        notes = {}
+        for stage, entry in manifest["stages"].items():
+            state = process_state(entry) if entry.get("status") == "running" else None
+            if state in ("gone", "elsewhere"):
+                pid, host = entry.get("pid"), entry.get("host")
+                reason = (
+                    f"its process {pid} is gone" if pid and state == "gone"
+                    else f"it ran in process {pid} on {host}, not on this machine ({socket.gethostname()}): taken as a lost machine or runtime" if pid
+                    else "it was started by a tunebook that did not record its process"
+                )
+                entry.update(status="interrupted", interrupted=self._last_write(entry), reason=reason + "; the time is its last write to the run folder", reported=True)
+                notes[stage] = interruption_note(stage, entry)
+        if notes:
+            self._write_manifest(manifest)
+        return notes
+
+    def _last_write(self, entry: dict) -> str:
+        """When the stage last wrote into the run folder: the best estimate of when a killed process stopped."""
+        latest = max((f.stat().st_mtime for f in self.dir.rglob("*") if f.is_file()), default=time.time())
+        return datetime.fromtimestamp(latest, timezone.utc).isoformat(timespec="seconds")
+
     @contextmanager
     def stage(self, name: str) -> Iterator[dict]:
-        """Mark `name` running; yield a dict the stage fills with its outputs; mark it complete or failed."""
+        """Mark `name` running (with this process's id and host); yield a dict the stage fills with its outputs; mark
+        it complete, failed, or interrupted (Ctrl-C, a Jupyter interrupt, SIGTERM)."""
         if name not in STAGES:
             raise ValueError(f"unknown stage {name}")
         if on_colab():
             install_for_stage(self.params, name)
+        self.refuse_if_running()
+        for stage, note in self.settle_interrupted().items():
+            print(f"{note}; re-running it." if stage == name else f"{note}.")
         manifest = self.manifest()
-        if manifest["stages"].get(name, {}).get("status") == "complete":
+        previous = manifest["stages"].get(name, {})
+        if previous.get("status") == "complete":
             print(f"Re-running {name}: its previous outputs in {self.dir} will be replaced when it succeeds.")
+        elif previous.get("status") == "interrupted":  # said already when it was found gone (by open_run or the CLI)
+            print(f"Re-running {name}." if previous.get("reported") else f"{interruption_note(name, previous)}; re-running it.")
         _mark_later_stale(manifest, name)
         started = time.time()
-        manifest["stages"][name] = {"status": "running", "started": _now()}
-        self._write_manifest(manifest)
-        outputs: dict = {}
+        manifest["stages"][name] = {"status": "running", "started": _now(), **this_process()}
         try:
-            yield outputs
-        except BaseException as e:
-            manifest = self.manifest()
-            manifest["stages"][name] = {
-                "status": "failed",
-                "started": manifest["stages"][name]["started"],
-                "finished": _now(),
-                "error": "".join(traceback.format_exception_only(type(e), e)).strip(),
-            }
             self._write_manifest(manifest)
-            raise
+        except TunebookError as e:
+            raise type(e)(f"{e} The run folder must be writable to run a stage in it.") from None
+        outputs: dict = {}
+        with sigterm_raises():
+            try:
+                yield outputs
+            except KeyboardInterrupt as e:  # Ctrl-C, Jupyter's interrupt button, or a SIGTERM (errors.Terminated)
+                self._finish(name, {"status": "interrupted", "interrupted": _now(), "reason": signal_name(e)})
+                raise
+            except BaseException as e:
+                shown = file_system_error(e) if is_file_system_error(e) else e
+                self._finish(name, {"status": "failed", "finished": _now(), "error": "".join(traceback.format_exception_only(type(shown), shown)).strip()})
+                if shown is not e:
+                    raise shown from e
+                raise
         manifest = self.manifest()
         manifest["stages"][name] = {
             "status": "complete",
@@ -117,6 +165,83 @@ class Run:
             "outputs": outputs,
         }
         self._write_manifest(manifest)
+
+    def _finish(self, name: str, entry: dict) -> None:
+        manifest = self.manifest()
+        running = manifest["stages"][name]
+        keep = {k: running[k] for k in ("started", "pid", "host") if k in running} if entry["status"] == "interrupted" else {"started": running["started"]}
+        manifest["stages"][name] = {"status": entry["status"], **keep, **{k: v for k, v in entry.items() if k != "status"}}
+        self._write_manifest(manifest)
+
+
+def read_manifest(run_dir: Path, run_name: str = "") -> dict:
+    path = Path(run_dir) / "manifest.json"
+    if not path.exists():
+        return {"run_name": run_name, "stages": {}}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TunebookError(f"{path} is not a readable manifest ({e}). Move it aside to start the run over; its stages' files are kept.") from None
+
+
+def this_process() -> dict:
+    """What a running stage records so a later process can tell whether it is still alive."""
+    me = psutil.Process()
+    return {"pid": me.pid, "host": socket.gethostname(), "process_started": round(me.create_time(), 2)}
+
+
+def process_state(entry: dict) -> str:
+    """Of a running stage's process: alive (on this machine), gone, or elsewhere (another machine: cannot be checked)."""
+    pid = entry.get("pid")
+    if not pid:
+        return "gone"
+    if entry.get("host") != socket.gethostname():
+        return "elsewhere"
+    try:
+        process = psutil.Process(pid)
+        alive = process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - entry.get("process_started", process.create_time())) < 1
+    except psutil.Error:
+        alive = False
+    return "alive" if alive else "gone"
+
+
+def interruption_note(stage: str, entry: dict) -> str:
+    return f"Stage {stage} was interrupted at {entry.get('interrupted') or 'an unknown time'} ({entry.get('reason', 'no reason recorded')})"
+
+
+def stop_stage(run_dir: Path, stage: str, interrupt: KeyboardInterrupt, wait: float = 15.0) -> None:
+    """The command running a stage's notebook was interrupted: the stage runs on in the notebook's kernel, a process
+    of its own session (Ctrl-C and a SIGTERM to the command's group do not reach it). Send it SIGTERM, which its stage
+    context turns into an interruption it records; a kernel that does not record one in `wait` seconds is killed and
+    the stage is marked interrupted here."""
+    for name in ("asyncio", "papermill"):  # papermill's abandoned tasks, finished at exit: the kernel's end, not news
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    manifest_path = Path(run_dir) / "manifest.json"
+    entry = read_manifest(run_dir)["stages"].get(stage, {})
+    if entry.get("status") != "running":
+        return
+    if process_state(entry) == "alive":
+        try:
+            os.kill(entry["pid"], signal.SIGTERM)
+        except OSError:
+            pass
+        deadline = time.time() + wait
+        while time.time() < deadline and read_manifest(run_dir)["stages"].get(stage, {}).get("status") == "running":
+            time.sleep(0.1)
+        try:  # recorded (or stuck): it must not write to the run folder later, nor report to papermill while it stops
+            psutil.Process(entry["pid"]).kill()
+        except psutil.Error:
+            pass
+    manifest = read_manifest(run_dir)
+    current = manifest["stages"].get(stage, {})
+    reason = f"{signal_name(interrupt)} to the command running its notebook"
+    if current.get("status") == "running":
+        current.update(status="interrupted", interrupted=_now(), reason=reason)
+    elif current.get("status") == "interrupted" and current.get("started") == entry.get("started"):
+        current["reason"] = reason  # the kernel saw only the SIGTERM sent to it above
+    else:
+        return
+    write_json_atomic(manifest_path, manifest)
 
 
 def _mark_later_stale(manifest: dict, name: str) -> None:
@@ -215,24 +340,66 @@ def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict
     """Run notebooks/<stage>.ipynb headless with papermill into <run>/notebooks/<stage>.ipynb (returned). A failing
     cell raises StageFailed; the executed notebook, saved either way, holds the full traceback."""
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("papermill").setLevel(logging.INFO)
     executed = run_dir / "notebooks" / f"{stage}.ipynb"
     executed.parent.mkdir(exist_ok=True)
     try:
-        pm.execute_notebook(
-            str(NOTEBOOKS / f"{stage}.ipynb"),
-            str(executed),
-            parameters={"params_path": str(params_file), "overrides": [], **(parameters or {})},
-            cwd=str(NOTEBOOKS),
-            kernel_name=_kernel_name(),
-            log_output=True,
-            progress_bar=False,
-        )
+        with _interrupts_stop_the_stage(run_dir, stage):
+            pm.execute_notebook(
+                str(NOTEBOOKS / f"{stage}.ipynb"),
+                str(executed),
+                parameters={"params_path": str(params_file), "overrides": [], **(parameters or {})},
+                cwd=str(NOTEBOOKS),
+                kernel_name=_kernel_name(),
+                log_output=True,
+                progress_bar=False,
+            )
     except pm.PapermillExecutionError as e:
+        if e.ename in ("KeyboardInterrupt", "Terminated"):  # a signal to the kernel itself (Jupyter's interrupt, a kill)
+            raise StageFailed(f"Stage {stage} was interrupted in its kernel ({e.ename}: {e.evalue}), and recorded so; the executed notebook up to there: {executed}", executed) from None
         raise StageFailed(f"Stage {stage} failed: {e.ename}: {e.evalue}\nThe executed notebook with the full traceback: {executed}", executed) from None
+    except KeyboardInterrupt as e:  # (stopped already by the signal handler; this is for an interruption raised otherwise)
+        stop_stage(run_dir, stage, e)
+        raise
+    except DeadKernelError:  # killed from outside, or out of memory: its stage could record nothing
+        manifest = read_manifest(run_dir)
+        entry = manifest["stages"].get(stage, {})
+        pid = f" (process {entry['pid']})" if entry.get("status") == "running" and entry.get("pid") else ""
+        if entry.get("status") == "running":
+            entry.update(status="interrupted", interrupted=_now(), reason=f"its Jupyter kernel{pid} died")
+            write_json_atomic(run_dir / "manifest.json", manifest)
+        raise StageFailed(
+            f"Stage {stage} failed: its Jupyter kernel{pid} died without a Python error (killed, or out of memory). "
+            f"The executed notebook up to there: {executed}", executed,
+        ) from None
     return executed
+
+
+@contextmanager
+def _interrupts_stop_the_stage(run_dir: Path, stage: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM to this process while a notebook runs: first stop the stage in the kernel (stop_stage), then
+    raise here, so papermill's own clean-up finds the kernel done and the interruption recorded by the stage."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def handler(signum, frame):
+        interrupt = Terminated("SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
+        if not stopping:  # a second Ctrl-C while the kernel is being stopped waits for it
+            stopping.append(signum)
+            stop_stage(run_dir, stage, interrupt)
+        raise interrupt
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
 
 
 def _kernel_name() -> str:
@@ -243,10 +410,17 @@ def _kernel_name() -> str:
 
 
 def open_run(params_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
-    """Load params, create the run folder if needed, and keep the resolved params in it as params.yaml."""
+    """Load params, create the run folder if needed, and keep the resolved params in it as params.yaml. A stage that
+    was left running by a process that is gone is marked interrupted (and said so)."""
     params = load_params(params_path, overrides)
     refuse_sweep(params, params_path)
-    return Run(params=params, dir=save_params(params).parent)
+    run = Run(params=params, dir=params.run_dir.resolve())
+    # A stage running now in another process is refused by Run.stage, not here: 05's run picker opens every finished
+    # run of the folder, busy or not.
+    for note in run.settle_interrupted().values():
+        print(f"{note}.")
+    save_params(params)
+    return run
 
 
 def refuse_sweep(params: Params, params_path: str | Path) -> None:
@@ -261,7 +435,7 @@ def refuse_sweep(params: Params, params_path: str | Path) -> None:
 def is_run_folder(folder: Path) -> bool:
     """A run folder with its own params; False for one that --overwrite / --rerun moved aside (its params name another)."""
     params = folder / "params.yaml"
-    return (folder / "manifest.json").is_file() and params.is_file() and (yaml.safe_load(params.read_text(encoding="utf-8")) or {}).get("run_name") == folder.name
+    return (folder / "manifest.json").is_file() and params.is_file() and (read_yaml(params) or {}).get("run_name") == folder.name
 
 
 def move_aside(run_dir: Path) -> Path:
@@ -274,7 +448,12 @@ def move_aside(run_dir: Path) -> Path:
 def save_params(params: Params) -> Path:
     """Write the resolved params to <run>/params.yaml; an earlier, different version is kept beside it."""
     run_dir = params.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if not is_file_system_error(e):
+            raise
+        raise file_system_error(e, what="the run folder", hint=f"Set output_dir (now {params.output_dir}) to a folder you can write to.") from None
     resolved = dump_params(params)
     params_file = run_dir / "params.yaml"
     if params_file.exists() and params_file.read_text(encoding="utf-8") != resolved:
@@ -287,8 +466,17 @@ def save_params(params: Params) -> Path:
 
 def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        if not is_file_system_error(e):
+            raise
+        try:
+            tmp.unlink(missing_ok=True)  # a half-written one (a full disk)
+        except OSError:
+            pass
+        raise file_system_error(e, shown_path=path) from None  # the user knows the file, not its temporary twin
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

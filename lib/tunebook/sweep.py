@@ -15,13 +15,14 @@ import copy
 import itertools
 import json
 import re
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunebook.config import Params, ParamsError, apply_setting, read_params, validate_params
+from tunebook.errors import sigterm_raises
+from tunebook.preflight import check_sweep
 from tunebook.runs import Run, StageFailed, adopt_stage, execute_stage, move_aside, save_params, stage_key, write_json_atomic
 
 
@@ -74,15 +75,15 @@ def run_sweep(params_path: str, overrides: list[str], *, rerun: bool = False, dr
         print(f"  {r.name}: " + ", ".join(f"{k}={v}" for k, v in r.changes.items()))
     if dry_run:
         return 0
+    check_sweep({r.name: r.params for r in runs}, stages, params_path)
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "sweep.json"
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {"runs": {}}
     state.update(params_file=str(Path(params_path).resolve()), overrides=overrides, stages=stages, order=[r.name for r in runs])
     members = {r.name: Run(params=r.params, dir=folder / r.name) for r in runs}
     started = time.time()
-    # A kill (SIGTERM) stops the sweep like Ctrl-C: the notebook's kernel is shut down and the state is saved.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    # A kill (SIGTERM) stops the sweep like Ctrl-C: the stage running is recorded interrupted and the state is saved.
+    with sigterm_raises():
         for number, r in enumerate(runs, start=1):
             print(f"\n##### [{number}/{len(runs)}] {r.name}", flush=True)
             record = state["runs"].setdefault(r.name, {"stages": {}})
@@ -94,8 +95,6 @@ def run_sweep(params_path: str, overrides: list[str], *, rerun: bool = False, dr
                 write_json_atomic(state_path, state)
                 print(f"\nSweep interrupted during {r.name}. Run the same command again to finish the missing runs.")
                 return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     state["seconds_last_invocation"] = round(time.time() - started, 1)
     write_json_atomic(state_path, state)
     print(f"\nSweep {sweep_params.run_name} done in {time.time() - started:.0f}s: {state_path}")
@@ -111,10 +110,6 @@ def run_sweep(params_path: str, overrides: list[str], *, rerun: bool = False, dr
     return 1 if failed else 0
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _run_one(run: Run, stages: list[str], record: dict, members: dict[str, Run], rerun: bool, save) -> None:
     """Bring one run's stages to complete: skip finished ones, copy shared ones, execute the rest."""
     if rerun and run.dir.exists() and all(run.status(s) == "complete" for s in stages):
@@ -127,6 +122,9 @@ def _run_one(run: Run, stages: list[str], record: dict, members: dict[str, Run],
               "Nothing was changed; --rerun moves it aside and runs it again, or give the sweep another run_name.")
         save()
         return
+    run.refuse_if_running()
+    for stage, note in run.settle_interrupted().items():
+        print(f"{note}; re-running it." if stage in stages else f"{note}.")
     todo = [s for s in stages if run.status(s) != "complete"]
     if not todo:
         record["status"] = "finished"
