@@ -532,6 +532,10 @@ def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
     except RepeatedKey as e:
         where = f"on line {e.first}" if e.first == e.second else f"on lines {e.first} and {e.second}"
         raise ParamsError(f"{path}: key '{e.key}' is given twice, {where}; keep one (YAML would silently use the last).") from None
+    except yaml.MarkedYAMLError as e:  # where and what, without PyYAML's echo of the parser's state
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{path} is not valid YAML{where}: {e.problem or e.context}.") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {e}") from None
 
