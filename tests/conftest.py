@@ -53,7 +53,15 @@ def smoke_run(tmp_path_factory):
 # error analysis must work for classification (confusion matrix) and HotpotQA/RAFT (final-answer lines) too.
 RECIPE_RUNS = {
     "livedoor_genre": ["data.eval_size=18", "data.max_train_examples=16", "train.max_steps=2", "train.eval_loss_examples=4"],
-    "hotpotqa_raft": ["data.eval_size=6", "data.max_train_examples=4", "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1", "train.eval_loss_examples=2", "evaluate.max_new_tokens=24"],
+    "hotpotqa_raft": [
+        "data.eval_size=6",
+        "data.max_train_examples=4",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "train.eval_loss_examples=2",
+        "evaluate.max_new_tokens=24",
+    ],
 }
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from tunebook.errors import TunebookError
 from tunebook.config import DEFAULT_MODEL as DEFAULT_MODEL_NAME
+from tunebook.errors import TunebookError
 from tunebook.models import load_tokenizer, materialize_embedded, pick_backend, resolve_model
 
 

@@ -3,6 +3,7 @@
 One module per stage: data (01), train (02), quantize (03), generate/evaluate/metrics (04), analysis (05);
 config (the params schema), runs (the run folder and its manifest), models (base model loading), cli.
 """
+
 import logging
 
 from tunebook.errors import TunebookError

@@ -11,6 +11,7 @@ metrics.FAQ_RIGHT_ROUGE_L), checked in this order:
 Base vs fine-tuned: fixed / broken / still wrong / both right. Shown as tables, an ipywidgets browser and a
 static report.html (all model text and passages HTML-escaped).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -133,8 +134,10 @@ def analyze(run: Run) -> dict:
         report.write_text(report_html(run.params.run_name, predictions, counts, compare, confusion, labels), encoding="utf-8")
         missing = gold_missing(predictions)
         if missing["rows"]:
-            print(f"{missing['rows']} of {missing['of']} eval questions have no gold answer in their passages: their answers are flagged "
-                  "'retrieval miss' (not the model's fault); the browser's and report's category filter 'retrieval miss' lists them.")
+            print(
+                f"{missing['rows']} of {missing['of']} eval questions have no gold answer in their passages: their answers are flagged "
+                "'retrieval miss' (not the model's fault); the browser's and report's category filter 'retrieval miss' lists them."
+            )
         write_json_atomic(run.dir / "analysis.json", {"category_counts": counts, "base_vs_finetuned": compare, "confusion": confusion, "gold_missing": missing})
         outputs.update(report_html=str(report), analysis_json=str(run.dir / "analysis.json"))
     return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare, "labels": labels, "confusion": confusion}
@@ -245,7 +248,7 @@ def item_html(row: dict, model: str = "", hidden: bool = False, labels: list[str
     return (
         f'<div class="item" data-model="{html.escape(model)}" data-category="{row["category"]}" data-miss="{int(miss)}" data-change="{row.get("change", "")}"'
         + (f' data-gold="{html.escape(row["gold_answers"][0])}" data-pred="{html.escape(confusion_column(row, labels))}"' if labels else "")
-        + f'{" hidden" if hidden else ""}>'
+        + f"{' hidden' if hidden else ''}>"
         f'{head}<span class="cat cat-{row["category"]}">{row["category"]}</span> <small>{html.escape(CATEGORY_MEANING.get(row["category"], ""))}</small>'
         f"<p><b>Q:</b> {html.escape(row['question'])}</p>"
         f'<p><b>Gold:</b> {golds}<br><b>Prediction:</b> <span class="pred">{html.escape(row["prediction"]) or "(empty)"}</span>'
@@ -261,8 +264,12 @@ def _scores(row: dict) -> str:
 def _full_output(row: dict) -> str:
     """The model's whole output, when only its final-answer part was scored (reasoning outputs)."""
     if row.get("request", {}).get("status") == "failed":
-        return f'<p><b>Request error</b> after {row["request"]["attempts"]} attempt(s): {html.escape(str(row["request"]["error"]))}</p>'
-    reasoning = f'<p class="reasoning"><b>Reasoning</b> (a &lt;think&gt; block, taken out before scoring): <span class="pred">{html.escape(row["reasoning"]) or "(empty)"}</span></p>' if "reasoning" in row else ""
+        return f"<p><b>Request error</b> after {row['request']['attempts']} attempt(s): {html.escape(str(row['request']['error']))}</p>"
+    reasoning = (
+        f'<p class="reasoning"><b>Reasoning</b> (a &lt;think&gt; block, taken out before scoring): <span class="pred">{html.escape(row["reasoning"]) or "(empty)"}</span></p>'
+        if "reasoning" in row
+        else ""
+    )
     output = row.get("output", row["prediction"])
     return reasoning + ("" if output == row["prediction"] else f'<p><b>Full output:</b> <span class="pred">{html.escape(output)}</span></p>')
 
@@ -349,12 +356,19 @@ def _options(values: list[tuple[str, str]]) -> str:
 def _missing_html(missing: dict) -> str:
     if not missing["rows"]:
         return ""
-    return (f'<p>{missing["rows"]} of {missing["of"]} eval questions have no gold answer in their passages: their answers are flagged '
-            '<span class="miss">retrieval miss</span> (not the model\'s fault; category filter "retrieval miss").</p>')
+    return (
+        f"<p>{missing['rows']} of {missing['of']} eval questions have no gold answer in their passages: their answers are flagged "
+        '<span class="miss">retrieval miss</span> (not the model\'s fault; category filter "retrieval miss").</p>'
+    )
 
 
 def _filters_html(models: list[str]) -> str:
-    categories = [("all_wrong", "all wrong"), ("", "all answers"), *((c, c) for c in (*CATEGORIES, "correct")), ("miss", "retrieval miss (no gold in the passages)")]
+    categories = [
+        ("all_wrong", "all wrong"),
+        ("", "all answers"),
+        *((c, c) for c in (*CATEGORIES, "correct")),
+        ("miss", "retrieval miss (no gold in the passages)"),
+    ]
     return (
         f'<div id="filters"><label>model <select id="f-model">{_options([("", "all"), *((m, m) for m in models)])}</select></label> '
         f'<label>category <select id="f-category">{_options(categories)}</select></label> '
@@ -405,8 +419,10 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
         from google.colab import output
 
         output.enable_custom_widget_manager()
-        colab_note.value = ("<small>Colab: keyboard stepping needs Colab's custom widget manager (enabled by this cell). If the keys "
-                            "do nothing, click the answer first, or step with the buttons.</small>")
+        colab_note.value = (
+            "<small>Colab: keyboard stepping needs Colab's custom widget manager (enabled by this cell). If the keys "
+            "do nothing, click the answer first, or step with the buttons.</small>"
+        )
     names = list(predictions)
     model = w.Dropdown(options=names, description="model")
     against = w.Dropdown(description="against")
@@ -429,13 +445,19 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
         return {r["id"]: change(is_right(before[r["id"]]), is_right(r)) for r in predictions[model.value] if r["id"] in before}
 
     def refresh(*_):
-        wanted = {"all wrong": lambda r: r["category"] != "correct", "all answers": lambda r: True, "retrieval miss": lambda r: r.get("gold_in_passages") is False}.get(
-            category.value, lambda r: r["category"] == category.value)
+        wanted = {
+            "all wrong": lambda r: r["category"] != "correct",
+            "all answers": lambda r: True,
+            "retrieval miss": lambda r: r.get("gold_in_passages") is False,
+        }.get(category.value, lambda r: r["category"] == category.value)
         query, moves = search.value.strip().lower(), changes()
         state["items"] = [
-            {**r, "change": moves[r["id"]], "reference": against.value} if r["id"] in moves else {k: v for k, v in r.items() if k not in ("change", "reference")}
+            {**r, "change": moves[r["id"]], "reference": against.value}
+            if r["id"] in moves
+            else {k: v for k, v in r.items() if k not in ("change", "reference")}
             for r in predictions[model.value]
-            if wanted(r) and (not changed.value or moves.get(r["id"]) == changed.value)
+            if wanted(r)
+            and (not changed.value or moves.get(r["id"]) == changed.value)
             and (not state["cell"] or (r["gold_answers"][0], confusion_column(r, labels)) == state["cell"])
             and (not query or query in " ".join([r["question"], r["prediction"], *r["gold_answers"], *r["passages"]]).lower())
         ]
@@ -459,7 +481,14 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
     def mark(kind: str):
         if state["items"]:
             row = state["items"][state["index"]]
-            state["marks"][(model.value, row["id"])] = {"model": model.value, "id": row["id"], "question": row["question"], "gold_answers": row["gold_answers"], "prediction": row["prediction"], "mark": kind}
+            state["marks"][(model.value, row["id"])] = {
+                "model": model.value,
+                "id": row["id"],
+                "question": row["question"],
+                "gold_answers": row["gold_answers"],
+                "prediction": row["prediction"],
+                "mark": kind,
+            }
             write_marks(marks_path, state["marks"])
             show()
 
@@ -478,8 +507,12 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
         for gold, counts in confusion_matrix(predictions[model.value], labels).items():
             grid.append(w.Label(gold))
             for column in columns:
-                button = w.Button(description=str(counts[column]), tooltip=f"{gold} → {column}", layout=w.Layout(width="auto"),
-                                  button_style="info" if column == gold else "danger" if counts[column] else "")
+                button = w.Button(
+                    description=str(counts[column]),
+                    tooltip=f"{gold} → {column}",
+                    layout=w.Layout(width="auto"),
+                    button_style="info" if column == gold else "danger" if counts[column] else "",
+                )
                 button.on_click(lambda _, g=gold, c=column: pick_cell(g, c))
                 grid.append(button)
         cells.children = grid
@@ -516,10 +549,17 @@ def browser(predictions: dict[str, list[dict]], marks_path: Path | None = None, 
     keys = Event(source=view, watched_events=["keydown"], prevent_default_action=True)
     keys.on_dom_event(lambda event: step({"ArrowRight": 1, "j": 1, "ArrowLeft": -1, "k": -1}.get(event.get("key"), 0)))
     pick_model()
-    return w.VBox([
-        w.HBox([model, against, category, changed, search], layout=w.Layout(flex_flow="row wrap")), w.HBox([prev_button, next_button, position]),
-        w.HBox([gold_wrong, acceptable, saved]), w.HBox([cell_label, clear_cell]), cells, view, colab_note,
-    ])
+    return w.VBox(
+        [
+            w.HBox([model, against, category, changed, search], layout=w.Layout(flex_flow="row wrap")),
+            w.HBox([prev_button, next_button, position]),
+            w.HBox([gold_wrong, acceptable, saved]),
+            w.HBox([cell_label, clear_cell]),
+            cells,
+            view,
+            colab_note,
+        ]
+    )
 
 
 def finished_runs(output_dir: Path) -> dict[str, Run]:

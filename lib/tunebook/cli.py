@@ -9,6 +9,7 @@ params, cache a model.
     python -m tunebook params [--update-readme README.md]
     python -m tunebook prepare-model [NAME]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
-from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, sigterm_raises, signal_name
+from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
 from tunebook.metrics import SCORERS
 from tunebook.runs import Run, execute_stage, interruption_note, move_aside, refuse_sweep, save_params, stage_key, stage_values
 
@@ -49,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     compare = sub.add_parser("compare", help="One table of runs: the params that differ, metrics and losses, best marked; overlaid loss curves.")
     compare.add_argument("runs", nargs="+", help="Run folders, or folders of runs (a sweep's folder)")
-    compare.add_argument("--model", default="finetuned", help="Which row of each run's metrics to compare: finetuned (default), base, a quantized variant, or all")
+    compare.add_argument(
+        "--model", default="finetuned", help="Which row of each run's metrics to compare: finetuned (default), base, a quantized variant, or all"
+    )
     compare.add_argument("--sort", help="Column to sort by (default: the first metric, best first)")
     compare.add_argument("--out", help="Folder for comparison.csv, comparison.md and loss_curves.png (default: the runs' common folder)")
 
@@ -147,7 +150,9 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
             stale = changed_stages(existing, done)
             if stale:
                 # A complete stage made with other params would be kept silently: re-run it and what follows it.
-                print(f"Stage {stale[0]} is complete but was made with other params ({', '.join(stale_keys(existing, stale[0]))}): re-running it and the stages after it.")
+                print(
+                    f"Stage {stale[0]} is complete but was made with other params ({', '.join(stale_keys(existing, stale[0]))}): re-running it and the stages after it."
+                )
                 done = done[: done.index(stale[0])]
             stages = [s for s in stages if s not in done]
         elif stages_spec is None:
@@ -180,7 +185,8 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
                 f"\n{state}; recorded in {existing.manifest_path}.\n"
                 f"`python -m tunebook run {params_path} --resume` runs the stages that are not complete"
                 f"{' (02 continues from its last checkpoint)' if stage == '02_finetune' else ''}.",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
             return interrupted_code(e)
         print(f"=== {stage} done in {time.time() - stage_started:.0f}s", flush=True)
@@ -204,6 +210,8 @@ def stale_keys(run: Run, stage: str) -> list[str]:
         return ["params.yaml is missing"]
     old, new = stage_values(load_params(saved), stage), stage_values(run.params, stage)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)] or ["unknown keys"]
+
+
 def refuse_unwritable(run_dir: Path) -> None:
     """A run folder the stages cannot write to (read-only, a full disk): said now, not after a kernel has started."""
     import tempfile
@@ -214,7 +222,9 @@ def refuse_unwritable(run_dir: Path) -> None:
     except OSError as e:
         if not is_file_system_error(e):
             raise
-        raise file_system_error(e, operation="create", what="a file in the run folder", shown_path=run_dir, hint="The stages write their outputs there.") from None
+        raise file_system_error(
+            e, operation="create", what="a file in the run folder", shown_path=run_dir, hint="The stages write their outputs there."
+        ) from None
 
 
 README_MARKERS = ("<!-- params-table:start -->\n", "\n<!-- params-table:end -->")

@@ -10,6 +10,7 @@ holding the torch family at the versions the runtime has. The first cell install
 The cell is the same in every notebook (`setup_cell()`, checked by the tests): it clones the repository into
 TUNEBOOK_HOME once per runtime and calls `setup`. A fork or another branch: set TUNEBOOK_REPO / TUNEBOOK_BRANCH.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -63,8 +64,10 @@ def setup(params_path: str, overrides: list[str] | tuple[str, ...] = ()) -> None
     os.chdir(PYPROJECT.parent / "notebooks")
     gpu = torch.cuda.is_available()
     if not gpu:
-        print("No GPU in this runtime (Runtime > Change runtime type > T4 GPU): Unsloth is not installed, and 02 trains "
-              "with transformers + PEFT on the CPU, slowly.")
+        print(
+            "No GPU in this runtime (Runtime > Change runtime type > T4 GPU): Unsloth is not installed, and 02 trains "
+            "with transformers + PEFT on the CPU, slowly."
+        )
     install(unsloth=gpu)
     from tunebook.config import load_params
 
@@ -187,8 +190,19 @@ def pip_install(requirements: list[str], no_deps: bool = False, index: str | Non
     """pip, with the torch family held at the runtime's versions, so nothing can replace Colab's CUDA builds."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="colab-pins-", encoding="utf-8", delete=False) as pins:
         pins.write("".join(f"{n}=={version(n)}\n" for n in TORCH_FAMILY if version(n)))
-    command = [sys.executable, "-m", "pip", "install", "-q", "--prefer-binary", "-c", pins.name, *(["--no-deps"] if no_deps else []),
-               *(["--extra-index-url", index] if index else []), *requirements]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--prefer-binary",
+        "-c",
+        pins.name,
+        *(["--no-deps"] if no_deps else []),
+        *(["--extra-index-url", index] if index else []),
+        *requirements,
+    ]
     done = subprocess.run(command, check=False)
     os.unlink(pins.name)
     if done.returncode != 0:

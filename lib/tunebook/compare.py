@@ -5,6 +5,7 @@ each metric marked, and the runs' loss curves overlaid in one plot.
 
 In a notebook, `compare.widget(folder)` shows the same table, sortable by any column, and the plot (05 does).
 """
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@
 Every row becomes one chat example: the user message holds the instruction, the numbered passages and the
 question; the assistant message (the training target) is the first gold answer and nothing else.
 """
+
 from __future__ import annotations
 
 import csv
@@ -58,9 +59,7 @@ def _read_hub(dataset_id: str, split: str) -> list[dict]:
         return list(datasets.load_dataset(dataset_id, split=split))
     except Exception as e:  # the hub client raises many types; the user needs one sentence
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"'{dataset_id}' is not a local file, and loading it as a hub dataset (split '{split}') failed: {first}"
-        ) from None
+        raise DataError(f"'{dataset_id}' is not a local file, and loading it as a hub dataset (split '{split}') failed: {first}") from None
 
 
 def document_fields(d: DataParams, chunks_path: Path) -> DataParams:
@@ -212,8 +211,14 @@ class EvalOverlapError(DataError):
     """The eval split repeats training rows and data.allow_eval_overlap is false."""
 
 
-def eval_overlap(train_rows: list[dict], eval_rows: list[dict], id_field: str | None = "id", question_field: str = "question",
-                 answers_field: str = "answers", match_ids: bool = True) -> list[Overlap]:
+def eval_overlap(
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    id_field: str | None = "id",
+    question_field: str = "question",
+    answers_field: str = "answers",
+    match_ids: bool = True,
+) -> list[Overlap]:
     """The eval rows that repeat a training row, in eval order: the same id (when `id_field` is given; rows without one
     are not compared by id), or the same question with a gold answer in common, both after metrics.loose_normalize
     (NFKC, case, width, punctuation and spacing ignored). The question alone is not enough: an FAQ can hold one heading
@@ -221,6 +226,7 @@ def eval_overlap(train_rows: list[dict], eval_rows: list[dict], id_field: str | 
     away. Takes raw rows (pass the data.*_field names; a sample of each file will do) or 01's examples (the defaults).
     Rows are named by their id, else by row number; match_ids=False names them by id without comparing ids (ids that
     are unique already, in a split of one file, or of our making)."""
+
     def ident(row):
         value = row.get(id_field) if id_field else None
         return None if value in (None, "") else str(value)
@@ -279,16 +285,26 @@ def check_eval_overlap(train: list[dict], evaluation: list[dict], p: Params, rea
         lines.append(f"  - eval id {o.eval_id!r}, training id {o.train_id!r}: {o.question[:100]!r}{also}")
     way_out = "or set data.allow_eval_overlap: true if the overlap is intended."
     if not d.eval_path:
-        lines.append(f"data.train_path ({d.train_path}) holds these rows more than once, and the copies fell on both sides of the data.eval_size split. "
-                     f"Fix the file (remove the duplicate rows), {way_out}")
+        lines.append(
+            f"data.train_path ({d.train_path}) holds these rows more than once, and the copies fell on both sides of the data.eval_size split. "
+            f"Fix the file (remove the duplicate rows), {way_out}"
+        )
     else:
-        source = f"data.train_path ({d.train_path})" if d.train_path else f"the rows the teacher wrote from synthesize.documents_path ({p.synthesize.documents_path})"
-        lines.append(f"data.eval_path ({d.eval_path}) overlaps {source}. Fix the files (remove these rows from one of them, or point data.eval_path "
-                     f"at a separate eval set), {way_out}")
+        source = (
+            f"data.train_path ({d.train_path})"
+            if d.train_path
+            else f"the rows the teacher wrote from synthesize.documents_path ({p.synthesize.documents_path})"
+        )
+        lines.append(
+            f"data.eval_path ({d.eval_path}) overlaps {source}. Fix the files (remove these rows from one of them, or point data.eval_path "
+            f"at a separate eval set), {way_out}"
+        )
     id_only = sum(o.by == ("id",) for o in overlaps)
     if id_only:
-        lines.append(f"{id_only} of them share only the id (data.id_field '{d.id_field}'), not the question: if the two files number their rows "
-                     "independently, their ids name different rows; then set data.id_field to empty (ids = row numbers).")
+        lines.append(
+            f"{id_only} of them share only the id (data.id_field '{d.id_field}'), not the question: if the two files number their rows "
+            "independently, their ids name different rows; then set data.id_field to empty (ids = row numbers)."
+        )
     raise EvalOverlapError("\n".join(lines))
 
 
@@ -386,7 +402,12 @@ class BuiltDataset:
         import pandas as pd
 
         s = self.summary["synthetic"]
-        counts = {"chunks": s["chunks"], "chunks asked": s["chunks_asked"], "requests failed": s["failed_chunks"], "replies without pairs": s["unparsed_chunks"]}
+        counts = {
+            "chunks": s["chunks"],
+            "chunks asked": s["chunks_asked"],
+            "requests failed": s["failed_chunks"],
+            "replies without pairs": s["unparsed_chunks"],
+        }
         return pd.Series({**counts, **s["teacher"]}, name="teacher").to_frame()
 
 
@@ -443,7 +464,10 @@ def build_dataset(run: Run) -> BuiltDataset:
         tmp = fresh_tmp_dir(final)  # written whole, then swapped in: a failed build leaves the last dataset as it was
         tokenizer = load_tokenizer(p.model.name, p.model.chat_template, p.model.enable_thinking)
         fmt = chat_format(tokenizer, enable_thinking=p.model.enable_thinking)
-        print(f"Chat format: {fmt.family}; answers end with {fmt.end_of_turn!r}" + (f"; thinking {'on' if fmt.enable_thinking else 'off'}" if fmt.thinking_switch else ""))
+        print(
+            f"Chat format: {fmt.family}; answers end with {fmt.end_of_turn!r}"
+            + (f"; thinking {'on' if fmt.enable_thinking else 'off'}" if fmt.thinking_switch else "")
+        )
         fields, synthetic = p.data, None
         if p.synthesize.documents_path:
             fields = document_fields(p.data, tmp / "chunks.jsonl")
@@ -526,9 +550,15 @@ def build_dataset(run: Run) -> BuiltDataset:
         )
         if synthetic:
             outputs["synthetic"] = {
-                "documents_path": p.synthesize.documents_path, "chunks": len(synthetic.chunks), "chunks_asked": synthetic.asked, "steps": synthetic.steps,
-                "teacher": synthetic.teacher, "failed_chunks": synthetic.failed_chunks, "unparsed_chunks": synthetic.unparsed_chunks,
-                "pairs_jsonl": str(final / "synthetic_pairs.jsonl"), "chunks_jsonl": str(final / "chunks.jsonl"),
+                "documents_path": p.synthesize.documents_path,
+                "chunks": len(synthetic.chunks),
+                "chunks_asked": synthetic.asked,
+                "steps": synthetic.steps,
+                "teacher": synthetic.teacher,
+                "failed_chunks": synthetic.failed_chunks,
+                "unparsed_chunks": synthetic.unparsed_chunks,
+                "pairs_jsonl": str(final / "synthetic_pairs.jsonl"),
+                "chunks_jsonl": str(final / "chunks.jsonl"),
             }
     return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=outputs, dataset_dir=final)
 
@@ -541,16 +571,22 @@ def _warn_gold_missing(split: str, rows: list[dict], p: Params, fields: DataPara
     of = len(rows) - dropped
     record = {"rows": len(missing), "of": of, "share": round(len(missing) / of, 4) if of else 0.0, "ids": [e["id"] for e in missing[:20]]}
     if missing:
-        noun, effect = ("training", "so the model is taught to answer without evidence") if split == "train" else ("eval", "so no model can read their answers there (05 flags them 'retrieval miss')")
+        noun, effect = (
+            ("training", "so the model is taught to answer without evidence")
+            if split == "train"
+            else ("eval", "so no model can read their answers there (05 flags them 'retrieval miss')")
+        )
         if fields.retrieval.corpus_path:
             cause = f"Retrieval (data.retrieval, top_k {fields.retrieval.top_k}) did not bring a passage that holds them."
         else:
             cut = f", and data.passage_max_chars ({p.data.passage_max_chars}), which cuts passages" if p.data.passage_max_chars else ""
             cause = f"Check data.answers_field ('{p.data.answers_field}') and data.passages_field ('{p.data.passages_field}'){cut}."
         aside = f" (not counting {dropped} RAFT rows whose oracle passages were dropped on purpose)" if dropped else ""
-        print(f"Warning: {len(missing)} of {of} {noun} rows ({record['share']:.1%}) have no gold answer in their passages{aside} "
-              f"(case, width, punctuation and spacing ignored), {effect}. {cause} "
-              f"They carry gold_in_passages: false in {final / (split + '.jsonl')}.")
+        print(
+            f"Warning: {len(missing)} of {of} {noun} rows ({record['share']:.1%}) have no gold answer in their passages{aside} "
+            f"(case, width, punctuation and spacing ignored), {effect}. {cause} "
+            f"They carry gold_in_passages: false in {final / (split + '.jsonl')}."
+        )
     return record
 
 
@@ -613,4 +649,3 @@ def plot_cleaning(built: BuiltDataset):
     ax.set_xlabel("question/answer pairs kept")
     fig.tight_layout()
     return fig
-

@@ -7,6 +7,7 @@ next. Writes predictions/<model>.jsonl, metrics.json (a list of rows with bits a
 metrics.csv. The base and API rows do not depend on training: a sweep passes its other runs as `reuse_from`, and
 a row one of them scored with the same data, prompt, model and evaluate params is copied, not generated again.
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,10 +63,15 @@ def failure_message(failures: list[dict], scored: list[str]) -> str:
             what, hint = f"API baseline at {f['path']}", "Is the endpoint up, and are its base_url, model and api_key_env in evaluate.api_baselines right?"
         else:
             what, hint = f"{f['format']} model {f['path']}", "Check model.chat_template, evaluate.stop_strings and evaluate.max_new_tokens."
-        lines.append(f"{f['label']} ({what}) produced no answers: {f['reason'].rstrip('.')}. {hint} "
-                     f"It was not scored and has no row in metrics.json; its rows are in {f['file']}.")
-    lines.append(f"The other models were scored and written (metrics.json, predictions/): {', '.join(scored)}." if scored else
-                 "No model was scored: metrics.json and metrics.csv were left as they were.")
+        lines.append(
+            f"{f['label']} ({what}) produced no answers: {f['reason'].rstrip('.')}. {hint} "
+            f"It was not scored and has no row in metrics.json; its rows are in {f['file']}."
+        )
+    lines.append(
+        f"The other models were scored and written (metrics.json, predictions/): {', '.join(scored)}."
+        if scored
+        else "No model was scored: metrics.json and metrics.csv were left as they were."
+    )
     return "\n".join(lines)
 
 
@@ -88,7 +94,15 @@ def models_to_evaluate(run: Run) -> list[dict]:
         name = run.params.model.name
         local = resolve_model(name)
         on_disk = Path(local).is_dir()
-        models.append({"label": "base", "path": name, "format": "transformers", "bits": saved_bits(local) if on_disk else None, "size_mb": dir_size_mb(local) if on_disk else None})
+        models.append(
+            {
+                "label": "base",
+                "path": name,
+                "format": "transformers",
+                "bits": saved_bits(local) if on_disk else None,
+                "size_mb": dir_size_mb(local) if on_disk else None,
+            }
+        )
     if "finetuned" in wanted:
         merged = run.outputs_of("02_finetune")["merged_dir"]
         models.append({"label": "finetuned", "path": merged, "format": "transformers", "bits": saved_bits(merged), "size_mb": dir_size_mb(merged)})
@@ -178,15 +192,25 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
                     result = generate_gguf(model, tokenizer, conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=label, labels=constrain)
                 else:
                     model, tokenizer = load_for_inference(
-                        m["path"], dtype=p.model.dtype, chat_template=p.model.chat_template, max_seq_length=p.model.max_seq_length,
+                        m["path"],
+                        dtype=p.model.dtype,
+                        chat_template=p.model.chat_template,
+                        max_seq_length=p.model.max_seq_length,
                         backend=backend if label in ("base", "finetuned") else "hf",
-                        load_in_4bit=p.evaluate.load_in_4bit and label in ("base", "finetuned"), enable_thinking=p.model.enable_thinking,
+                        load_in_4bit=p.evaluate.load_in_4bit and label in ("base", "finetuned"),
+                        enable_thinking=p.model.enable_thinking,
                     )
                     check_trained_prompt(run, tokenizer, label)
                     load_seconds = time.time() - started
                     result = generate(
-                        model, tokenizer, conversations,
-                        batch_size=p.evaluate.batch_size, max_new_tokens=max_new_tokens, stop_strings=stops, desc=label, labels=constrain,
+                        model,
+                        tokenizer,
+                        conversations,
+                        batch_size=p.evaluate.batch_size,
+                        max_new_tokens=max_new_tokens,
+                        stop_strings=stops,
+                        desc=label,
+                        labels=constrain,
                     )
             del model
             gc.collect()
@@ -201,19 +225,39 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
                     for e, text, request in zip(examples, result.texts, result.requests or [None] * len(examples)):
                         row = {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": "", "output": text}
                         f.write(json.dumps({**row, **({"request": request} if request else {})}, ensure_ascii=False) + "\n")
-                failures.append({"label": label, "format": m["format"], "path": m["path"], "reason": reason, "file": str(failed_path), "n": len(examples),
-                                 "seconds": round(result.seconds, 2), "load_seconds": round(load_seconds, 2),
-                                 "peak_memory_mb": round(peak["mb"], 1) if m["format"] != "api" else None})
+                failures.append(
+                    {
+                        "label": label,
+                        "format": m["format"],
+                        "path": m["path"],
+                        "reason": reason,
+                        "file": str(failed_path),
+                        "n": len(examples),
+                        "seconds": round(result.seconds, 2),
+                        "load_seconds": round(load_seconds, 2),
+                        "peak_memory_mb": round(peak["mb"], 1) if m["format"] != "api" else None,
+                    }
+                )
                 print(f"{label}: FAILED, not scored: {reason.rstrip('.')}.")
                 continue
             failed_path.unlink(missing_ok=True)
             scores, summary = score_predictions(p.evaluate.metric, answers, [e["answers"] for e in examples], labels)
             rows = [
-                {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": answer, "output": text, **({"reasoning": r} if r is not None else {}), **s}
+                {
+                    "id": e["id"],
+                    "question": e["question"],
+                    "gold_answers": e["answers"],
+                    "prediction": answer,
+                    "output": text,
+                    **({"reasoning": r} if r is not None else {}),
+                    **s,
+                }
                 for e, text, answer, r, s in zip(examples, result.texts, answers, reasonings, scores)
             ]
             if any(r is not None for r in reasonings):
-                print(f"{label}: {sum(r is not None for r in reasonings)} of {len(rows)} outputs held a <think> block, taken out before scoring (predictions: 'reasoning').")
+                print(
+                    f"{label}: {sum(r is not None for r in reasonings)} of {len(rows)} outputs held a <think> block, taken out before scoring (predictions: 'reasoning')."
+                )
             if result.requests:  # API rows keep their request's outcome, so a failed request shows as one
                 for row, request in zip(rows, result.requests):
                     row["request"] = request
@@ -239,8 +283,10 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
             )
             print(f"{label}: " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items()) + f"  ({result.seconds:.1f}s)")
             if failed.get("failed_requests"):
-                print(f"{label}: {failed['failed_requests']} of {len(rows)} requests failed after their retries and are scored as empty "
-                      "answers (failed_requests in metrics.json; 05 files them as request_failed, with their errors).")
+                print(
+                    f"{label}: {failed['failed_requests']} of {len(rows)} requests failed after their retries and are scored as empty "
+                    "answers (failed_requests in metrics.json; 05 files them as request_failed, with their errors)."
+                )
         if table or not failures:  # when nothing was scored, the last complete evaluation's tables stay
             write_json_atomic(run.dir / "metrics.json", table)
             with open(run.dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
@@ -251,8 +297,13 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
         if failures:
             raise EvaluationFailed(failure_message(failures, [row["model"] for row in table]), failures, table)
         outputs.update(
-            metrics_json=str(run.dir / "metrics.json"), metrics_csv=str(run.dir / "metrics.csv"), predictions=files, labels=labels,
-            untrained_key=untrained_key(p), untrained_labels=[m["label"] for m in models if m["label"] == "base" or m["format"] == "api"], reused=reused,
+            metrics_json=str(run.dir / "metrics.json"),
+            metrics_csv=str(run.dir / "metrics.csv"),
+            predictions=files,
+            labels=labels,
+            untrained_key=untrained_key(p),
+            untrained_labels=[m["label"] for m in models if m["label"] == "base" or m["format"] == "api"],
+            reused=reused,
         )
     return table
 
@@ -270,8 +321,8 @@ def check_trained_prompt(run: Run, tokenizer, label: str) -> None:
         at = next((i for i, (a, b) in enumerate(zip(ids, trained["prompt_ids"])) if a != b), min(len(ids), len(trained["prompt_ids"])))
         family = run.outputs_of("02_finetune").get("family", "this model's")
         raise TemplateError(
-            f"{label}: the evaluation prompt differs from the training prompt from token {at} on ({tokenizer.decode(ids[at:at + 12])!r} "
-            f"instead of {tokenizer.decode(trained['prompt_ids'][at:at + 12])!r}; {family} template). model.chat_template or "
+            f"{label}: the evaluation prompt differs from the training prompt from token {at} on ({tokenizer.decode(ids[at : at + 12])!r} "
+            f"instead of {tokenizer.decode(trained['prompt_ids'][at : at + 12])!r}; {family} template). model.chat_template or "
             "model.enable_thinking changed since 02, or the saved tokenizer differs: re-run 02, or set them back."
         )
 

@@ -5,6 +5,7 @@ transformers reads its weights with `gguf_file=`, but a model loaded that way ca
 that blocks training and `save_pretrained`, so it is materialized once as a plain safetensors folder in the cache.
 Its tokenizer is built from the GGUF's own vocabulary, merges and special-token ids (see `_gguf_tokenizer`).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -102,7 +103,10 @@ def _gguf_tokenizer(gguf: Path):
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == 3])  # 3 = control
-    special = {role: tokens[value(f"tokenizer.ggml.{key}_token_id")] for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))}
+    special = {
+        role: tokens[value(f"tokenizer.ggml.{key}_token_id")]
+        for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))
+    }
     return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=value("tokenizer.chat_template"), clean_up_tokenization_spaces=False, **special)
 
 
@@ -198,7 +202,9 @@ def prepare_tokenizer(tokenizer, name: str, chat_template: str | None, enable_th
 
 def _unsloth_chat_template(tokenizer, name: str):
     if not has_unsloth():
-        raise TunebookError(f"model.chat_template '{name}' uses Unsloth's templates, and unsloth is not installed: pip install unsloth (GPU), or leave model.chat_template empty.")
+        raise TunebookError(
+            f"model.chat_template '{name}' uses Unsloth's templates, and unsloth is not installed: pip install unsloth (GPU), or leave model.chat_template empty."
+        )
     try:
         from unsloth.chat_templates import CHAT_TEMPLATES, get_chat_template
     except (ImportError, NotImplementedError, RuntimeError) as e:
@@ -217,8 +223,15 @@ def nf4_config(dtype: str = "auto", model_type: str | None = None):
 
 
 def load_for_inference(
-    path: str, *, dtype: str = "auto", backend: str = "hf", chat_template: str | None = None, max_seq_length: int = 2048,
-    load_in_4bit: bool = False, quantization_config=None, enable_thinking: bool = False,
+    path: str,
+    *,
+    dtype: str = "auto",
+    backend: str = "hf",
+    chat_template: str | None = None,
+    max_seq_length: int = 2048,
+    load_in_4bit: bool = False,
+    quantization_config=None,
+    enable_thinking: bool = False,
 ):
     """A model + tokenizer ready for batched generation (eval mode, left padding).
 
@@ -230,7 +243,9 @@ def load_for_inference(
         from unsloth import FastLanguageModel
 
         try:
-            model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=max_seq_length, dtype=pick_dtype(dtype, model_type(path)), load_in_4bit=load_in_4bit)
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                source, max_seq_length=max_seq_length, dtype=pick_dtype(dtype, model_type(path)), load_in_4bit=load_in_4bit
+            )
         except (OSError, ValueError) as e:
             raise _load_error(path, e) from None
         FastLanguageModel.for_inference(model)

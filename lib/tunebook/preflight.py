@@ -9,6 +9,7 @@ one cheap request answered within ENDPOINT_TIMEOUT seconds), the output folder w
 space a run of this size needs. `python -m tunebook check PARAMS` runs it alone; `run`, `sweep` and the
 notebooks' first cell run it first.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ def checked_run(params_path: str, overrides: list[str] | tuple[str, ...], stage:
 
     params = load_params(params_path, overrides)
     refuse_sweep(params, params_path)
-    check_or_stop(params, STAGES[STAGES.index(stage):], params_path)
+    check_or_stop(params, STAGES[STAGES.index(stage) :], params_path)
     return open_run(params_path, overrides)
 
 
@@ -141,8 +142,13 @@ def writable(folder: Path, what: str = "the output folder", remedy: str = "set o
 
 def data_paths(params: Params) -> list[tuple[str, str]]:
     d, s = params.data, params.synthesize
-    keys = [("data.train_path", d.train_path), ("data.eval_path", d.eval_path), ("data.retrieval.corpus_path", d.retrieval.corpus_path),
-            ("data.relabels_path", d.relabels_path), ("synthesize.documents_path", s.documents_path)]
+    keys = [
+        ("data.train_path", d.train_path),
+        ("data.eval_path", d.eval_path),
+        ("data.retrieval.corpus_path", d.retrieval.corpus_path),
+        ("data.relabels_path", d.relabels_path),
+        ("synthesize.documents_path", s.documents_path),
+    ]
     return [(k, v) for k, v in keys if v]
 
 
@@ -238,7 +244,11 @@ def no_overlap(params: Params):
             f"{len(overlap)} of {len(rows['eval'])} eval rows repeat a training row (by {' and '.join(first.by)}; e.g. eval id {first.eval_id!r}: "
             f"{first.question!r}), so their scores would count answers the model was trained on. Fix the files, or set data.allow_eval_overlap: true."
         )
-    return f"no eval row repeats a training row ({len(rows['eval'])} eval rows against {len(rows['train'])})" if not overlap else ("warning", f"{len(overlap)} eval rows repeat training rows (allowed)")
+    return (
+        f"no eval row repeats a training row ({len(rows['eval'])} eval rows against {len(rows['train'])})"
+        if not overlap
+        else ("warning", f"{len(overlap)} eval rows repeat training rows (allowed)")
+    )
 
 
 def read_rows_or_none(path: Path) -> list[dict] | None:
@@ -331,7 +341,9 @@ def endpoint(base_url: str, model: str, api_key_env: str | None, key: str) -> st
     if api_key_env:
         api_key = os.environ.get(api_key_env, "")
         if not api_key:
-            raise PreflightError(f"{key}.api_key_env names {api_key_env}, which is not set: export {api_key_env}=... (in Colab: os.environ from google.colab.userdata).")
+            raise PreflightError(
+                f"{key}.api_key_env names {api_key_env}, which is not set: export {api_key_env}=... (in Colab: os.environ from google.colab.userdata)."
+            )
     try:
         served = listed_models(base_url, api_key)
     except openai.AuthenticationError:

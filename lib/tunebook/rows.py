@@ -1,5 +1,6 @@
 """Row files, read and written the same way by every stage: UTF-8 text with the bad byte named, JSONL with the bad
 line named, dotted field names into nested records. A leaf module: it imports nothing of the stages."""
+
 from __future__ import annotations
 
 import json

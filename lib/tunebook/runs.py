@@ -6,6 +6,7 @@ re-running a stage marks the stages after it stale. A finished stage records its
 value read up to that stage, so runs with the same key at a stage have the same outputs there (a sweep runs
 such a stage once and copies it, `adopt_stage`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,7 @@ import psutil
 
 from tunebook.colab import install_for_stage
 from tunebook.config import STAGES, Params, dump_params, load_params, on_colab, read_yaml
-from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, sigterm_raises, signal_name
+from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 # The stage that first reads each params key (the most specific prefix wins; keys not listed: 01).
@@ -103,11 +104,15 @@ class Run:
             if state in ("gone", "elsewhere"):
                 pid, host = entry.get("pid"), entry.get("host")
                 reason = (
-                    f"its process {pid} is gone" if pid and state == "gone"
-                    else f"it ran in process {pid} on {host}, not on this machine ({socket.gethostname()}): taken as a lost machine or runtime" if pid
+                    f"its process {pid} is gone"
+                    if pid and state == "gone"
+                    else f"it ran in process {pid} on {host}, not on this machine ({socket.gethostname()}): taken as a lost machine or runtime"
+                    if pid
                     else "it was started by a tunebook that did not record its process"
                 )
-                entry.update(status="interrupted", interrupted=self._last_write(entry), reason=reason + "; the time is its last write to the run folder", reported=True)
+                entry.update(
+                    status="interrupted", interrupted=self._last_write(entry), reason=reason + "; the time is its last write to the run folder", reported=True
+                )
                 notes[stage] = interruption_note(stage, entry)
         if notes:
             self._write_manifest(manifest)
@@ -359,7 +364,9 @@ def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict
             )
     except pm.PapermillExecutionError as e:
         if e.ename in ("KeyboardInterrupt", "Terminated"):  # a signal to the kernel itself (Jupyter's interrupt, a kill)
-            raise StageFailed(f"Stage {stage} was interrupted in its kernel ({e.ename}: {e.evalue}), and recorded so; the executed notebook up to there: {executed}", executed) from None
+            raise StageFailed(
+                f"Stage {stage} was interrupted in its kernel ({e.ename}: {e.evalue}), and recorded so; the executed notebook up to there: {executed}", executed
+            ) from None
         raise StageFailed(f"Stage {stage} failed: {e.ename}: {e.evalue}\nThe executed notebook with the full traceback: {executed}", executed) from None
     except KeyboardInterrupt as e:  # (stopped already by the signal handler; this is for an interruption raised otherwise)
         stop_stage(run_dir, stage, e)
@@ -373,7 +380,8 @@ def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict
             write_json_atomic(run_dir / "manifest.json", manifest)
         raise StageFailed(
             f"Stage {stage} failed: its Jupyter kernel{pid} died without a Python error (killed, or out of memory). "
-            f"The executed notebook up to there: {executed}", executed,
+            f"The executed notebook up to there: {executed}",
+            executed,
         ) from None
     return executed
 

@@ -5,13 +5,13 @@ Cleaning, each step counted: questions that lean on "the passage", length, a sup
 language, exact duplicates, near duplicates (MinHash over character 5-grams, datasketch), contamination by the eval
 split (shared n-grams of words; of characters for scripts written without spaces), and an optional judge pass.
 """
+
 from __future__ import annotations
 
 import random
 import re
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 
 from tunebook.config import Params
 from tunebook.errors import TunebookError
@@ -219,9 +219,16 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
 
     c = s.clean
     step("self-contained question", lambda ps: [i for i, p in enumerate(ps) if LEANS_ON_CHUNK.search(p["question"])])
-    step("length", lambda ps: [i for i, p in enumerate(ps) if not (c.min_question_chars <= len(p["question"]) <= c.max_question_chars
-                                                                    and c.min_answer_chars <= len(p["answer"]) <= c.max_answer_chars)])
+    step(
+        "length",
+        lambda ps: [
+            i
+            for i, p in enumerate(ps)
+            if not (c.min_question_chars <= len(p["question"]) <= c.max_question_chars and c.min_answer_chars <= len(p["answer"]) <= c.max_answer_chars)
+        ],
+    )
     if raft:
+
         def unsupported(ps):
             bad = []
             for i, p in enumerate(ps):
@@ -229,6 +236,7 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
                 if p["quote"] is None:
                     bad.append(i)
             return bad
+
         step("supporting sentence found in the chunk", unsupported)
     if c.language:
         step(f"language {c.language}", lambda ps: [i for i, p in enumerate(ps) if language_of(p["question"] + " " + p["answer"]) != c.language])
@@ -237,8 +245,11 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
     if eval_questions:
         step("shares an n-gram with an eval question", lambda ps: contaminated([p["question"] for p in ps], eval_questions, n=c.decontamination_ngram))
     if c.judge:
+
         def judged(ps):
-            prompts = [[{"role": "user", "content": JUDGE_PROMPT.format(text=by_id[p["chunk"]]["text"], question=p["question"], answer=p["answer"])}] for p in ps]
+            prompts = [
+                [{"role": "user", "content": JUDGE_PROMPT.format(text=by_id[p["chunk"]]["text"], question=p["question"], answer=p["answer"])}] for p in ps
+            ]
             scores = [parse_score(r.text) if r.text is not None else None for r in teacher.ask(prompts, json_start=JUDGE_START, desc="teacher judge")]
             for p, score in zip(ps, scores):
                 p["judge_score"] = score
@@ -246,6 +257,7 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
             if unscored:
                 print(f"The judge gave no score for {unscored} pair(s); they are kept.")
             return [i for i, score in enumerate(scores) if score is not None and score < c.judge_min_score]
+
         step(f"judge score below {c.judge_min_score}", judged)
     kept = [p for p in pairs if p["dropped_by"] is None]
     if not kept:
@@ -257,8 +269,18 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
 
 def faq_rows(pairs: list[dict]) -> list[dict]:
     """FAQ rows: passages are retrieved for the question later (BM25 over the chunks), as they will be at eval."""
-    return [{"id": f"synthetic-{i}", "question": p["question"], "passages": [], "answers": [p["answer"]], "group": p["doc_id"],
-             "gold_doc": p["doc_id"], "source_chunk": p["chunk"]} for i, p in enumerate(pairs)]
+    return [
+        {
+            "id": f"synthetic-{i}",
+            "question": p["question"],
+            "passages": [],
+            "answers": [p["answer"]],
+            "group": p["doc_id"],
+            "gold_doc": p["doc_id"],
+            "source_chunk": p["chunk"],
+        }
+        for i, p in enumerate(pairs)
+    ]
 
 
 def raft_rows(pairs: list[dict], chunks: list[dict], params: Params, rng: random.Random) -> list[dict]:
@@ -281,10 +303,19 @@ def raft_rows(pairs: list[dict], chunks: list[dict], params: Params, rng: random
             pool = [j for j, c in enumerate(chunks) if c["doc_id"] != p["doc_id"]]
             others = rng.sample(pool, min(k, len(pool)))
         chosen = [oracle, *others]
-        rows.append({
-            "id": f"synthetic-{n}", "question": p["question"], "passages": [passage(chunks[j]) for j in chosen],
-            "answers": [p["answer"]], "group": p["doc_id"], "gold_doc": p["doc_id"], "source_chunk": p["chunk"],
-            "titles": [chunks[j]["id"] for j in chosen], "oracle_titles": [p["chunk"]], "quotes": [p["quote"]], "reasoning": p.get("reasoning", ""),
-        })
+        rows.append(
+            {
+                "id": f"synthetic-{n}",
+                "question": p["question"],
+                "passages": [passage(chunks[j]) for j in chosen],
+                "answers": [p["answer"]],
+                "group": p["doc_id"],
+                "gold_doc": p["doc_id"],
+                "source_chunk": p["chunk"],
+                "titles": [chunks[j]["id"] for j in chosen],
+                "oracle_titles": [p["chunk"]],
+                "quotes": [p["quote"]],
+                "reasoning": p.get("reasoning", ""),
+            }
+        )
     return rows
-
