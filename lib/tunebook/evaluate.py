@@ -23,7 +23,7 @@ from tunebook.families import TemplateError, render_prompt, split_reasoning
 from tunebook.generate import answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import load_for_inference, load_tokenizer, pick_backend, resolve_model
-from tunebook.runs import Run, params_key, write_json_atomic
+from tunebook.runs import Run, first_read_by, params_key, write_json_atomic
 
 TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "bits", "size_mb"]
 
@@ -129,8 +129,9 @@ def answer_budget(run: Run) -> int:
 
 
 def untrained_key(params) -> str:
-    """The key of the rows that do not depend on training (base model, API baselines)."""
-    return params_key(params, lambda key: key.split(".")[0] not in ("train", "quantize") and key != "evaluate.models")
+    """The key of the rows that do not depend on training (base model, API baselines): every value outside the sections
+    of 02 and 03 (the model section counts whole: 04 loads the base model with its dtype), and not the list of models."""
+    return params_key(params, lambda key: first_read_by(key.split(".")[0]) not in ("02_finetune", "03_quantize") and key != "evaluate.models")
 
 
 def reusable_rows(run: Run, reuse_from: list[str]) -> dict[str, dict]:

@@ -28,21 +28,13 @@ from typing import Callable, Iterator
 import psutil
 
 from tunebook.colab import install_for_stage
-from tunebook.config import STAGES, Params, dump_params, load_params, on_colab, read_yaml
+from tunebook.config import STAGES, Params, dump_params, load_params, on_colab, read_yaml, stage_map
 from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-# The stage that first reads each params key (the most specific prefix wins; keys not listed: 01).
-FIRST_READ_BY = {
-    "model.backend": "02_finetune",
-    "model.dtype": "02_finetune",
-    "model.load_in_4bit": "02_finetune",
-    "train": "02_finetune",
-    "quantize": "03_quantize",
-    "evaluate": "04_evaluate",
-    "evaluate.metric": "01_build_dataset",  # 01 collects a classification run's labels
-}
-WHERE_KEYS = ("run_name", "output_dir", "sweep", "colab")  # where a run lives and how it was launched, not what it computes
+# The stage that first reads each params section or key, as the schema declares it (config.read_first_by).
+FIRST_READ_BY = stage_map()
+WHERE_KEYS = tuple(key for key, stage in FIRST_READ_BY.items() if stage is None)  # where a run lives, how it was launched
 
 
 def _now() -> str:
@@ -260,7 +252,7 @@ def _mark_later_stale(manifest: dict, name: str) -> None:
 def params_values(params: Params, keep: Callable[[str], bool]) -> dict:
     """The flattened params values whose dotted keys `keep` accepts (where-keys never count): what params_key hashes."""
     flat = flatten(params.model_dump(mode="json"))
-    return {k: v for k, v in flat.items() if keep(k) and not is_under(k, WHERE_KEYS)}
+    return {k: v for k, v in flat.items() if not is_under(k, WHERE_KEYS) and keep(k)}
 
 
 def params_key(params: Params, keep: Callable[[str], bool]) -> str:
@@ -282,9 +274,13 @@ def _read_by(key: str, stage: str) -> bool:
     return STAGES.index(first_read_by(key)) <= STAGES.index(stage)
 
 
-def first_read_by(key: str) -> str:
-    prefixes = [p for p in FIRST_READ_BY if is_under(key, (p,))]
-    return FIRST_READ_BY[max(prefixes, key=len)] if prefixes else STAGES[0]
+def first_read_by(key: str) -> str | None:
+    """The stage of a dotted key, or of the nearest section above it (a dict value's own keys are not in the schema)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in FIRST_READ_BY:
+            return FIRST_READ_BY[".".join(parts[:end])]
+    raise KeyError(f"{key} is not a params key")
 
 
 def is_under(key: str, prefixes: tuple[str, ...]) -> bool:
