@@ -631,6 +631,11 @@ class Params(Section):
     def _one_source_of_training_rows(self) -> "Params":
         if bool(self.data.train_path) == bool(self.synthesize.documents_path):
             raise ValueError("set exactly one of data.train_path (labelled rows) and synthesize.documents_path (documents a teacher writes rows from)")
+        if self.data.raft.enabled and self.data.raft.cot and not self.prompt.final_answer_prefix:
+            raise ValueError(
+                "data.raft.cot trains the model to write its reasoning, then the answer after a prefix: set prompt.final_answer_prefix "
+                "(e.g. 'Answer:') so that 04 scores only the answer and not the quotes, or set data.raft.cot: false"
+            )
         if self.synthesize.documents_path and self.data.retrieval.corpus_path:
             raise ValueError("with synthesize.documents_path the documents' chunks are the retrieval corpus: leave data.retrieval.corpus_path empty")
         return self
@@ -769,6 +774,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("{", "[")):
+        value = text  # "Answer:" or "Passages: {passages}" is text; a mapping or list on a command line is written {…} / […]
     return key.strip(), value
 
 

@@ -152,7 +152,7 @@ def raft_example(example: dict, raft, rng: random.Random, *, train: bool, answer
     if raft.cot:
         quoted = " ".join(f"##begin_quote## {q} ##end_quote##" for q in example["quotes"])
         reasoning = f" {example['reasoning']}" if example.get("reasoning") else ""  # a teacher's, for rows made from documents
-        target = f"The passages say: {quoted}{reasoning}\n{answer_prefix or 'Answer:'} {answer}"
+        target = f"The passages say: {quoted}{reasoning}\n{answer_prefix} {answer}"  # the params require the prefix with cot
     else:
         target = answer
     kept = {k: v for k, v in example.items() if k not in ("titles", "oracle_titles", "quotes", "reasoning")}

@@ -228,7 +228,7 @@ def load_for_inference(
     dtype: str = "auto",
     backend: str = "hf",
     chat_template: str | None = None,
-    max_seq_length: int = 2048,
+    max_seq_length: int | None = None,
     load_in_4bit: bool = False,
     quantization_config=None,
     enable_thinking: bool = False,
@@ -242,6 +242,8 @@ def load_for_inference(
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
+        if max_seq_length is None:  # no default of our own: it would shadow model.max_seq_length
+            raise ValueError("load_for_inference with backend 'unsloth' needs max_seq_length (the params' model.max_seq_length)")
         try:
             model, tokenizer = FastLanguageModel.from_pretrained(
                 source, max_seq_length=max_seq_length, dtype=pick_dtype(dtype, model_type(path)), load_in_4bit=load_in_4bit
