@@ -51,3 +51,11 @@ def test_the_readme_module_map_names_every_module():
     module_map = readme[: readme.index("\n## ")]
     missing = [m for m in MODULES if not re.search(rf"`(tunebook\.)?{m}`", module_map)]
     assert not missing, f"README's module map (above the first ## heading) does not name {missing}"
+
+
+def test_each_quantize_method_is_named_once_and_made_by_quantize():
+    from tunebook.config import QUANTIZE_METHODS, QuantizeParams
+    from tunebook.quantize import QUANTIZERS
+
+    assert set(QUANTIZERS) == set(QUANTIZE_METHODS)
+    assert QuantizeParams(methods=list(QUANTIZE_METHODS)).methods == list(QUANTIZE_METHODS)  # the schema takes exactly these

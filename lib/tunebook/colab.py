@@ -124,18 +124,21 @@ def install_for_stage(params, stage: str) -> None:
 
 def groups_for(params, stage: str) -> dict[str, str]:
     """pyproject.toml's optional groups that `stage` needs with these params, each with why."""
+    from tunebook.config import QUANTIZE_METHODS
+
     needs: dict[str, str] = {}
     if stage == "01_build_dataset" and params.synthesize.documents_path:
         needs["documents"] = "synthesize.documents_path is set (a teacher writes the rows)"
     if stage == "03_quantize":
         methods = params.quantize.methods
-        if {"int8_weight_only", "gptq_w4a16", "awq_w4a16"} & set(methods):
+        groups = {QUANTIZE_METHODS[m].group for m in methods}
+        if "quantize" in groups:
             needs["quantize"] = f"quantize.methods {methods}"
-        if any(m.startswith("gguf") for m in methods):
+        if "gguf" in groups:
             needs["gguf"] = f"quantize.methods {methods} writes GGUF copies"
     if stage == "04_evaluate" and params.evaluate.metric == "faq":
         needs["faq"] = "evaluate.metric is faq (ROUGE-L and sentence embeddings)"
-    if stage == "04_evaluate" and any(m.startswith("gguf") for m in params.quantize.methods) and "quantized" in params.evaluate.models:
+    if stage == "04_evaluate" and any(QUANTIZE_METHODS[m].format == "gguf" for m in params.quantize.methods) and "quantized" in params.evaluate.models:
         needs["gguf"] = "the GGUF copies are scored with llama-cpp-python"
     return needs
 

@@ -10,6 +10,7 @@ import difflib
 import re
 import string
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -295,11 +296,32 @@ class TrainParams(Section):
         return value
 
 
-QUANTIZE_METHODS = Literal["int8_weight_only", "gguf_q8_0", "gguf_q4_k_m", "bnb_nf4", "bnb_int8", "gptq_w4a16", "awq_w4a16"]
+@dataclass(frozen=True)
+class QuantizeMethod:
+    """What a quantize.methods entry makes: bits per weight, the format 04 loads (transformers or gguf), the disk it
+    takes as a share of the 16-bit model (a GGUF method writes an f16 file first), and the pyproject.toml group that
+    holds its tools (None: bitsandbytes, which comes with Unsloth on a GPU)."""
+
+    bits: int
+    format: str
+    disk_share: float
+    group: str | None
+
+
+QUANTIZE_METHODS = {
+    "int8_weight_only": QuantizeMethod(8, "transformers", 0.55, "quantize"),
+    "gguf_q8_0": QuantizeMethod(8, "gguf", 1.55, "gguf"),
+    "gguf_q4_k_m": QuantizeMethod(4, "gguf", 1.32, "gguf"),
+    "bnb_nf4": QuantizeMethod(4, "transformers", 0.3, None),
+    "bnb_int8": QuantizeMethod(8, "transformers", 0.55, None),
+    "gptq_w4a16": QuantizeMethod(4, "transformers", 0.3, "quantize"),
+    "awq_w4a16": QuantizeMethod(4, "transformers", 0.3, "quantize"),
+}
+QuantizeMethodName = Literal[tuple(QUANTIZE_METHODS)]
 
 
 class QuantizeParams(Section):
-    methods: list[QUANTIZE_METHODS] = Field(
+    methods: list[QuantizeMethodName] = Field(
         ["int8_weight_only"],
         description=(
             "Quantized copies of the merged fine-tuned model: int8_weight_only (torchao), gguf_q8_0 / gguf_q4_k_m (llama.cpp, "

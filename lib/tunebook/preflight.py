@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebook.config import STAGES, Params, load_params
+from tunebook.config import QUANTIZE_METHODS, STAGES, Params, load_params
 from tunebook.errors import TunebookError
 from tunebook.models import EMBEDDED, HUB_ID, MATERIALIZED_VERSION, cache_dir, has_unsloth
 from tunebook.rows import DataError
@@ -28,8 +28,6 @@ SAMPLE_BYTES = 50_000_000  # a larger data file is checked on its first SAMPLE_R
 SAMPLE_ROWS = 2_000
 ENDPOINT_TIMEOUT = 5.0
 GIB = 1024**3
-# Disk a quantized copy takes, as a share of the 16-bit model (GGUF methods also write an f16 file first).
-COPY_SHARE = {"int8_weight_only": 0.55, "gguf_q8_0": 1.55, "gguf_q4_k_m": 1.32, "bnb_nf4": 0.3, "bnb_int8": 0.55, "gptq_w4a16": 0.3, "awq_w4a16": 0.3}
 
 
 class PreflightError(TunebookError):
@@ -382,7 +380,7 @@ def disk_space(params: Params, stages: set[str]):
     if size is None:
         return "warning", "the model's size is unknown here (a hub id the hub did not describe): not checked"
     copies = params.quantize.methods if "03_quantize" in stages else []
-    need = size * (1 + sum(COPY_SHARE[m] for m in copies)) + GIB
+    need = size * (1 + sum(QUANTIZE_METHODS[m].disk_share for m in copies)) + GIB
     existing = Path(params.output_dir)
     while not existing.exists():
         existing = existing.parent

@@ -24,19 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tunebook.config import QUANTIZE_METHODS
 from tunebook.errors import TunebookError
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
-
-# method -> (bits, format that 04 loads)
-METHODS = {
-    "int8_weight_only": (8, "transformers"),
-    "gguf_q8_0": (8, "gguf"),
-    "gguf_q4_k_m": (4, "gguf"),
-    "bnb_nf4": (4, "transformers"),
-    "bnb_int8": (8, "transformers"),
-    "gptq_w4a16": (4, "transformers"),
-    "awq_w4a16": (4, "transformers"),
-}
 
 
 class Skipped(Exception):
@@ -57,7 +47,7 @@ def quantize(run: Run) -> list[dict]:
     with run.stage("03_quantize") as outputs:
         variants = []
         for method in run.params.quantize.methods:
-            bits, fmt = METHODS[method]
+            bits, fmt = QUANTIZE_METHODS[method].bits, QUANTIZE_METHODS[method].format
             target = run.dir / "quantized" / (f"{method}.gguf" if fmt == "gguf" else method)
             started = time.time()
             try:
@@ -301,7 +291,7 @@ def llama_cpp_converter() -> Path:
     return converter
 
 
-QUANTIZERS = {
+QUANTIZERS = {  # how each of config.QUANTIZE_METHODS is made (tests/test_structure.py: the same names)
     "int8_weight_only": _int8_weight_only,
     "gguf_q8_0": _gguf("gguf_q8_0"),
     "gguf_q4_k_m": _gguf("gguf_q4_k_m"),
