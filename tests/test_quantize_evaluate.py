@@ -2,7 +2,8 @@ import pytest
 
 from tunebook.config import DEFAULT_MODEL
 from tunebook.evaluate import models_to_evaluate
-from tunebook.quantize import Skipped, _check_group_size, dir_size_mb, size_table
+from tunebook.models import dir_size_mb
+from tunebook.quantize import Skipped, _check_group_size, size_table
 from tunebook.runs import open_run
 
 

@@ -86,7 +86,7 @@ def final_answer(output: str, prefix: str | None) -> str:
 
 def models_to_evaluate(run: Run) -> list[dict]:
     """The models to score, in table order: label, path (folder, GGUF file or hub id), format, bits, size on disk."""
-    from tunebook.quantize import dir_size_mb, saved_bits
+    from tunebook.models import dir_size_mb, saved_bits
 
     wanted = run.params.evaluate.models
     models = []

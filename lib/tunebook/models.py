@@ -9,6 +9,7 @@ Its tokenizer is built from the GGUF's own vocabulary, merges and special-token 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -304,3 +305,16 @@ def _load_error(name: str, error: Exception) -> TunebookError:
         "Check the spelling; hub ids need the Hugging Face hub to be reachable (and a token for gated models). "
         f"Offline, use a local model folder or {', '.join(EMBEDDED)}."
     )
+
+
+def dir_size_mb(path: str | Path) -> float:
+    path = Path(path)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return round(sum(f.stat().st_size for f in files) / 2**20, 1)
+
+
+def saved_bits(model_dir: str | Path) -> int | None:
+    """Bits per weight of a saved (unquantized) model folder, from its config's dtype."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return {"float32": 32, "bfloat16": 16, "float16": 16}.get(dtype)

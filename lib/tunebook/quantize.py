@@ -26,17 +26,12 @@ from pathlib import Path
 
 from tunebook.config import QUANTIZE_METHODS
 from tunebook.errors import TunebookError
+from tunebook.models import dir_size_mb, saved_bits
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
 
 
 class Skipped(Exception):
     """This method cannot run here; the message says why (and what would make it run)."""
-
-
-def dir_size_mb(path: str | Path) -> float:
-    path = Path(path)
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    return round(sum(f.stat().st_size for f in files) / 2**20, 1)
 
 
 def quantize(run: Run) -> list[dict]:
@@ -300,15 +295,6 @@ QUANTIZERS = {  # how each of config.QUANTIZE_METHODS is made (tests/test_struct
     "gptq_w4a16": _llm_compressor("gptq"),
     "awq_w4a16": _llm_compressor("awq"),
 }
-
-
-def saved_bits(model_dir: str | Path) -> int | None:
-    """Bits per weight of a saved (unquantized) model folder, from its config's dtype."""
-    import json
-
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    return {"float32": 32, "bfloat16": 16, "float16": 16}.get(dtype)
 
 
 def size_table(run: Run) -> list[dict]:
