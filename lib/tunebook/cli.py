@@ -5,7 +5,7 @@ params, cache a model.
     python -m tunebook check params/default.yaml [--stages 04,05] [--set KEY=VALUE]
     python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run]
     python -m tunebook compare outputs/sweep_lora [outputs/default ...] [--model finetuned] [--sort f1] [--out DIR]
-    python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric squad|hotpot|japanese|classification|faq]
+    python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric METRIC]
     python -m tunebook params [--update-readme README.md]
     python -m tunebook prepare-model [NAME]
 """

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunebook.errors import TunebookError
+from tunebook.metrics import SCORERS
 
 DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 TEMPLATE_FIELDS = ("instruction", "passages", "question", "labels")
@@ -320,6 +321,9 @@ QUANTIZE_METHODS = {
 QuantizeMethodName = Literal[tuple(QUANTIZE_METHODS)]
 
 
+MetricName = Literal[tuple(SCORERS)]  # the scorers metrics.py has
+
+
 class QuantizeParams(Section):
     methods: list[QuantizeMethodName] = Field(
         ["int8_weight_only"],
@@ -464,7 +468,7 @@ class SynthesizeParams(Section):
 
 
 class EvaluateParams(Section):
-    metric: Literal["squad", "hotpot", "japanese", "classification", "faq"] = Field(
+    metric: MetricName = Field(
         "squad",
         json_schema_extra=read_first_by("01_build_dataset"),  # 01 collects a classification run's labels
         description="Scoring: squad (SQuAD v1.1 EM/F1), hotpot (HotpotQA yes/no rule), japanese (AI王 NFKC EM, JGLUE char F1), classification (accuracy, macro-F1), faq (long answers: ROUGE-L, embedding similarity).",
