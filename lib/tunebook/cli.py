@@ -22,6 +22,7 @@ from pathlib import Path
 from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
 from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
 from tunebook.metrics import SCORERS
+from tunebook.rows import write_jsonl
 from tunebook.runs import Run, execute_stage, interruption_note, move_aside, refuse_sweep, save_params, stage_key, stage_values
 
 
@@ -247,9 +248,9 @@ def replace_section(path: Path, markers: tuple[str, str], content: str) -> None:
 
 
 def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
-    from tunebook.data import read_jsonl
     from tunebook.families import split_reasoning
     from tunebook.metrics import score_predictions
+    from tunebook.rows import read_jsonl
 
     source = Path(path)
     if source.is_dir():
@@ -283,13 +284,11 @@ def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
     if jsonl_out:
         out = Path(jsonl_out)
         if out.is_symlink() or (out.exists() and not out.is_file()):  # /dev/stdout, a pipe, a link: written in place, never replaced
-            with open(out, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            write_jsonl(out, rows)
             return 0
         tmp = Path(jsonl_out + ".tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            write_jsonl(tmp, rows)
         except BaseException as e:
             tmp.unlink(missing_ok=True)  # a half-written file (a full disk) is not left behind
             if is_file_system_error(e):

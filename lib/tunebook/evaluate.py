@@ -17,12 +17,13 @@ import shutil
 import time
 from pathlib import Path
 
-from tunebook.data import load_split, read_jsonl
+from tunebook.data import load_split
 from tunebook.errors import TunebookError
 from tunebook.families import TemplateError, render_prompt, split_reasoning
 from tunebook.generate import answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import load_for_inference, load_tokenizer, pick_backend, resolve_model
+from tunebook.rows import read_jsonl, write_jsonl
 from tunebook.runs import Run, first_read_by, params_key, write_json_atomic
 
 TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "bits", "size_mb"]
@@ -222,10 +223,14 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
             reason = no_answers(answers, result.texts, result.requests)
             if reason:
                 # Not scored: a row of zeros would read as a model that answers everything wrong.
-                with open(failed_path, "w", encoding="utf-8") as f:
-                    for e, text, request in zip(examples, result.texts, result.requests or [None] * len(examples)):
-                        row = {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": "", "output": text}
-                        f.write(json.dumps({**row, **({"request": request} if request else {})}, ensure_ascii=False) + "\n")
+                write_jsonl(
+                    failed_path,
+                    (
+                        {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": "", "output": text}
+                        | ({"request": request} if request else {})
+                        for e, text, request in zip(examples, result.texts, result.requests or [None] * len(examples))
+                    ),
+                )
                 failures.append(
                     {
                         "label": label,
@@ -263,9 +268,7 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
                 for row, request in zip(rows, result.requests):
                     row["request"] = request
             failed = {"failed_requests": sum(r["status"] != "ok" for r in result.requests)} if result.requests else {}
-            with open(path, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            write_jsonl(path, rows)
             files[label] = str(path)
             table.append(
                 {

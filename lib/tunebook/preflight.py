@@ -22,7 +22,7 @@ from pathlib import Path
 from tunebook.config import QUANTIZE_METHODS, STAGES, Params, load_params
 from tunebook.errors import TunebookError
 from tunebook.models import EMBEDDED, HUB_ID, MATERIALIZED_VERSION, cache_dir, has_unsloth
-from tunebook.rows import DataError
+from tunebook.rows import DataError, read_jsonl
 
 SAMPLE_BYTES = 50_000_000  # a larger data file is checked on its first SAMPLE_ROWS rows
 SAMPLE_ROWS = 2_000
@@ -171,7 +171,7 @@ def data_file(params: Params, key: str, path_or_id: str):
         if key == "data.relabels_path":
             return f"{len(read_relabels(path))} marks, each with id, prediction and mark"
         if sampled:
-            rows = first_jsonl_rows(path, SAMPLE_ROWS)
+            rows = read_jsonl(path, SAMPLE_ROWS)
         else:
             rows = read_rows(str(path), params.data.retrieval.corpus_split if key == "data.retrieval.corpus_path" else "train")
         if key == "data.retrieval.corpus_path":
@@ -185,24 +185,6 @@ def data_file(params: Params, key: str, path_or_id: str):
     except OSError as e:
         raise PreflightError(f"{key}: cannot read {path}: {e.strerror}.") from None
     return f"{len(rows)} rows" + (f" checked (the first of a {size / 1e6:.0f} MB file)" if sampled else "") + ", fields present, UTF-8"
-
-
-def first_jsonl_rows(path: Path, n: int) -> list[dict]:
-    rows = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path} is not UTF-8 text (line {number}). Re-save it as UTF-8.") from None
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {number}: not valid JSON ({e.msg}).") from None
-            if len(rows) >= n:
-                break
-    return rows
 
 
 def hub_dataset(key: str, dataset_id: str):
@@ -232,7 +214,7 @@ def no_overlap(params: Params):
         path = Path(path or "")
         if not path.is_file():
             return "warning", f"not checked here: data.{key}_path is not a local file (01 checks the rows it reads)"
-        rows[key] = first_jsonl_rows(path, SAMPLE_ROWS) if path.stat().st_size > SAMPLE_BYTES and path.suffix == ".jsonl" else read_rows_or_none(path)
+        rows[key] = read_jsonl(path, SAMPLE_ROWS) if path.stat().st_size > SAMPLE_BYTES and path.suffix == ".jsonl" else read_rows_or_none(path)
         if rows[key] is None:
             return "warning", f"not checked here: data.{key}_path could not be read (see its own check)"
     overlap = eval_overlap(rows["train"], rows["eval"], d.id_field, d.question_field, d.answers_field)
