@@ -24,7 +24,7 @@ from tunebook.generate import answer_token_budget, generate, generate_gguf, gguf
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import load_for_inference, load_tokenizer, pick_backend, resolve_model
 from tunebook.rows import read_jsonl, write_jsonl
-from tunebook.runs import Run, first_read_by, params_key, write_json_atomic
+from tunebook.runs import Run, first_read_by, params_key, read_manifest, write_json_atomic
 
 TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "bits", "size_mb"]
 
@@ -139,8 +139,7 @@ def reusable_rows(run: Run, reuse_from: list[str]) -> dict[str, dict]:
     """{label: {run, row, file}} of base / API rows that other finished runs scored under this run's untrained key."""
     key, found = untrained_key(run.params), {}
     for folder in map(Path, reuse_from):
-        manifest = folder / "manifest.json"
-        entry = json.loads(manifest.read_text(encoding="utf-8"))["stages"].get("04_evaluate", {}) if manifest.exists() else {}
+        entry = read_manifest(folder)["stages"].get("04_evaluate", {})
         outputs = entry.get("outputs", {})
         if entry.get("status") != "complete" or outputs.get("untrained_key") != key:
             continue

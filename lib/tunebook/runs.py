@@ -46,6 +46,13 @@ class Run:
     params: Params
     dir: Path
 
+    @classmethod
+    def load(cls, folder: str | Path) -> "Run":
+        """A finished or running run folder opened only to read it (05's picker, compare, a sweep's shared rows): its
+        own params.yaml, validated; nothing is written and no stage is settled."""
+        folder = Path(folder).resolve()
+        return cls(params=load_params(folder / "params.yaml"), dir=folder)
+
     @property
     def manifest_path(self) -> Path:
         return self.dir / "manifest.json"
