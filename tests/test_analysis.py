@@ -1,18 +1,8 @@
 import json
 import sys
 
-from tunebook.analysis import (
-    categorize,
-    closest_gold,
-    confusion_matrix,
-    diff_html,
-    gold_in_passages,
-    highlight,
-    is_right,
-    item_html,
-    report_html,
-    transitions,
-)
+from tunebook.analysis import categorize, confusion_matrix, is_right, transitions
+from tunebook.report import closest_gold, diff_html, gold_in_passages, highlight, item_html, report_html
 
 
 def test_categories():
@@ -138,7 +128,7 @@ def parts(widget):
 
 
 def test_browser_filters_steps_and_saves_marks_without_losing_earlier_ones(tmp_path):
-    from tunebook.analysis import browser, read_marks
+    from tunebook.browser import browser, read_marks
 
     marks = tmp_path / "relabels.jsonl"
     marks.write_text(json.dumps({"model": "finetuned", "id": "9", "question": "q", "gold_answers": ["x"], "prediction": "y", "mark": "gold_wrong"}) + "\n")
@@ -163,7 +153,7 @@ def test_browser_compares_any_two_models_and_steps_by_keyboard():
     from ipyevents import Event
     from ipywidgets import Widget
 
-    from tunebook.analysis import browser
+    from tunebook.browser import browser
 
     base, tuned, copy = rows_of(0, 1, 0, 1), rows_of(1, 0, 0, 1), rows_of(1, 1, 0, 0)
     w = parts(browser({"base": base, "finetuned": tuned, "int8": copy}, None))
@@ -184,7 +174,7 @@ def test_browser_compares_any_two_models_and_steps_by_keyboard():
 
 
 def test_confusion_cells_list_their_answers():
-    from tunebook.analysis import browser
+    from tunebook.browser import browser
 
     labels = ["sports", "movie"]
     rows = [
@@ -218,7 +208,7 @@ def test_confusion_cells_list_their_answers():
 def test_finished_runs_lists_evaluated_runs_only(write_params, tmp_path):
     import shutil
 
-    from tunebook.analysis import finished_runs
+    from tunebook.browser import finished_runs
     from tunebook.runs import open_run
 
     def make_run(name: str, evaluated: bool):
@@ -250,7 +240,7 @@ def test_browser_on_colab_enables_its_custom_widget_manager(monkeypatch):
     """Colab draws ipyevents (the keyboard stepping) only after enable_custom_widget_manager(); the cell calls it."""
     import types
 
-    from tunebook.analysis import browser
+    from tunebook.browser import browser
 
     calls = []
     output = types.SimpleNamespace(enable_custom_widget_manager=lambda: calls.append("enabled"))

@@ -14,7 +14,8 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from conftest import ROOT
-from tunebook.analysis import categorize, confusion_matrix, gold_in_passages, is_right, load_predictions, report_html
+from tunebook.analysis import categorize, confusion_matrix, is_right, load_predictions
+from tunebook.report import gold_in_passages, report_html
 from tunebook.runs import open_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

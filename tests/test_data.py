@@ -154,7 +154,7 @@ def test_retrieval_fills_passages_and_reports_gold_hits(tmp_path):
 
 def test_relabel_marks_from_05_fix_the_next_build(tmp_path):
     """The default data with two marks from 05's browser: an accepted answer becomes a gold, a wrong gold's example goes."""
-    from tunebook.analysis import write_marks
+    from tunebook.browser import write_marks
     from tunebook.data import build_dataset
     from tunebook.runs import open_run
 

@@ -230,7 +230,7 @@ def test_family_matrix_01_to_05(name, tmp_path):
 
 
 def test_error_view_shows_the_reasoning_taken_out_of_an_answer():
-    from tunebook.analysis import item_html
+    from tunebook.report import item_html
 
     row = {
         "question": "Capital?",

@@ -1,6 +1,6 @@
 """tunebook: numbered notebooks + this small library for supervised fine-tuning of a small LLM for one task.
 
-One module per stage: data (01), train (02), quantize (03), generate/evaluate/metrics (04), analysis (05);
+One module per stage: data (01), train (02), quantize (03), generate/evaluate/metrics (04), analysis/report/browser (05);
 config (the params schema), runs (the run folder and its manifest), models (base model loading), cli.
 """
 
