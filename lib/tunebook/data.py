@@ -440,9 +440,7 @@ def _labelled_splits(p: Params) -> tuple[list[dict], list[dict], dict, dict]:
 
 
 def build_dataset(run: Run) -> BuiltDataset:
-    """Stage 01 end to end: read, validate, split, render, count tokens, save (datasets + JSONL)."""
-    from datasets import Dataset, DatasetDict
-
+    """Stage 01 end to end: read, validate, split, cap, retrieve, render, count tokens, save (datasets + JSONL)."""
     from tunebook.models import load_tokenizer
 
     p = run.params
@@ -468,75 +466,16 @@ def build_dataset(run: Run) -> BuiltDataset:
             f"Chat format: {fmt.family}; answers end with {fmt.end_of_turn!r}"
             + (f"; thinking {'on' if fmt.enable_thinking else 'off'}" if fmt.thinking_switch else "")
         )
-        fields, synthetic = p.data, None
         if p.synthesize.documents_path:
-            fields = document_fields(p.data, tmp / "chunks.jsonl")
-            # Eval rows first: a teacher's questions are decontaminated against them.
-            evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc) if p.data.eval_path else []
-            synthetic = synthesize(p, tokenizer, [e["question"] for e in evaluation])
-            write_jsonl(tmp / "chunks.jsonl", [{**c, "passage": passage(c)} for c in synthetic.chunks])
-            write_jsonl(tmp / "synthetic_pairs.jsonl", synthetic.pairs)
-            train, evaluation, relabeled = _splits(p, synthetic.examples, evaluation)
-            overlap = check_eval_overlap(train, evaluation, p, real_ids=False)  # the teacher's rows have ids of our making
+            fields, synthetic, (train, evaluation, relabeled, overlap) = _rows_from_documents(p, tokenizer, tmp)
         else:
-            train, evaluation, relabeled, overlap = labelled
+            fields, synthetic, (train, evaluation, relabeled, overlap) = p.data, None, labelled
         # Labels from the whole training split, so that a cap below cannot drop a class.
         labels = class_labels(train, evaluation, p.data) if p.evaluate.metric == "classification" else []
-        # Shuffled (seeded) before any cap, so a capped split still spans every topic and source.
-        random.Random(p.seed).shuffle(train)
-        random.Random(p.seed + 1).shuffle(evaluation)
-        train = train[: p.data.max_train_examples]
-        evaluation = evaluation[: p.data.max_eval_examples]
-        if p.data.raft.enabled:
-            rng = random.Random(p.seed)
-            prefix = p.prompt.final_answer_prefix
-            train = [raft_example(e, p.data.raft, rng, train=True, answer_prefix=prefix) for e in train]
-            # Real eval questions asked of documents have no oracle: their passages are retrieved below.
-            evaluation = [raft_example(e, p.data.raft, rng, train=False, answer_prefix=prefix) if "oracle_titles" in e else e for e in evaluation]
-        for name, rows in (("train", train), ("eval", evaluation)):
-            if not rows:
-                raise DataError(f"The {name} split is empty: check data.eval_size={p.data.eval_size} and data.eval_path.")
-        rows = train + evaluation
-        unretrieved = [i for i, e in enumerate(rows) if not e["passages"]]
-        if fields.retrieval.corpus_path and unretrieved:
-            # One index for both splits: the corpus is read and indexed once.
-            for i, e in zip(unretrieved, retrieve_passages([rows[i] for i in unretrieved], fields)):
-                rows[i] = e
-            train, evaluation = rows[: len(train)], rows[len(train) :]
-        splits, table, gold_missing = {}, [], {}
-        spans = p.evaluate.metric in SPAN_METRICS  # a class label or a long FAQ answer is not expected in the passages
-        for name, rows in (("train", train), ("eval", evaluation)):
-            rows = [with_chat(e, p.prompt, labels) for e in rows]
-            lengths = count_tokens(rows, tokenizer, fmt)
-            kept = [dict(e, n_tokens=n) for e, n in zip(rows, lengths) if n <= p.model.max_seq_length]
-            found = [answer_in_passages(e["passages"], e["answers"]) for e in kept]
-            golds_in_passages = sum(f is True for f in found)
-            if spans:
-                for e, f in zip(kept, found):
-                    e["gold_in_passages"] = f
-                gold_missing[name] = _warn_gold_missing(name, kept, p, fields, final)
-            retrieval_hits = {"gold_doc_retrieved": sum(e["gold_retrieved"] for e in kept)} if kept and "gold_retrieved" in kept[0] else {}
-            if not kept:
-                raise DataError(
-                    f"The {name} split is empty after dropping examples longer than model.max_seq_length="
-                    f"{p.model.max_seq_length} tokens ({len(rows)} before). Raise max_seq_length or use shorter passages."
-                )
-            splits[name] = kept
-            table.append(
-                {
-                    "split": name,
-                    "examples": len(kept),
-                    "dropped_too_long": len(rows) - len(kept),
-                    "gold_in_passages": golds_in_passages,
-                    **retrieval_hits,
-                    "tokens_median": sorted(lengths)[len(lengths) // 2],
-                    "tokens_max": max(lengths),
-                }
-            )
-        DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(tmp / "hf"))
-        for name, rows in splits.items():
-            write_jsonl(tmp / f"{name}.jsonl", rows)
-        replace_dir(tmp, final)
+        train, evaluation = _capped(p, train, evaluation)
+        train, evaluation = _retrieved(train, evaluation, fields)
+        splits, table, gold_missing = _rendered(p, {"train": train, "eval": evaluation}, labels, tokenizer, fmt, fields, final)
+        _save(splits, tmp, final)
         outputs.update(
             dataset_dir=str(final / "hf"),
             train_jsonl=str(final / "train.jsonl"),
@@ -545,7 +484,7 @@ def build_dataset(run: Run) -> BuiltDataset:
             labels=labels,
             relabeled=relabeled,
             eval_overlap=overlap,
-            **({"gold_missing": gold_missing} if spans else {}),
+            **({"gold_missing": gold_missing} if gold_missing is not None else {}),
             lengths={k: [e["n_tokens"] for e in v] for k, v in splits.items()},
         )
         if synthetic:
@@ -561,6 +500,96 @@ def build_dataset(run: Run) -> BuiltDataset:
                 "chunks_jsonl": str(final / "chunks.jsonl"),
             }
     return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=outputs, dataset_dir=final)
+
+
+def _rows_from_documents(p: Params, tokenizer, tmp: Path):
+    """The teacher's rows from synthesize.documents_path (its chunks and pairs written beside the dataset), split and
+    checked against the eval rows: (fields, synthetic, (train, eval, relabeled, overlap))."""
+    fields = document_fields(p.data, tmp / "chunks.jsonl")
+    # Eval rows first: a teacher's questions are decontaminated against them.
+    evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc) if p.data.eval_path else []
+    synthetic = synthesize(p, tokenizer, [e["question"] for e in evaluation])
+    write_jsonl(tmp / "chunks.jsonl", [{**c, "passage": passage(c)} for c in synthetic.chunks])
+    write_jsonl(tmp / "synthetic_pairs.jsonl", synthetic.pairs)
+    train, evaluation, relabeled = _splits(p, synthetic.examples, evaluation)
+    overlap = check_eval_overlap(train, evaluation, p, real_ids=False)  # the teacher's rows have ids of our making
+    return fields, synthetic, (train, evaluation, relabeled, overlap)
+
+
+def _capped(p: Params, train: list[dict], evaluation: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Shuffled (seeded) before any cap, so a capped split still spans every topic and source; then RAFT's oracle and
+    distractor passages."""
+    random.Random(p.seed).shuffle(train)
+    random.Random(p.seed + 1).shuffle(evaluation)
+    train = train[: p.data.max_train_examples]
+    evaluation = evaluation[: p.data.max_eval_examples]
+    if p.data.raft.enabled:
+        rng = random.Random(p.seed)
+        prefix = p.prompt.final_answer_prefix
+        train = [raft_example(e, p.data.raft, rng, train=True, answer_prefix=prefix) for e in train]
+        # Real eval questions asked of documents have no oracle: their passages are retrieved below.
+        evaluation = [raft_example(e, p.data.raft, rng, train=False, answer_prefix=prefix) if "oracle_titles" in e else e for e in evaluation]
+    for name, rows in (("train", train), ("eval", evaluation)):
+        if not rows:
+            raise DataError(f"The {name} split is empty: check data.eval_size={p.data.eval_size} and data.eval_path.")
+    return train, evaluation
+
+
+def _retrieved(train: list[dict], evaluation: list[dict], fields: DataParams) -> tuple[list[dict], list[dict]]:
+    """Passages retrieved from the corpus for the rows that have none (one index for both splits: read once)."""
+    rows = train + evaluation
+    unretrieved = [i for i, e in enumerate(rows) if not e["passages"]]
+    if not (fields.retrieval.corpus_path and unretrieved):
+        return train, evaluation
+    for i, e in zip(unretrieved, retrieve_passages([rows[i] for i in unretrieved], fields)):
+        rows[i] = e
+    return rows[: len(train)], rows[len(train) :]
+
+
+def _rendered(p: Params, splits: dict[str, list[dict]], labels: list[str], tokenizer, fmt, fields: DataParams, final: Path):
+    """Each split as chat prompts and answers, their token counts (too long for model.max_seq_length: dropped and
+    counted), and whether each gold answer is in its passages: (splits, table, gold_missing or None)."""
+    rendered, table, gold_missing = {}, [], {}
+    spans = p.evaluate.metric in SPAN_METRICS  # a class label or a long FAQ answer is not expected in the passages
+    for name, rows in splits.items():
+        rows = [with_chat(e, p.prompt, labels) for e in rows]
+        lengths = count_tokens(rows, tokenizer, fmt)
+        kept = [dict(e, n_tokens=n) for e, n in zip(rows, lengths) if n <= p.model.max_seq_length]
+        found = [answer_in_passages(e["passages"], e["answers"]) for e in kept]
+        golds_in_passages = sum(f is True for f in found)
+        if spans:
+            for e, f in zip(kept, found):
+                e["gold_in_passages"] = f
+            gold_missing[name] = _warn_gold_missing(name, kept, p, fields, final)
+        retrieval_hits = {"gold_doc_retrieved": sum(e["gold_retrieved"] for e in kept)} if kept and "gold_retrieved" in kept[0] else {}
+        if not kept:
+            raise DataError(
+                f"The {name} split is empty after dropping examples longer than model.max_seq_length="
+                f"{p.model.max_seq_length} tokens ({len(rows)} before). Raise max_seq_length or use shorter passages."
+            )
+        rendered[name] = kept
+        table.append(
+            {
+                "split": name,
+                "examples": len(kept),
+                "dropped_too_long": len(rows) - len(kept),
+                "gold_in_passages": golds_in_passages,
+                **retrieval_hits,
+                "tokens_median": sorted(lengths)[len(lengths) // 2],
+                "tokens_max": max(lengths),
+            }
+        )
+    return rendered, table, gold_missing if spans else None
+
+
+def _save(splits: dict[str, list[dict]], tmp: Path, final: Path) -> None:
+    """The splits as a datasets DatasetDict (02 trains from it) and as JSONL (04, 05 and people read them)."""
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(tmp / "hf"))
+    for name, rows in splits.items():
+        write_jsonl(tmp / f"{name}.jsonl", rows)
+    replace_dir(tmp, final)
 
 
 def _warn_gold_missing(split: str, rows: list[dict], p: Params, fields: DataParams, final: Path) -> dict:
