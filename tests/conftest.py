@@ -9,6 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TUNEBOOK_SHARED", ROOT.parent / "shared"))
 
 
+def _gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# A test of what happens without a GPU (a CPU-only refusal or fallback): skipped, and said so, on a GPU machine.
+CPU_ONLY = pytest.mark.skipif(_gpu_present(), reason="holds on a CPU-only machine; a CUDA GPU is present")
+
+
 @pytest.fixture
 def shared_datasets() -> Path:
     """../shared/datasets beside the checkout (real public samples); tests that need it skip without it."""

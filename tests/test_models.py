@@ -1,5 +1,6 @@
 import pytest
 
+from conftest import CPU_ONLY
 from tunebook.config import DEFAULT_MODEL as DEFAULT_MODEL_NAME
 from tunebook.errors import TunebookError
 from tunebook.models import load_tokenizer, materialize_embedded, pick_backend, resolve_model
@@ -36,11 +37,8 @@ def test_unreachable_hub_model_is_explained(monkeypatch):
         load_tokenizer("nobody-here/no-such-model")
 
 
+@CPU_ONLY
 def test_unsloth_without_gpu_stops_clearly():
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
     with pytest.raises(TunebookError, match="Unsloth needs a GPU"):
         pick_backend("unsloth")
     assert pick_backend("auto") == "hf"
