@@ -33,7 +33,7 @@ def test_bad_model_names_get_one_clear_message(name, message):
 
 def test_unreachable_hub_model_is_explained(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(TunebookError, match="Could not load model 'nobody-here/no-such-model'"):
+    with pytest.raises(TunebookError, match="nobody-here/no-such-model: HF_HUB_OFFLINE is set and the model is not in the local cache"):
         load_tokenizer("nobody-here/no-such-model")
 
 

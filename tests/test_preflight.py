@@ -99,7 +99,7 @@ def test_every_problem_at_once(tmp_path):
     assert "6 problem(s) found before anything ran; nothing was changed." in message, message
     assert f"{train} is a file, so the output folder" in message
     assert "row 2" in message and "passages" in message  # the bad row, named
-    assert "nobody/no-such-model: the hub could not be reached" in message
+    assert "nobody/no-such-model: HF_HUB_OFFLINE is set and the model is not in the local cache" in message
     assert "model.backend is 'unsloth' but no CUDA GPU is visible" in message
     assert "api_key_env names TUNEBOOK_UNSET_KEY, which is not set" in message
     assert f"{DEAD} could not be reached" in message

@@ -29,6 +29,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNEBOOK_CACHE", Path.home() / ".cache" / "tunebook"))
 
 
+HUB_TIMEOUT = 5.0  # seconds for the hub to answer whether it has a model
+
+
+def hub_model(name: str) -> str:
+    """Where a hub id resolves: on the hub (asked within HUB_TIMEOUT), else the local hub cache; a clear error in seconds
+    when neither has it, instead of transformers' minute of retries."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+    if not offline:
+        try:
+            model_info(name, timeout=HUB_TIMEOUT)
+            return "on the hub"
+        except GatedRepoError:
+            raise TunebookError(f"{name} is gated on the hub: accept its license on the model page and log in (huggingface-cli login, or HF_TOKEN).") from None
+        except RepositoryNotFoundError:
+            raise TunebookError(f"the hub has no model {name!r} (check the spelling; a private model needs a token).") from None
+        except Exception:  # the hub did not answer: many exception types, one answer
+            pass
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return "in the local hub cache (the hub did not answer)"
+    unreachable = "HF_HUB_OFFLINE is set" if offline else f"the hub could not be reached within {HUB_TIMEOUT:.0f} s"
+    raise TunebookError(f"{name}: {unreachable} and the model is not in the local cache. Offline, use a local model folder or {', '.join(EMBEDDED)}.")
+
+
 def resolve_model(name: str) -> str:
     """A local folder or hub id that transformers/Unsloth can load; materializes embedded models."""
     if name.startswith("embedded:"):
@@ -41,6 +67,10 @@ def resolve_model(name: str) -> str:
         raise TunebookError(f"Model '{name}' is not a model folder. Use a folder with config.json, a hub id (org/name) or one of {', '.join(EMBEDDED)}.")
     if not HUB_ID.match(name):
         raise TunebookError(f"Model '{name}' is neither a local folder, an embedded model ({', '.join(EMBEDDED)}) nor a hub id of the form org/name.")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):  # not downloaded yet: ask the hub, briefly
+        hub_model(name)
     return name
 
 

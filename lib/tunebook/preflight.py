@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tunebook.config import QUANTIZE_METHODS, STAGES, Params, load_params
 from tunebook.errors import TunebookError
-from tunebook.models import EMBEDDED, HUB_ID, MATERIALIZED_VERSION, cache_dir, has_unsloth
+from tunebook.models import EMBEDDED, HUB_ID, MATERIALIZED_VERSION, cache_dir, has_unsloth, hub_model
 from tunebook.rows import DataError, read_jsonl
 
 SAMPLE_BYTES = 50_000_000  # a larger data file is checked on its first SAMPLE_ROWS rows
@@ -277,28 +277,6 @@ def chat_template_in(folder: Path) -> str:
     if not has_template:
         raise PreflightError(f"{folder} has no chat template (tokenizer_config.json, chat_template.jinja): use an instruct model, or set model.chat_template.")
     return "folder with a chat template"
-
-
-def hub_model(name: str) -> str:
-    from huggingface_hub import model_info, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    if os.environ.get("HF_HUB_OFFLINE") in (None, "", "0"):
-        try:
-            model_info(name, timeout=ENDPOINT_TIMEOUT)
-            return "on the hub"
-        except GatedRepoError:
-            raise PreflightError(f"{name} is gated on the hub: accept its license on the model page and log in (huggingface-cli login, or HF_TOKEN).") from None
-        except RepositoryNotFoundError:
-            raise PreflightError(f"the hub has no model {name!r} (check the spelling; a private model needs a token).") from None
-        except Exception:  # the hub did not answer: many exception types, one answer
-            pass
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return "in the local hub cache (the hub did not answer)"
-    raise PreflightError(
-        f"{name}: the hub could not be reached within {ENDPOINT_TIMEOUT:.0f} s and the model is not in the local cache. "
-        f"Offline, use a local model folder or {', '.join(EMBEDDED)}."
-    )
 
 
 def backend(requested: str, key: str) -> str:
