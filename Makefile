@@ -32,6 +32,8 @@ run: setup model
 	$(PY) -m tunebook run $(PARAMS) --resume $(ARGS)
 
 test: setup model tokenizers $(CHROMIUM) $(CJK_FONT)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 tokenizers: $(TOKENIZERS)

@@ -10,6 +10,7 @@ of about 80 minutes on a 2-core CPU with the embedded SmolLM2-135M-Instruct. Tra
 Writes bench/results/accuracy.json (every metric, timings, the exact overrides) and accuracy.md (the table
 the README shows; --readme refreshes it there, between the accuracy-table markers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,16 +114,17 @@ def markdown(results: dict) -> str:
         "| run | train / eval rows | metric | base | fine-tuned | minutes |",
         "|---|---|---|---|---|---|",
     ]
+
+    def cell(row: dict, keys: list[str]) -> str:
+        return " · ".join(f"{SHOWN[k]} {row[k]:.2f}" for k in keys)
+
     for r in results["runs"]:
         keys = [k for k in r["finetuned"] if k in SHOWN]  # the metric's own order
-        cell = lambda row: " · ".join(f"{SHOWN[k]} {row[k]:.2f}" for k in keys)  # noqa: E731
         hit = f" (retrieval hit rate {r['finetuned']['retrieval_hit_rate']:.2f})" if "retrieval_hit_rate" in r["finetuned"] else ""
         lines.append(
-            f"| {r['name']} | {r['train_examples']} / {r['eval_examples']} | {r['metric']}{hit} | {cell(r['base'])} | {cell(r['finetuned'])} | {r['seconds'] / 60:.1f} |"
+            f"| {r['name']} | {r['train_examples']} / {r['eval_examples']} | {r['metric']}{hit} | {cell(r['base'], keys)} | {cell(r['finetuned'], keys)} | {r['seconds'] / 60:.1f} |"
         )
-    lines.append(
-        f"\n{results['machine']}; total {results['total_seconds'] / 60:.0f} min. Produced by `python bench/accuracy.py` (`make bench-accuracy`)."
-    )
+    lines.append(f"\n{results['machine']}; total {results['total_seconds'] / 60:.0f} min. Produced by `python bench/accuracy.py` (`make bench-accuracy`).")
     return "\n".join(lines)
 
 

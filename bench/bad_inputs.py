@@ -6,6 +6,7 @@ appears (the command's wall time: every case stops before any model is loaded).
 Results: bench/results/bad_inputs.json and .md. Every case runs in a fresh scratch folder; the ones against an
 existing run folder also check that nothing in it changed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,15 +54,24 @@ CASES = {
     "train_path is a folder": ("check params/default.yaml --set data.train_path={tmp}/d.jsonl", {"d.jsonl/x": ""}),
     "train_path not UTF-8": ("check params/default.yaml --set data.train_path={tmp}/t.jsonl", {"t.jsonl": b'{"question": "caf\xe9"}\n'}),
     "train_path bad JSON line": ("check params/default.yaml --set data.train_path={tmp}/t.jsonl", {"t.jsonl": jsonl([ROW]) + "{oops\n"}),
-    "train_path row lacks a field": ("check params/default.yaml --set data.train_path={tmp}/t.jsonl", {"t.jsonl": jsonl([ROW, {k: v for k, v in ROW.items() if k != "answers"}])}),
+    "train_path row lacks a field": (
+        "check params/default.yaml --set data.train_path={tmp}/t.jsonl",
+        {"t.jsonl": jsonl([ROW, {k: v for k, v in ROW.items() if k != "answers"}])},
+    ),
     "train_path empty answers": ("check params/default.yaml --set data.train_path={tmp}/t.jsonl", {"t.jsonl": jsonl([ROW, {**ROW, "id": "2", "answers": []}])}),
     "train_path unsupported type": ("check params/default.yaml --set data.train_path={tmp}/t.txt", {"t.txt": "hello\n"}),
     "train_path CSV missing column": ("check params/default.yaml --set data.train_path={tmp}/t.csv", {"t.csv": "id,question\n1,Who?\n"}),
     "eval_path is the training file": ("check params/default.yaml --set data.eval_path=" + str(TRAIN), {}),
     "eval_path missing": ("check params/default.yaml --set data.eval_path={tmp}/e.jsonl", {}),
     "retrieval corpus missing": ("check params/default.yaml --set data.retrieval.corpus_path={tmp}/c.jsonl", {}),
-    "retrieval corpus without its text field": ("check params/default.yaml --set data.retrieval.corpus_path={tmp}/c.jsonl", {"c.jsonl": '{"id": "1", "body": "x"}\n'}),
-    "relabels file with a bad mark": ("check params/default.yaml --set data.relabels_path={tmp}/r.jsonl", {"r.jsonl": '{"id": "1", "prediction": "a", "mark": "fine"}\n'}),
+    "retrieval corpus without its text field": (
+        "check params/default.yaml --set data.retrieval.corpus_path={tmp}/c.jsonl",
+        {"c.jsonl": '{"id": "1", "body": "x"}\n'},
+    ),
+    "relabels file with a bad mark": (
+        "check params/default.yaml --set data.relabels_path={tmp}/r.jsonl",
+        {"r.jsonl": '{"id": "1", "prediction": "a", "mark": "fine"}\n'},
+    ),
     "relabels file missing": ("check params/default.yaml --set data.relabels_path={tmp}/r.jsonl", {}),
     "documents folder missing": ("check params/faq_from_docs.yaml --set synthesize.documents_path={tmp}/docs", {}),
     "unknown hub model, offline": ("check params/default.yaml --set model.name=nobody/no-such-model", {}),
@@ -71,9 +81,18 @@ CASES = {
     "not a model name": ("check params/default.yaml --set 'model.name=my model'", {}),
     "backend unsloth on a CPU": ("check params/default.yaml --set model.backend=unsloth", {}),
     "evaluate.backend unsloth on a CPU": ("check params/default.yaml --set evaluate.backend=unsloth", {}),
-    "API key variable unset": ("check params/default.yaml --set 'evaluate.api_baselines=[{label: gpt, model: gpt-4o-mini, api_key_env: TUNEBOOK_UNSET_KEY}]'", {}),
-    "API endpoint not running": ("check params/default.yaml --set 'evaluate.api_baselines=[{label: local, base_url: \"" + DEAD + "\", model: x, api_key_env: null}]'", {}),
-    "teacher endpoint not running": ("check params/faq_from_docs.yaml --set synthesize.teacher.base_url=" + DEAD + " --set synthesize.teacher.api_key_env=null", {}),
+    "API key variable unset": (
+        "check params/default.yaml --set 'evaluate.api_baselines=[{label: gpt, model: gpt-4o-mini, api_key_env: TUNEBOOK_UNSET_KEY}]'",
+        {},
+    ),
+    "API endpoint not running": (
+        "check params/default.yaml --set 'evaluate.api_baselines=[{label: local, base_url: \"" + DEAD + "\", model: x, api_key_env: null}]'",
+        {},
+    ),
+    "teacher endpoint not running": (
+        "check params/faq_from_docs.yaml --set synthesize.teacher.base_url=" + DEAD + " --set synthesize.teacher.api_key_env=null",
+        {},
+    ),
     "max_steps 0": ("check params/default.yaml --set train.max_steps=0", {}),
     "an empty stop string": ("check params/default.yaml --set 'evaluate.stop_strings=[\"\"]'", {}),
     "template without {question}": ("check params/default.yaml --set 'prompt.template=\"Passages: {passages}\"'", {}),
@@ -88,9 +107,15 @@ CASES = {
     "score: file missing": ("score {tmp}/p.jsonl", {}),
     "score: a folder": ("score {tmp}", {}),
     "score: row without gold": ("score {tmp}/p.jsonl", {"p.jsonl": '{"prediction": "a"}\n'}),
-    "score: --jsonl-out in a missing folder": ("score {tmp}/p.jsonl --jsonl-out {tmp}/no/such/s.jsonl", {"p.jsonl": '{"prediction": "a", "gold_answers": ["a"]}\n'}),
+    "score: --jsonl-out in a missing folder": (
+        "score {tmp}/p.jsonl --jsonl-out {tmp}/no/such/s.jsonl",
+        {"p.jsonl": '{"prediction": "a", "gold_answers": ["a"]}\n'},
+    ),
     "compare: no run folders": ("compare {tmp}", {}),
-    "sweep: a variant with a missing file": ("sweep {tmp}/s.yaml", {"s.yaml": f"run_name: s\ndata:\n  train_path: {TRAIN}\nsweep:\n  variants:\n    - {{name: a, set: {{data.eval_path: /nope.jsonl}}}}\n"}),
+    "sweep: a variant with a missing file": (
+        "sweep {tmp}/s.yaml",
+        {"s.yaml": f"run_name: s\ndata:\n  train_path: {TRAIN}\nsweep:\n  variants:\n    - {{name: a, set: {{data.eval_path: /nope.jsonl}}}}\n"},
+    ),
 }
 
 
@@ -112,7 +137,9 @@ def run_case(name: str, command: str, files: dict, environment: dict | None = No
         env = {k: v for k, v in os.environ.items() if k != "TUNEBOOK_UNSET_KEY"} | {"HF_HUB_OFFLINE": "1"}
         env |= {k: v.replace("{tmp}", tmp) for k, v in (environment or {}).items()}
         started = time.time()
-        done = subprocess.run(f"{sys.executable} -m tunebook {command.replace('{tmp}', tmp)}", shell=True, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        done = subprocess.run(
+            f"{sys.executable} -m tunebook {command.replace('{tmp}', tmp)}", shell=True, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+        )
         seconds = time.time() - started
         message = done.stderr.strip().replace(tmp, "<tmp>")
         return {

@@ -29,6 +29,7 @@ On the GPU machine (/work/shared/gpu/README.md), after `bash .gpu/c1/install.sh`
     python bench/eval_fit.py make-models --models /root/g/efm --tokenizers /root/g/tok
     python bench/eval_fit.py run --models /root/g/efm --copy-to $OUT
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,10 @@ RESULTS = ROOT / "bench" / "results"
 
 # The real tokenizers of the models the Colab params name (`make tokenizers`, as bench/family_matrix.py uses).
 TOKENIZERS = {"llama3-8b": "llama3_1-3.7.2", "llama32-3b": "llama3_2-3.7.2", "tiny": "llama3_1-3.7.2"}
-SHAPES = {**SHAPES, "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)}
+SHAPES = {
+    **SHAPES,
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
 HALVING = ["data.eval_size=256", "evaluate.batch_size=256"]
 CASES = {
     # name: (params file, model shape, memory cap GiB, dtype the GPU would use, extra overrides)
@@ -84,8 +88,13 @@ def make_models(models: Path, tokenizers: Path, shapes: tuple[str, ...]) -> None
         source = tokenizers / TOKENIZERS[name]
         tokenizer = AutoTokenizer.from_pretrained(source)
         config = LlamaConfig(
-            vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **SHAPES[name],
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **SHAPES[name],
         )
         torch.set_default_dtype(torch.bfloat16)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -139,9 +148,17 @@ def case(name: str, models: Path, scratch: Path) -> dict:
     if "evaluate.backend=unsloth" in extra:
         import unsloth  # noqa: F401  (before transformers' models load, as a Colab session running 02 first has it)
     path = models / shape
-    run = open_run(ROOT / "params" / f"{params_file}.yaml", [
-        f"model.name={path}", f"model.dtype={dtype}", f"output_dir={scratch}", f"run_name={name}", "evaluate.models=[base]", *extra,
-    ])
+    run = open_run(
+        ROOT / "params" / f"{params_file}.yaml",
+        [
+            f"model.name={path}",
+            f"model.dtype={dtype}",
+            f"output_dir={scratch}",
+            f"run_name={name}",
+            "evaluate.models=[base]",
+            *extra,
+        ],
+    )
     build_dataset(run)  # stage 01: the eval split rendered from the default RAG-QA data with the params' prompt
     p = run.params
     tokenizer = load_tokenizer(str(path), p.model.chat_template, p.model.enable_thinking)
@@ -165,10 +182,17 @@ def case(name: str, models: Path, scratch: Path) -> dict:
     row = table[0]
     done = [b for b in batches if not b.get("out_of_memory")]
     return {
-        "params": f"params/{params_file}.yaml", "shape": shape, "cap_gib": cap_gib, "dtype": dtype, "overrides": extra,
-        "backend": "unsloth" if "evaluate.backend=unsloth" in extra else "hf", "load_in_4bit": p.evaluate.load_in_4bit,
-        "batch_size": p.evaluate.batch_size, "max_new_tokens": p.evaluate.max_new_tokens,
-        "prompts": row["n"], "prompt_tokens": {"min": lengths[0], "median": statistics.median(lengths), "max": lengths[-1]},
+        "params": f"params/{params_file}.yaml",
+        "shape": shape,
+        "cap_gib": cap_gib,
+        "dtype": dtype,
+        "overrides": extra,
+        "backend": "unsloth" if "evaluate.backend=unsloth" in extra else "hf",
+        "load_in_4bit": p.evaluate.load_in_4bit,
+        "batch_size": p.evaluate.batch_size,
+        "max_new_tokens": p.evaluate.max_new_tokens,
+        "prompts": row["n"],
+        "prompt_tokens": {"min": lengths[0], "median": statistics.median(lengths), "max": lengths[-1]},
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if gpu else None,
         "peak_memory_mb_04": row["peak_memory_mb"],
@@ -177,7 +201,9 @@ def case(name: str, models: Path, scratch: Path) -> dict:
         "batch_used": max((b["rows"] for b in done), default=None),
         "batches_generated": len(done),
         "every_row_full_budget": all(b["new_tokens"] == p.evaluate.max_new_tokens for b in done),
-        "generate_seconds": row["seconds"], "prompts_per_second": row.get("examples_per_second") or round(row["n"] / row["seconds"], 3), "load_seconds": row["load_seconds"],
+        "generate_seconds": row["seconds"],
+        "prompts_per_second": row.get("examples_per_second") or round(row["n"] / row["seconds"], 3),
+        "load_seconds": row["load_seconds"],
         "batches": batches,
     }
 
@@ -191,9 +217,15 @@ def run_case(name: str, models: Path, scratch: Path) -> dict:
     except Exception as e:  # a failed case is recorded with its reason, never dropped
         traceback.print_exc()
         text = str(e).strip()
-        result = {"ok": False, "error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}", "out_of_memory": isinstance(e, torch.OutOfMemoryError) or "out of gpu memory" in text.lower()}
+        result = {
+            "ok": False,
+            "error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}",
+            "out_of_memory": isinstance(e, torch.OutOfMemoryError) or "out of gpu memory" in text.lower(),
+        }
         if torch.cuda.is_available():
-            result.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
+            result.update(
+                peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2)
+            )
     result["wall_seconds"] = round(time.time() - started, 1)
     return result
 
@@ -206,7 +238,9 @@ def run(models: Path, names: list[str], results_path: Path, copy_to: Path | None
         print(f"\n##### {name}", flush=True)
         out = scratch / f"{name}.json"
         completed = subprocess.run([sys.executable, __file__, "one", name, "--models", str(models), "--out", str(out)])
-        results["cases"][name] = json.loads(out.read_text()) if out.exists() else {"ok": False, "error": f"process exited with {completed.returncode} before writing a result"}
+        results["cases"][name] = (
+            json.loads(out.read_text()) if out.exists() else {"ok": False, "error": f"process exited with {completed.returncode} before writing a result"}
+        )
         results["cases"][name]["machine"] = machine()
         print(json.dumps({k: v for k, v in results["cases"][name].items() if k != "batches"}), flush=True)
         write(results, results_path)
@@ -225,14 +259,17 @@ def report(results: dict) -> str:
     lines = [
         "Stage 04 (tunebook.evaluate.evaluate: load_for_inference + the batched generator) on random weights of the",
         "Colab params' model shapes, under a per-process GPU memory cap; prompts are stage 01's eval split of the params",
-        "(default RAG-QA data, real Llama-3 tokenizer and chat template); every row generates all max_new_tokens.", "",
+        "(default RAG-QA data, real Llama-3 tokenizer and chat template); every row generates all max_new_tokens.",
+        "",
         "| case | params | shape | cap GiB | dtype | 4-bit | backend | prompts (tokens min/median/max) | batch_size -> used | halved | peak alloc GiB | peak reserved GiB | gen s | prompts/s | load s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in results["cases"].items():
         params, shape, cap, dtype, _ = CASES.get(name, ("?", "?", "?", "?", []))
         if not c.get("ok"):
-            lines.append(f"| {name} | params/{params}.yaml | {shape} | {cap} | {dtype} | | | | | | {c.get('peak_allocated_gib', '')} | {c.get('peak_reserved_gib', '')} | failed: {c.get('error')} | | |")
+            lines.append(
+                f"| {name} | params/{params}.yaml | {shape} | {cap} | {dtype} | | | | | | {c.get('peak_allocated_gib', '')} | {c.get('peak_reserved_gib', '')} | failed: {c.get('error')} | | |"
+            )
             continue
         t = c["prompt_tokens"]
         halved = "OOM at " + ", ".join(map(str, c["out_of_memory_at"])) + f", then {c['batch_used']}" if c["halved"] else "no"
@@ -244,7 +281,10 @@ def report(results: dict) -> str:
         lines += ["", results["note"]]
     machines = {json.dumps(c.get("machine"), sort_keys=True) for c in results["cases"].values() if c.get("machine")}
     for m in map(json.loads, sorted(machines)):
-        lines += ["", f"{m.get('gpu') or 'CPU'}; torch {m.get('torch')}, transformers {m.get('transformers')}, unsloth {m.get('unsloth')}, bitsandbytes {m.get('bitsandbytes')}, commit {m.get('commit')}."]
+        lines += [
+            "",
+            f"{m.get('gpu') or 'CPU'}; torch {m.get('torch')}, transformers {m.get('transformers')}, unsloth {m.get('unsloth')}, bitsandbytes {m.get('bitsandbytes')}, commit {m.get('commit')}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

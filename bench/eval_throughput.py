@@ -24,6 +24,7 @@ and 32 new tokens; random weights never write end-of-turn, so every row gets all
   size 1 against batch 64: the share of identical greedy answers.
 Results merge into bench/results/eval_throughput.json (and .md beside it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,13 @@ RESULTS = ROOT / "bench" / "results"
 GPU_PROMPTS, GPU_NEW_TOKENS, GPU_ONE_AT_A_TIME = 1000, 32, 48
 BATCHES = (64, 128, 256)
 GPU_CASES = [
-    "hf_one_at_a_time", "unsloth_one_at_a_time", "hf_batched_64", "prefill_bound",
-    *(f"workbook_{backend}_{b}" for backend in ("hf", "unsloth") for b in BATCHES), "agreement_hf", "agreement_unsloth",
+    "hf_one_at_a_time",
+    "unsloth_one_at_a_time",
+    "hf_batched_64",
+    "prefill_bound",
+    *(f"workbook_{backend}_{b}" for backend in ("hf", "unsloth") for b in BATCHES),
+    "agreement_hf",
+    "agreement_unsloth",
 ]
 
 
@@ -150,7 +156,14 @@ def prefill(model, tokenizer, conversations, batch_size: int) -> None:
 
 
 def speed(n: int, seconds: float, **extra) -> dict:
-    return {"examples": n, "seconds": round(seconds, 2), "seconds_per_example": round(seconds / n, 4), "seconds_per_1000": round(1000 * seconds / n, 1), "examples_per_second": round(n / seconds, 2), **extra}
+    return {
+        "examples": n,
+        "seconds": round(seconds, 2),
+        "seconds_per_example": round(seconds / n, 4),
+        "seconds_per_1000": round(1000 * seconds / n, 1),
+        "examples_per_second": round(n / seconds, 2),
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- CPU
@@ -174,7 +187,9 @@ def cpu(results_path: Path) -> None:
     cases["one_at_a_time"] = speed(n, seconds, max_new_tokens=32)
     same, seconds = timed(lambda: generate(model, tokenizer, conversations, batch_size=1, max_new_tokens=budget, stop_strings=p.stop_strings).texts)
     cases["one_at_a_time_same_budget"] = speed(n, seconds, max_new_tokens=budget, stop_strings=p.stop_strings)
-    batched, seconds = timed(lambda: generate(model, tokenizer, conversations, batch_size=p.batch_size, max_new_tokens=budget, stop_strings=p.stop_strings).texts)
+    batched, seconds = timed(
+        lambda: generate(model, tokenizer, conversations, batch_size=p.batch_size, max_new_tokens=budget, stop_strings=p.stop_strings).texts
+    )
     cases["workbook"] = speed(n, seconds, batch_size=p.batch_size, max_new_tokens=budget, stop_strings=p.stop_strings)
     cases["workbook"]["agreement_with_one_at_a_time_same_budget"] = sum(a == b for a, b in zip(batched, same)) / n
     base = cases["one_at_a_time"]["seconds"]
@@ -251,7 +266,9 @@ def gpu(models: Path, names: list[str], results_path: Path) -> None:
         print(f"\n##### {name}", flush=True)
         out = scratch / f"{name}.json"
         completed = subprocess.run([sys.executable, __file__, "gpu-one", name, "--models", str(models), "--out", str(out)])
-        cases[name] = json.loads(out.read_text()) if out.exists() else {"ok": False, "error": f"process exited with {completed.returncode} before writing a result"}
+        cases[name] = (
+            json.loads(out.read_text()) if out.exists() else {"ok": False, "error": f"process exited with {completed.returncode} before writing a result"}
+        )
         print(json.dumps(cases[name])[:600], flush=True)
     base, bound = cases.get("hf_one_at_a_time", {}), cases.get("prefill_bound", {})
     for c in cases.values():
@@ -277,19 +294,34 @@ def report(results: dict) -> str:
     for part in results:  # cpu, gpu, and any earlier GPU run kept under its own name (ratios stay within a run)
         title, reference = ("CPU", "one_at_a_time") if part == "cpu" else (f"GPU ({part})", "hf_one_at_a_time")
         r, m = results[part], results[part]["machine"]
-        lines += [f"## {title}", "", "; ".join(f"{k}: {v}" for k, v in r["setup"].items()) + ".", "",
-                  f"{m.get('gpu') or 'CPU'}; torch {m.get('torch')}, transformers {m.get('transformers')}, unsloth {m.get('unsloth')}, commit {m.get('commit')}.", "",
-                  *([r["note"], ""] if r.get("note") else []),
-                  "| case | s / example | s / 1,000 | examples / s | vs one at a time | x prefill bound | notes |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {title}",
+            "",
+            "; ".join(f"{k}: {v}" for k, v in r["setup"].items()) + ".",
+            "",
+            f"{m.get('gpu') or 'CPU'}; torch {m.get('torch')}, transformers {m.get('transformers')}, unsloth {m.get('unsloth')}, commit {m.get('commit')}.",
+            "",
+            *([r["note"], ""] if r.get("note") else []),
+            "| case | s / example | s / 1,000 | examples / s | vs one at a time | x prefill bound | notes |",
+            "|---|---|---|---|---|---|---|",
+        ]
         bound = r["cases"].get("prefill_bound", {}).get("seconds_per_example")
         for name, c in r["cases"].items():
             if not c.get("ok", True):
                 lines.append(f"| {name} | failed: {c.get('error')} | | | | | |")
             elif "seconds_per_example" in c:
                 base = r["cases"].get(reference, {}).get("seconds_per_example")
-                notes = ", ".join(f"{k} {v}" for k, v in c.items() if k in ("batch_size", "max_new_tokens", "timed_on", "agreement_with_one_at_a_time_same_budget", "peak_allocated_gb"))
-                lines.append(f"| {name} | {c['seconds_per_example']} | {c['seconds_per_1000']:,} | {c['examples_per_second']} | "
-                             f"{base / c['seconds_per_example']:.2f}x | {c['seconds_per_example'] / bound:.2f} | {notes} |" if base and bound else f"| {name} | {c['seconds_per_example']} | | | | | |")
+                notes = ", ".join(
+                    f"{k} {v}"
+                    for k, v in c.items()
+                    if k in ("batch_size", "max_new_tokens", "timed_on", "agreement_with_one_at_a_time_same_budget", "peak_allocated_gb")
+                )
+                lines.append(
+                    f"| {name} | {c['seconds_per_example']} | {c['seconds_per_1000']:,} | {c['examples_per_second']} | "
+                    f"{base / c['seconds_per_example']:.2f}x | {c['seconds_per_example'] / bound:.2f} | {notes} |"
+                    if base and bound
+                    else f"| {name} | {c['seconds_per_example']} | | | | | |"
+                )
             else:
                 lines.append(f"| {name} | | | | | | agreement {c['agreement']} on {c['examples']} prompts |")
         lines.append("")

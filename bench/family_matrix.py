@@ -11,6 +11,7 @@ The stages run as the notebooks run them (the library calls each notebook makes)
 on CPU (hf backend); on a GPU `--backend unsloth` runs the same matrix through Unsloth's FastLanguageModel.
 Writes bench/results/family_matrix_<backend>.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,9 +72,21 @@ def tiny_model(name: str, dest: Path) -> Path:
         return dest
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(name))
     config = AutoConfig.for_model(
-        family.model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True, architectures=[family.architecture], initializer_range=0.5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=list(family.eos_token_id), pad_token_id=tokenizer.pad_token_id, **family.config,
+        family.model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        architectures=[family.architecture],
+        initializer_range=0.5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=list(family.eos_token_id),
+        pad_token_id=tokenizer.pad_token_id,
+        **family.config,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -205,8 +218,17 @@ def markdown(rows: list[dict], backend: str) -> str:
         "| training text = the family's template + answer + end of turn | " + " | ".join(mark(r["training_text_matches_template"]) for r in rows) + " |",
         "| loss tokens = answer + end of turn | " + " | ".join(mark(r["loss_is_answer_plus_end_of_turn"]) for r in rows) + " |",
         "| eval prompt = trained prefix, token for token | " + " | ".join(mark(r["eval_prompt_is_trained_prefix"]) for r in rows) + " |",
-        "| merged generation_config stops at end of turn | " + " | ".join(mark(r["stop_ids"][0] in _list(r["merged_generation_config_eos"]) and set(r["stop_ids"]) <= set(_list(r["merged_generation_config_eos"]))) for r in rows) + " |",
-        "| GGUF q8_0 converts, llama.cpp stops at end of turn | " + " | ".join(mark(r["gguf_end_of_generation"]) if r["gguf_end_of_generation"] is not None else _short(r["variants"].get("gguf_q8_0", "n/a")) for r in rows) + " |",
+        "| merged generation_config stops at end of turn | "
+        + " | ".join(
+            mark(r["stop_ids"][0] in _list(r["merged_generation_config_eos"]) and set(r["stop_ids"]) <= set(_list(r["merged_generation_config_eos"])))
+            for r in rows
+        )
+        + " |",
+        "| GGUF q8_0 converts, llama.cpp stops at end of turn | "
+        + " | ".join(
+            mark(r["gguf_end_of_generation"]) if r["gguf_end_of_generation"] is not None else _short(r["variants"].get("gguf_q8_0", "n/a")) for r in rows
+        )
+        + " |",
         "| GPTQ w4a16 | " + " | ".join(_short(r["variants"].get("gptq_w4a16", "n/a")) for r in rows) + " |",
         "| fine-tuned answers with template text | " + " | ".join(f"{r['template_text_in_answers']} of 8" for r in rows) + " |",
         "| fine-tuned answers in the trained format | " + " | ".join(f"{r['finetuned_answers_in_format']:.0%}" for r in rows) + " |",

@@ -23,6 +23,7 @@ the first 20%, leaving out steps that contained an evaluation. Peak memory is to
 Writes bench/results/train_throughput.json (every case, merged with earlier cases; --results elsewhere) and
 train_throughput.md beside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ RESULTS = ROOT / "bench" / "results"
 
 # Real shapes (config.json of meta-llama/Meta-Llama-3-8B and Llama-3.2-3B), filled with random weights.
 SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False
+    ),
     "llama32-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
 }
 SPEED_STEPS, SPEED_BATCH, SPEED_LENGTH, SPEED_RANK = 25, 4, 2048, 16
@@ -74,8 +77,14 @@ def make_models(models: Path, shapes: tuple[str, ...] = tuple(SHAPES)) -> None:
             continue
         started = time.time()
         config = LlamaConfig(
-            vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **shape,
         )
         torch.set_default_dtype(torch.bfloat16)
         with torch.device("cuda"):
@@ -138,7 +147,14 @@ def _train_workbook(p, train_rows, eval_rows, out: Path) -> dict:
     load_seconds = time.time() - started
     result, meter = train(trainer, p)
 
-    return {"backend": backend, "batching": batching_in_use(trainer.args), "steps": result.global_step, "load_seconds": round(load_seconds, 1), "train_seconds": round(meter.seconds, 1), **meter.summary()}
+    return {
+        "backend": backend,
+        "batching": batching_in_use(trainer.args),
+        "steps": result.global_step,
+        "load_seconds": round(load_seconds, 1),
+        "train_seconds": round(meter.seconds, 1),
+        **meter.summary(),
+    }
 
 
 def speed_workbook(models: Path, out: Path) -> dict:
@@ -146,36 +162,66 @@ def speed_workbook(models: Path, out: Path) -> dict:
 
     path = models / "llama3-8b"
     rows = fixed_length_rows(load_tokenizer(str(path)), SPEED_STEPS * SPEED_BATCH, SPEED_LENGTH)
-    p = _workbook_params([
-        f"model.name={path}", "model.backend=unsloth", "model.load_in_4bit=true", f"model.max_seq_length={SPEED_LENGTH}",
-        f"train.max_steps={SPEED_STEPS}", f"train.batch_size={SPEED_BATCH}", "train.grad_accum=1", f"train.lora_r={SPEED_RANK}",
-        f"train.lora_alpha={SPEED_RANK}", "train.target_modules=all-linear", "train.eval_steps=100000", "train.eval_loss_examples=1",
-        "train.warmup_ratio=0",
-    ])
+    p = _workbook_params(
+        [
+            f"model.name={path}",
+            "model.backend=unsloth",
+            "model.load_in_4bit=true",
+            f"model.max_seq_length={SPEED_LENGTH}",
+            f"train.max_steps={SPEED_STEPS}",
+            f"train.batch_size={SPEED_BATCH}",
+            "train.grad_accum=1",
+            f"train.lora_r={SPEED_RANK}",
+            f"train.lora_alpha={SPEED_RANK}",
+            "train.target_modules=all-linear",
+            "train.eval_steps=100000",
+            "train.eval_loss_examples=1",
+            "train.warmup_ratio=0",
+        ]
+    )
     return _train_workbook(p, _dataset(rows), _dataset(rows[:1]), out)
 
 
 def speed_raw_unsloth(models: Path, out: Path) -> dict:
     """What Unsloth's notebooks do, with nothing of the workbook but its meter."""
-    from unsloth import FastLanguageModel  # first: it patches transformers and TRL
     from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel  # first: it patches transformers and TRL
 
     from tunebook.train import throughput_meter
 
     started = time.time()
     model, tokenizer = FastLanguageModel.from_pretrained(str(models / "llama3-8b"), max_seq_length=SPEED_LENGTH, dtype=None, load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(
-        model, r=SPEED_RANK, lora_alpha=SPEED_RANK, lora_dropout=0, bias="none", use_gradient_checkpointing="unsloth", random_state=3407,
+        model,
+        r=SPEED_RANK,
+        lora_alpha=SPEED_RANK,
+        lora_dropout=0,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     rows = fixed_length_rows(tokenizer, SPEED_STEPS * SPEED_BATCH, SPEED_LENGTH)
     texts = _dataset([{"text": tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)} for r in rows])
     trainer = SFTTrainer(
-        model=model, processing_class=tokenizer, train_dataset=texts,
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=texts,
         args=SFTConfig(
-            output_dir=str(out / "raw"), dataset_text_field="text", max_length=SPEED_LENGTH, per_device_train_batch_size=SPEED_BATCH,
-            gradient_accumulation_steps=1, max_steps=SPEED_STEPS, learning_rate=2e-4, logging_steps=5, optim="adamw_torch",
-            bf16=True, report_to="none", seed=3407, include_num_input_tokens_seen="non_padding", save_strategy="no",
+            output_dir=str(out / "raw"),
+            dataset_text_field="text",
+            max_length=SPEED_LENGTH,
+            per_device_train_batch_size=SPEED_BATCH,
+            gradient_accumulation_steps=1,
+            max_steps=SPEED_STEPS,
+            learning_rate=2e-4,
+            logging_steps=5,
+            optim="adamw_torch",
+            bf16=True,
+            report_to="none",
+            seed=3407,
+            include_num_input_tokens_seen="non_padding",
+            save_strategy="no",
         ),
     )
     meter = throughput_meter()
@@ -204,11 +250,23 @@ def speed_hf_peft(models: Path, out: Path) -> dict:
     rows = fixed_length_rows(tokenizer, SPEED_STEPS * SPEED_BATCH, SPEED_LENGTH)
     ids = _dataset([{"input_ids": tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)} for r in rows])
     trainer = Trainer(
-        model=model, train_dataset=ids, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        model=model,
+        train_dataset=ids,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         args=TrainingArguments(
-            output_dir=str(out / "hf"), per_device_train_batch_size=SPEED_BATCH, gradient_accumulation_steps=1, max_steps=SPEED_STEPS,
-            learning_rate=2e-4, logging_steps=5, optim="adamw_torch", bf16=True, gradient_checkpointing=True, report_to="none",
-            include_num_input_tokens_seen="non_padding", save_strategy="no", remove_unused_columns=False,
+            output_dir=str(out / "hf"),
+            per_device_train_batch_size=SPEED_BATCH,
+            gradient_accumulation_steps=1,
+            max_steps=SPEED_STEPS,
+            learning_rate=2e-4,
+            logging_steps=5,
+            optim="adamw_torch",
+            bf16=True,
+            gradient_checkpointing=True,
+            report_to="none",
+            include_num_input_tokens_seen="non_padding",
+            save_strategy="no",
+            remove_unused_columns=False,
         ),
     )
     meter = throughput_meter()
@@ -224,8 +282,16 @@ def _batching(batching: str, out: Path, extra: tuple[str, ...] = ()) -> dict:
     from tunebook import data, runs
 
     overrides = [
-        f"model.name={smollm2_path()}", "model.backend=unsloth", "data.max_train_examples=null", "train.epochs=1",
-        "train.eval_steps=100000", "train.eval_loss_examples=1", f"train.batching={batching}", f"output_dir={out}", f"run_name=batching_{batching}", *extra,
+        f"model.name={smollm2_path()}",
+        "model.backend=unsloth",
+        "data.max_train_examples=null",
+        "train.epochs=1",
+        "train.eval_steps=100000",
+        "train.eval_loss_examples=1",
+        f"train.batching={batching}",
+        f"output_dir={out}",
+        f"run_name=batching_{batching}",
+        *extra,
     ]
     run = runs.open_run(ROOT / "params" / "default.yaml", overrides)
     data.build_dataset(run)
@@ -272,17 +338,32 @@ def fit(name: str, models: Path, out: Path) -> dict:
     params_file, shape, cap_gib, dtype, extra = FITS[name]
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     torch.cuda.set_per_process_memory_fraction(cap_gib / total_gib)
-    p = _workbook_params([
-        f"model.name={models / shape}", f"model.dtype={dtype}", "model.backend=unsloth", *extra,
-        f"train.max_steps={FIT_STEPS}", "train.eval_steps=10", "train.eval_loss_examples=8",
-    ], params_file)
+    p = _workbook_params(
+        [
+            f"model.name={models / shape}",
+            f"model.dtype={dtype}",
+            "model.backend=unsloth",
+            *extra,
+            f"train.max_steps={FIT_STEPS}",
+            "train.eval_steps=10",
+            "train.eval_loss_examples=8",
+        ],
+        params_file,
+    )
     per_step = p.train.batch_size * p.train.grad_accum
     rows = fixed_length_rows(load_tokenizer(str(models / shape)), FIT_STEPS * per_step, p.model.max_seq_length)
     result = _train_workbook(p, _dataset(rows), _dataset(rows[:8]), out)
     return {
-        "params": f"params/{params_file}.yaml", "shape": shape, "cap_gib": cap_gib, "dtype": dtype, "overrides": extra,
-        "batch": f"{p.train.batch_size} x {p.train.grad_accum} x {p.model.max_seq_length}", "lora_r": p.train.lora_r,
-        "load_in_4bit": p.model.load_in_4bit, "optimizer": p.train.optimizer, **result,
+        "params": f"params/{params_file}.yaml",
+        "shape": shape,
+        "cap_gib": cap_gib,
+        "dtype": dtype,
+        "overrides": extra,
+        "batch": f"{p.train.batch_size} x {p.train.grad_accum} x {p.model.max_seq_length}",
+        "lora_r": p.train.lora_r,
+        "load_in_4bit": p.model.load_in_4bit,
+        "optimizer": p.train.optimizer,
+        **result,
     }
 
 
@@ -358,22 +439,54 @@ def report(results: dict) -> str:
         return f"| {label} | {c['tokens_per_second']:,.0f} | {c.get('peak_gpu_memory_gb')} | {c.get('peak_allocated_gb')} |"
 
     m = results.get("machine", {})
-    lines = [f"GPU: {m.get('gpu')}; torch {m.get('torch')}, transformers {m.get('transformers')}, TRL {m.get('trl')}, unsloth {m.get('unsloth')}, commit {m.get('commit')}.", ""]
-    lines += ["Llama-3-8B shape (random weights), QLoRA r=16 all linear layers, batch 4 x 2048 tokens:", "",
-              "| setup | tokens/s | peak reserved GiB | peak allocated GiB |", "|---|---|---|---|"]
-    lines += filter(None, [row("speed_workbook", "(a) workbook train stage"), row("speed_raw_unsloth", "(b) raw Unsloth"), row("speed_hf_peft", "(c) transformers + PEFT + bnb 4-bit")])
-    lines += ["", f"Workbook / raw Unsloth: {ratio('speed_workbook', 'speed_raw_unsloth')}; workbook / transformers+PEFT: {ratio('speed_workbook', 'speed_hf_peft')}.", ""]
-    lines += ["Default data (SmolLM2-135M, 404 real variable-length rows, one epoch), workbook train stage:", "",
-              "| train.batching | tokens/s | peak reserved GiB | peak allocated GiB |", "|---|---|---|---|"]
+    lines = [
+        f"GPU: {m.get('gpu')}; torch {m.get('torch')}, transformers {m.get('transformers')}, TRL {m.get('trl')}, unsloth {m.get('unsloth')}, commit {m.get('commit')}.",
+        "",
+    ]
+    lines += [
+        "Llama-3-8B shape (random weights), QLoRA r=16 all linear layers, batch 4 x 2048 tokens:",
+        "",
+        "| setup | tokens/s | peak reserved GiB | peak allocated GiB |",
+        "|---|---|---|---|",
+    ]
+    lines += filter(
+        None,
+        [
+            row("speed_workbook", "(a) workbook train stage"),
+            row("speed_raw_unsloth", "(b) raw Unsloth"),
+            row("speed_hf_peft", "(c) transformers + PEFT + bnb 4-bit"),
+        ],
+    )
+    lines += [
+        "",
+        f"Workbook / raw Unsloth: {ratio('speed_workbook', 'speed_raw_unsloth')}; workbook / transformers+PEFT: {ratio('speed_workbook', 'speed_hf_peft')}.",
+        "",
+    ]
+    lines += [
+        "Default data (SmolLM2-135M, 404 real variable-length rows, one epoch), workbook train stage:",
+        "",
+        "| train.batching | tokens/s | peak reserved GiB | peak allocated GiB |",
+        "|---|---|---|---|",
+    ]
     lines += filter(None, [row(f"batching_{b}", b) for b in ("padded", "padding_free", "packed")])
-    lines += ["", f"padding_free / padded: {ratio('batching_padding_free', 'batching_padded')}; packed / padded: {ratio('batching_packed', 'batching_padded')}.", ""]
-    lines += ["Colab params, 20 steps under a memory cap, every row max_seq_length tokens:", "",
-              "| case | params | model shape | cap GiB | dtype | batch x accum x length | result | peak reserved GiB |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"padding_free / padded: {ratio('batching_padding_free', 'batching_padded')}; packed / padded: {ratio('batching_packed', 'batching_padded')}.",
+        "",
+    ]
+    lines += [
+        "Colab params, 20 steps under a memory cap, every row max_seq_length tokens:",
+        "",
+        "| case | params | model shape | cap GiB | dtype | batch x accum x length | result | peak reserved GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in FITS:
         c = cases.get(name)
         if c:
             verdict = f"{c['steps']} steps, fits" if c.get("ok") else ("out of memory" if c.get("out_of_memory") else f"failed: {c.get('error')}")
-            lines.append(f"| {name} | {c.get('params', FITS[name][0])} | {FITS[name][1]} | {FITS[name][2]} | {FITS[name][3]} | {c.get('batch', '')} | {verdict} | {c.get('peak_gpu_memory_gb', '')} |")
+            lines.append(
+                f"| {name} | {c.get('params', FITS[name][0])} | {FITS[name][1]} | {FITS[name][2]} | {FITS[name][3]} | {c.get('batch', '')} | {verdict} | {c.get('peak_gpu_memory_gb', '')} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ hand the model. Deterministic: running it again reproduces the committed file by
 
     python data/build_minipedia_rag_qa.py
 """
+
 import json
 import random
 from pathlib import Path

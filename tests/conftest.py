@@ -9,6 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TUNEBOOK_SHARED", ROOT.parent / "shared"))
 
 
+def _gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# A test of what happens without a GPU (a CPU-only refusal or fallback): skipped, and said so, on a GPU machine.
+CPU_ONLY = pytest.mark.skipif(_gpu_present(), reason="holds on a CPU-only machine; a CUDA GPU is present")
+
+
 @pytest.fixture
 def shared_datasets() -> Path:
     """../shared/datasets beside the checkout (real public samples); tests that need it skip without it."""
@@ -53,7 +63,15 @@ def smoke_run(tmp_path_factory):
 # error analysis must work for classification (confusion matrix) and HotpotQA/RAFT (final-answer lines) too.
 RECIPE_RUNS = {
     "livedoor_genre": ["data.eval_size=18", "data.max_train_examples=16", "train.max_steps=2", "train.eval_loss_examples=4"],
-    "hotpotqa_raft": ["data.eval_size=6", "data.max_train_examples=4", "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1", "train.eval_loss_examples=2", "evaluate.max_new_tokens=24"],
+    "hotpotqa_raft": [
+        "data.eval_size=6",
+        "data.max_train_examples=4",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "train.eval_loss_examples=2",
+        "evaluate.max_new_tokens=24",
+    ],
 }
 
 

@@ -1,6 +1,7 @@
 """Real servers for the tests: llama-cpp-python's OpenAI-compatible server with the embedded SmolLM2 GGUF on loopback,
 a fault-injecting reverse proxy (standard library HTTP server + httpx) in front of it, and an endpoint that lists its
 model but fails every request (a server up, with its model broken)."""
+
 import importlib.util
 import json
 import socket
@@ -35,9 +36,24 @@ def llama_server_at(log: Path):
     port = free_port()
     with open(log, "wb") as err:  # a file, not a pipe: the server logs a lot and a full pipe would block it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_ALIAS,
-             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
-            stdout=subprocess.DEVNULL, stderr=err)
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(gguf),
+                "--model_alias",
+                MODEL_ALIAS,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "2048",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 60
@@ -53,8 +69,9 @@ def llama_server_at(log: Path):
                 time.sleep(0.3)
         assert [m["id"] for m in models["data"]] == [MODEL_ALIAS]
         # One warm-up answer (the weights page in on the first one), so no test's short timeout meets a cold start.
-        httpx.post(f"{base_url}/chat/completions", timeout=60,
-                   json={"model": MODEL_ALIAS, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).raise_for_status()
+        httpx.post(
+            f"{base_url}/chat/completions", timeout=60, json={"model": MODEL_ALIAS, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        ).raise_for_status()
         yield base_url
     finally:
         proc.terminate()
@@ -98,9 +115,15 @@ class FaultProxy:
                     error = {"error": {"message": f"injected fault; request had {auth}", "type": "server_error"}}
                     return self.reply(500, json.dumps(error).encode())
                 if "MALFORMED" in prompt:
-                    reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                             "choices": [{"index": 0, "finish_reason": "stop",
-                                          "message": {"role": "assistant", "content": "Sure! Here are some questions: what, why"}}]}
+                    reply = {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Sure! Here are some questions: what, why"}}
+                        ],
+                    }
                     return self.reply(200, json.dumps(reply).encode())
                 if "BAD-REQUEST" in prompt:
                     return self.reply(400, b'{"error": {"message": "injected bad request", "type": "invalid_request_error"}}')
@@ -109,8 +132,9 @@ class FaultProxy:
                 if "SLOW" in prompt and first:
                     time.sleep(slow_seconds)  # the client has given up by now; this answer goes nowhere
                     return
-                response = client.post(upstream + self.path.removeprefix("/v1"), content=raw,
-                                       headers={"Content-Type": "application/json", "Authorization": auth})
+                response = client.post(
+                    upstream + self.path.removeprefix("/v1"), content=raw, headers={"Content-Type": "application/json", "Authorization": auth}
+                )
                 self.reply(response.status_code, response.content)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

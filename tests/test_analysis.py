@@ -1,9 +1,8 @@
 import json
 import sys
 
-from tunebook.analysis import (
-    categorize, closest_gold, confusion_matrix, diff_html, gold_in_passages, highlight, is_right, item_html, report_html, transitions,
-)
+from tunebook.analysis import categorize, confusion_matrix, is_right, transitions
+from tunebook.report import closest_gold, diff_html, gold_in_passages, highlight, item_html, report_html
 
 
 def test_categories():
@@ -27,8 +26,14 @@ def test_highlight_marks_gold_and_escapes():
 
 def test_model_text_is_escaped_in_the_report():
     row = {
-        "id": "1", "question": "Q<i>?", "gold_answers": ["x"], "prediction": "<script>alert(1)</script>",
-        "passages": ["<img src=x onerror=alert(1)> x"], "category": "wrong", "f1": 0.0, "exact_match": 0,
+        "id": "1",
+        "question": "Q<i>?",
+        "gold_answers": ["x"],
+        "prediction": "<script>alert(1)</script>",
+        "passages": ["<img src=x onerror=alert(1)> x"],
+        "category": "wrong",
+        "f1": 0.0,
+        "exact_match": 0,
     }
     page = report_html("r", {"finetuned": [row]}, [{"model": "finetuned", "wrong": 1}], None)
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -73,8 +78,15 @@ def test_retrieval_miss_is_flagged_not_blamed_on_the_model():
 
 def rows_of(*rights: int, prefix: str = "") -> list[dict]:
     return [
-        {"id": str(i), "question": f"{prefix}question {i}", "gold_answers": ["Ada"], "prediction": "Ada" if right else "Bob is wrong here",
-         "exact_match": right, "category": "correct" if right else "wrong", "passages": ["Ada wrote it."]}
+        {
+            "id": str(i),
+            "question": f"{prefix}question {i}",
+            "gold_answers": ["Ada"],
+            "prediction": "Ada" if right else "Bob is wrong here",
+            "exact_match": right,
+            "category": "correct" if right else "wrong",
+            "passages": ["Ada wrote it."],
+        }
         for i, right in enumerate(rights)
     ]
 
@@ -96,12 +108,27 @@ def parts(widget):
     (model, against, category, changed, search), (previous, following, position), (gold_wrong, acceptable, saved), (cell, clear) = (
         box.children for box in widget.children[:4]
     )
-    return dict(model=model, against=against, category=category, changed=changed, search=search, previous=previous, following=following,
-                position=position, gold_wrong=gold_wrong, acceptable=acceptable, saved=saved, cell=cell, clear=clear, grid=widget.children[4], view=widget.children[5])
+    return dict(
+        model=model,
+        against=against,
+        category=category,
+        changed=changed,
+        search=search,
+        previous=previous,
+        following=following,
+        position=position,
+        gold_wrong=gold_wrong,
+        acceptable=acceptable,
+        saved=saved,
+        cell=cell,
+        clear=clear,
+        grid=widget.children[4],
+        view=widget.children[5],
+    )
 
 
 def test_browser_filters_steps_and_saves_marks_without_losing_earlier_ones(tmp_path):
-    from tunebook.analysis import browser, read_marks
+    from tunebook.browser import browser, read_marks
 
     marks = tmp_path / "relabels.jsonl"
     marks.write_text(json.dumps({"model": "finetuned", "id": "9", "question": "q", "gold_answers": ["x"], "prediction": "y", "mark": "gold_wrong"}) + "\n")
@@ -126,7 +153,7 @@ def test_browser_compares_any_two_models_and_steps_by_keyboard():
     from ipyevents import Event
     from ipywidgets import Widget
 
-    from tunebook.analysis import browser
+    from tunebook.browser import browser
 
     base, tuned, copy = rows_of(0, 1, 0, 1), rows_of(1, 0, 0, 1), rows_of(1, 1, 0, 0)
     w = parts(browser({"base": base, "finetuned": tuned, "int8": copy}, None))
@@ -147,12 +174,19 @@ def test_browser_compares_any_two_models_and_steps_by_keyboard():
 
 
 def test_confusion_cells_list_their_answers():
-    from tunebook.analysis import browser
+    from tunebook.browser import browser
 
     labels = ["sports", "movie"]
     rows = [
-        {"id": str(i), "question": f"article {i}", "gold_answers": [gold], "prediction": pred, "exact_match": int(gold == pred),
-         "category": "correct" if gold == pred else "wrong", "passages": []}
+        {
+            "id": str(i),
+            "question": f"article {i}",
+            "gold_answers": [gold],
+            "prediction": pred,
+            "exact_match": int(gold == pred),
+            "category": "correct" if gold == pred else "wrong",
+            "passages": [],
+        }
         for i, (gold, pred) in enumerate([("sports", "sports"), ("sports", "movie"), ("sports", "movie"), ("movie", "film"), ("movie", "movie")])
     ]
     w = parts(browser({"finetuned": rows}, None, labels))
@@ -174,7 +208,7 @@ def test_confusion_cells_list_their_answers():
 def test_finished_runs_lists_evaluated_runs_only(write_params, tmp_path):
     import shutil
 
-    from tunebook.analysis import finished_runs
+    from tunebook.browser import finished_runs
     from tunebook.runs import open_run
 
     def make_run(name: str, evaluated: bool):
@@ -206,7 +240,7 @@ def test_browser_on_colab_enables_its_custom_widget_manager(monkeypatch):
     """Colab draws ipyevents (the keyboard stepping) only after enable_custom_widget_manager(); the cell calls it."""
     import types
 
-    from tunebook.analysis import browser
+    from tunebook.browser import browser
 
     calls = []
     output = types.SimpleNamespace(enable_custom_widget_manager=lambda: calls.append("enabled"))

@@ -1,10 +1,12 @@
 """API baselines against real servers (tests/servers.py): llama-cpp-python's OpenAI-compatible server with the
 embedded SmolLM2 GGUF on loopback, and a fault-injecting reverse proxy in front of it."""
+
 import json
 from pathlib import Path
 
 import pytest
 
+from servers import MODEL_ALIAS, FaultProxy, free_port, serving
 from tunebook import api_baseline
 from tunebook.analysis import analyze
 from tunebook.api_baseline import generate_api
@@ -13,8 +15,6 @@ from tunebook.data import build_dataset, load_split, read_jsonl
 from tunebook.errors import TunebookError
 from tunebook.evaluate import evaluate
 from tunebook.runs import open_run
-
-from servers import MODEL_ALIAS, FaultProxy, free_port, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,7 @@ def test_answers_every_row_in_order(llama_server, capsys):
     gen = generate_api(baseline(llama_server, concurrency=3), chat(*prompts), max_new_tokens=12)
     assert len(gen.texts) == len(gen.requests) == len(prompts)
     assert all(t and t == t.strip() for t in gen.texts)
-    assert all(r["status"] == "ok" and r["attempts"] == 1 and r["http_statuses"] == [200] and r["error"] is None
-               for r in gen.requests)
+    assert all(r["status"] == "ok" and r["attempts"] == 1 and r["http_statuses"] == [200] and r["error"] is None for r in gen.requests)
     # Order: each capital sits in its own question's slot.
     assert "Paris" in gen.texts[0] and "Paris" not in gen.texts[3]
     assert "Tokyo" in gen.texts[3] and "Tokyo" not in gen.texts[0]
@@ -66,14 +65,20 @@ def test_sends_greedy_limits_and_cuts_at_stop_strings(proxy):
     sent = proxy.bodies[-1]
     assert (sent["model"], sent["temperature"], sent["max_tokens"], sent["stop"]) == (MODEL_ALIAS, 0, 12, stops[:4])
     # The server honours `stop` itself too: asked to list, one line comes back.
-    gen = generate_api(baseline(proxy.base_url), chat("List three colors, one per line."), max_new_tokens=24,
-                       stop_strings=["\n"])
+    gen = generate_api(baseline(proxy.base_url), chat("List three colors, one per line."), max_new_tokens=24, stop_strings=["\n"])
     assert gen.texts[0] and "\n" not in gen.texts[0]
 
 
 def test_faults_are_retried_recorded_and_no_row_is_lost(proxy, capsys):
-    prompts = [FRANCE, "FAIL-ALWAYS What is 2 + 2?", "RATE-LIMITED Name a color.", "SLOW Say hello.",
-               "BAD-REQUEST Say goodbye.", "FAIL-ALWAYS Name a fruit.", JAPAN]
+    prompts = [
+        FRANCE,
+        "FAIL-ALWAYS What is 2 + 2?",
+        "RATE-LIMITED Name a color.",
+        "SLOW Say hello.",
+        "BAD-REQUEST Say goodbye.",
+        "FAIL-ALWAYS Name a fruit.",
+        JAPAN,
+    ]
     params = baseline(proxy.base_url, concurrency=3, max_retries=2, timeout_seconds=3)
     gen = generate_api(params, chat(*prompts), max_new_tokens=8)
     texts, records = gen.texts, gen.requests
@@ -107,8 +112,7 @@ def test_unreachable_endpoint_fails_every_row_without_raising(monkeypatch, capsy
         assert record["http_statuses"] == ["connection error"] * 2
         assert record["error"].startswith("APIConnectionError")
     out = capsys.readouterr().out.splitlines()
-    assert out == ["api smol-api: 1/3 rows", "api smol-api: 2/3 rows",
-                   "smol-api: 0/3 answered, 3 failed (connection error x3), 3 retries"]
+    assert out == ["api smol-api: 1/3 rows", "api smol-api: 2/3 rows", "smol-api: 0/3 answered, 3 failed (connection error x3), 3 retries"]
 
 
 @pytest.mark.parametrize("value", [None, ""])

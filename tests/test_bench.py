@@ -1,5 +1,6 @@
 """The parts of the GPU benchmarks that run on CPU: bench/train_throughput.py's fixed-length rows and report, and
 bench/eval_throughput.py's prompts and report."""
+
 import importlib.util
 import sys
 

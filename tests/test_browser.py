@@ -1,5 +1,6 @@
 """The error analysis as a person uses it, in a real browser: Debian's Chromium (`make test` installs it) driven by
 Playwright, on the session's finished smoke run. Screenshots land in the run folder."""
+
 import json
 import re
 import shutil
@@ -13,7 +14,8 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from conftest import ROOT
-from tunebook.analysis import categorize, confusion_matrix, gold_in_passages, is_right, load_predictions, report_html
+from tunebook.analysis import categorize, confusion_matrix, is_right, load_predictions
+from tunebook.report import gold_in_passages, report_html
 from tunebook.runs import open_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -71,8 +73,14 @@ def test_report_filters_match_the_metrics(smoke_run, browser):
 def test_script_in_a_prediction_is_shown_as_text_never_run(browser, tmp_path):
     attack = "<script>window.pwned = 1</script>"
     row = {
-        "id": "1", "question": "Who?", "gold_answers": ["Ada"], "prediction": attack, "category": "wrong", "exact_match": 0,
-        "passages": ['<img src=x onerror="window.pwned = 2"> Ada wrote it.'], "output": attack,
+        "id": "1",
+        "question": "Who?",
+        "gold_answers": ["Ada"],
+        "prediction": attack,
+        "category": "wrong",
+        "exact_match": 0,
+        "passages": ['<img src=x onerror="window.pwned = 2"> Ada wrote it.'],
+        "output": attack,
     }
     page_file = tmp_path / "report.html"
     page_file.write_text(report_html("attack", {"finetuned": [row]}, [{"model": "finetuned", "wrong": 1}], None), encoding="utf-8")
@@ -140,9 +148,19 @@ def jupyterlab(tmp_path):
     port = free_port()
     settings = tmp_path / ".lab"
     command = [
-        sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-        "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={tmp_path}", "--LabApp.expose_app_in_browser=True",
-        f"--LabApp.user_settings_dir={settings / 'user'}", f"--LabApp.workspaces_dir={settings / 'workspaces'}",
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--allow-root",
+        f"--port={port}",
+        "--ServerApp.ip=127.0.0.1",
+        "--IdentityProvider.token=",
+        "--ServerApp.password=",
+        f"--ServerApp.root_dir={tmp_path}",
+        "--LabApp.expose_app_in_browser=True",
+        f"--LabApp.user_settings_dir={settings / 'user'}",
+        f"--LabApp.workspaces_dir={settings / 'workspaces'}",
     ]
     log = open(tmp_path / "jupyterlab.log", "wb")
     server = subprocess.Popen(command, stdout=log, stderr=log)
@@ -168,7 +186,17 @@ def open_notebook_05(browser, jupyterlab, tmp_path, run_dir):
     """Notebook 05 for run_dir, opened and run in JupyterLab; returns the page once its answer browser shows."""
     notebook = tmp_path / f"05_{run_dir.name}.ipynb"
     # papermill only writes the parameters cell here (pointing at the run); JupyterLab runs the notebook.
-    prepare = [sys.executable, "-m", "papermill", "--prepare-only", str(ROOT / "notebooks/05_error_analysis.ipynb"), str(notebook), "-p", "params_path", str(run_dir / "params.yaml")]
+    prepare = [
+        sys.executable,
+        "-m",
+        "papermill",
+        "--prepare-only",
+        str(ROOT / "notebooks/05_error_analysis.ipynb"),
+        str(notebook),
+        "-p",
+        "params_path",
+        str(run_dir / "params.yaml"),
+    ]
     subprocess.run(prepare, check=True, capture_output=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{jupyterlab}/lab/tree/{notebook.name}")

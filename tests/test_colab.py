@@ -6,6 +6,7 @@ The runtime test builds a fresh virtual environment holding what a Colab image h
 and runs notebooks 01 and 02 from the clone the cell makes, on the smoke params, through papermill on that
 environment's kernel. pip reaches the registry as usual.
 """
+
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.utils import canonicalize_name
+
 from conftest import ROOT
 from tunebook import colab
 from tunebook.config import load_params
@@ -24,8 +26,26 @@ from tunebook.config import load_params
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # What a Colab image has before the first cell (a subset of its ~600 packages: the issue's list, Jupyter's pieces, and
 # the scientific stack and clients every Colab image carries), at the versions tested here.
-COLAB_IMAGE = ["transformers", "pandas", "matplotlib", "ipywidgets", "ipykernel", "nbformat", "pyyaml", "pydantic", "packaging", "requests",
-               "scipy", "scikit-learn", "protobuf", "pyarrow", "sentencepiece", "tabulate", "psutil", "aiohttp"]
+COLAB_IMAGE = [
+    "transformers",
+    "pandas",
+    "matplotlib",
+    "ipywidgets",
+    "ipykernel",
+    "nbformat",
+    "pyyaml",
+    "pydantic",
+    "packaging",
+    "requests",
+    "scipy",
+    "scikit-learn",
+    "protobuf",
+    "pyarrow",
+    "sentencepiece",
+    "tabulate",
+    "psutil",
+    "aiohttp",
+]
 TORCH = "torch==2.13.0"
 FAKE_COLAB = {
     "__init__.py": "",
@@ -48,7 +68,9 @@ def test_every_notebook_has_the_one_setup_cell(notebook):
 
 
 def test_requirements_txt_holds_every_group():
-    listed = {canonicalize_name(re.split(r"[<>=!\[ ]", line)[0]) for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
+    listed = {
+        canonicalize_name(re.split(r"[<>=!\[ ]", line)[0]) for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")
+    }
     groups = ["core", "quantize", "gguf", "documents", "faq", "dev"]
     wanted = {canonicalize_name(re.split(r"[<>=!\[ ]", r)[0]) for g in groups for r in colab.group(g)}
     assert wanted <= listed, f"in pyproject.toml but not requirements.txt: {sorted(wanted - listed)}"
@@ -81,7 +103,11 @@ def colab_image(folder: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
     python = folder / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "-q", TORCH, *COLAB_IMAGE, "-c", str(ROOT / "constraints.txt")], check=True)
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
     package = site / "google" / "colab"  # no google/__init__.py: google is a namespace package (protobuf lives there too)
     package.mkdir(parents=True)
     for name, text in FAKE_COLAB.items():
@@ -97,12 +123,20 @@ def test_colab_runtime_setup_then_01_and_02(tmp_path):
     torch_stamp = torch_record.stat().st_mtime_ns
     kernels = tmp_path / "jupyter" / "kernels" / "colab"
     kernels.mkdir(parents=True)
-    (kernels / "kernel.json").write_text(json.dumps({"argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "colab", "language": "python"}))
+    (kernels / "kernel.json").write_text(
+        json.dumps({"argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "colab", "language": "python"})
+    )
     branch = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     home = tmp_path / "content" / "tunebook"
     pip_log = tmp_path / "pip.log"
-    env = {**os.environ, "JUPYTER_PATH": str(tmp_path / "jupyter"), "TUNEBOOK_REPO": str(ROOT), "TUNEBOOK_BRANCH": branch,
-           "TUNEBOOK_HOME": str(home), "PIP_LOG": str(pip_log)}
+    env = {
+        **os.environ,
+        "JUPYTER_PATH": str(tmp_path / "jupyter"),
+        "TUNEBOOK_REPO": str(ROOT),
+        "TUNEBOOK_BRANCH": branch,
+        "TUNEBOOK_HOME": str(home),
+        "PIP_LOG": str(pip_log),
+    }
     out = tmp_path / "outputs"
     timings = {}
     for stage in ("01_build_dataset", "02_finetune"):
@@ -110,9 +144,26 @@ def test_colab_runtime_setup_then_01_and_02(tmp_path):
         notebook = (home / "notebooks" / f"{stage}.ipynb") if home.exists() else (ROOT / "notebooks" / f"{stage}.ipynb")
         started = time.time()
         done = subprocess.run(
-            [sys.executable, "-m", "papermill", str(notebook), str(tmp_path / f"{stage}.ipynb"), "-k", "colab", "--cwd", str(tmp_path),
-             "-p", "params_path", str(home / "params" / "smoke.yaml"), "-y", f"overrides: [output_dir={out}]"],
-            check=False, env=env, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "papermill",
+                str(notebook),
+                str(tmp_path / f"{stage}.ipynb"),
+                "-k",
+                "colab",
+                "--cwd",
+                str(tmp_path),
+                "-p",
+                "params_path",
+                str(home / "params" / "smoke.yaml"),
+                "-y",
+                f"overrides: [output_dir={out}]",
+            ],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         timings[stage] = round(time.time() - started, 1)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -121,15 +172,26 @@ def test_colab_runtime_setup_then_01_and_02(tmp_path):
     cpu_runtime = pip_freeze(python)
     # On a GPU runtime the cell also installs Unsloth; Unsloth cannot run here, but its install can: the same call.
     started = time.time()
-    subprocess.run([str(python), "-c", f"import sys; sys.path.insert(0, {str(home / 'lib')!r}); from tunebook import colab; colab.install(unsloth=True)"], env=env, check=True)
+    subprocess.run(
+        [str(python), "-c", f"import sys; sys.path.insert(0, {str(home / 'lib')!r}); from tunebook import colab; colab.install(unsloth=True)"],
+        env=env,
+        check=True,
+    )
     unsloth_seconds = time.time() - started
     after = pip_freeze(python)
     added = sorted(set(after) - set(before))
     changed = sorted(n for n in before if after.get(n) != before[n])
     built = sorted(set(re.findall(r"Building wheel for (\S+)", pip_log.read_text()))) if pip_log.exists() else []
-    report = {"packages_added_cpu_runtime": len(set(cpu_runtime) - set(before)), "packages_added_with_unsloth": len(added),
-              "setup_cell_seconds": round(setup_seconds, 1), "unsloth_install_seconds": round(unsloth_seconds, 1),
-              "versions_changed": {n: [before[n], after[n]] for n in changed}, "source_builds": built, "notebook_seconds": timings, "added": added}
+    report = {
+        "packages_added_cpu_runtime": len(set(cpu_runtime) - set(before)),
+        "packages_added_with_unsloth": len(added),
+        "setup_cell_seconds": round(setup_seconds, 1),
+        "unsloth_install_seconds": round(unsloth_seconds, 1),
+        "versions_changed": {n: [before[n], after[n]] for n in changed},
+        "source_builds": built,
+        "notebook_seconds": timings,
+        "added": added,
+    }
     print(json.dumps(report, indent=1))
     assert after["torch"] == before["torch"] and torch_record.stat().st_mtime_ns == torch_stamp, "the set-up reinstalled torch"
     assert not built, report

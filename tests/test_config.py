@@ -113,6 +113,15 @@ def test_raft_and_retrieval_do_not_combine(write_params):
         load_params(path)
 
 
+def test_raft_reasoning_needs_the_final_answer_prefix(write_params):
+    """Without it 04 would score the quotes and the reasoning as the answer: every answer wrong, for no visible reason."""
+    path = write_params("data:\n  train_path: x.jsonl\n  raft: {enabled: true}\n")
+    with pytest.raises(ParamsError, match=r"data.raft.cot trains the model to write its reasoning.*set prompt.final_answer_prefix"):
+        load_params(path)
+    assert load_params(path, ["prompt.final_answer_prefix=Answer:"]).prompt.final_answer_prefix == "Answer:"
+    assert load_params(path, ["data.raft.cot=false"]).data.raft.cot is False
+
+
 def test_a_key_given_twice_is_refused_with_both_lines(write_params):
     path = write_params(MINIMAL + "train:\n  lora_r: 8\n  lora_alpha: 16\n  lora_r: 32\n")
     with pytest.raises(ParamsError) as e:

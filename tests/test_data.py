@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from tunebook.config import DataParams, ParamsError, PromptParams, RetrievalParams
+from tunebook.config import DataParams, PromptParams, RetrievalParams
 from tunebook.data import DataError, chat_prompt, class_labels, read_rows, retrieve_passages, split_examples, to_examples, with_chat
 
 FIELDS = DataParams(train_path="x")
@@ -134,11 +134,15 @@ def test_retrieval_fills_passages_and_reports_gold_hits(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps(d) for d in corpus), encoding="utf-8")
     fields = DataParams(
-        train_path="x", question_field="q", answers_field="a",
+        train_path="x",
+        question_field="q",
+        answers_field="a",
         retrieval=RetrievalParams(corpus_path=str(path), top_k=1, gold_id_field="doc"),
     )
-    rows = [{"id": "1", "q": "How do I install packages?", "a": "apt-get install", "doc": "apt"},
-            {"id": "2", "q": "Where do release code names come from?", "a": "Toy Story", "doc": "kernel"}]
+    rows = [
+        {"id": "1", "q": "How do I install packages?", "a": "apt-get install", "doc": "apt"},
+        {"id": "2", "q": "Where do release code names come from?", "a": "Toy Story", "doc": "kernel"},
+    ]
     examples = retrieve_passages(to_examples(rows, fields, "s", nfkc=False), fields)  # no passages field needed
     assert [e["doc_ids"] for e in examples] == [["apt"], ["names"]]
     assert examples[0]["passages"] == [corpus[0]["text"]]
@@ -150,18 +154,21 @@ def test_retrieval_fills_passages_and_reports_gold_hits(tmp_path):
 
 def test_relabel_marks_from_05_fix_the_next_build(tmp_path):
     """The default data with two marks from 05's browser: an accepted answer becomes a gold, a wrong gold's example goes."""
-    from tunebook.analysis import write_marks
+    from tunebook.browser import write_marks
     from tunebook.data import build_dataset
     from tunebook.runs import open_run
 
     rows = [json.loads(line) for line in (ROOT / "data" / "minipedia_rag_qa.jsonl").read_text().splitlines()]
     accepted, wrong = rows[0], rows[1]
     marks = tmp_path / "relabels.jsonl"
-    write_marks(marks, {
-        ("finetuned", accepted["id"]): {"model": "finetuned", "id": accepted["id"], "prediction": "an answer of our own", "mark": "also_acceptable"},
-        ("base", wrong["id"]): {"model": "base", "id": wrong["id"], "prediction": "x", "mark": "gold_wrong"},
-        ("base", "no-such-id"): {"model": "base", "id": "no-such-id", "prediction": "y", "mark": "also_acceptable"},
-    })
+    write_marks(
+        marks,
+        {
+            ("finetuned", accepted["id"]): {"model": "finetuned", "id": accepted["id"], "prediction": "an answer of our own", "mark": "also_acceptable"},
+            ("base", wrong["id"]): {"model": "base", "id": wrong["id"], "prediction": "x", "mark": "gold_wrong"},
+            ("base", "no-such-id"): {"model": "base", "id": "no-such-id", "prediction": "y", "mark": "also_acceptable"},
+        },
+    )
     run = open_run(ROOT / "params/default.yaml", [f"output_dir={tmp_path / 'out'}", f"data.relabels_path={marks}", "data.max_train_examples=1000"])
     built = build_dataset(run)
     examples = {e["id"]: e for e in built.train + built.eval}

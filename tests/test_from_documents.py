@@ -1,11 +1,13 @@
 """Training rows written by a teacher from documents (stage 01), for real: the teacher is llama-cpp-python's server with
 the embedded SmolLM2 behind a fault-injecting proxy (tests/servers.py), or the embedded model run locally. A 135M
 teacher writes poor pairs, so these tests check structure, bookkeeping, caching and failure handling, not quality."""
+
 import json
 from pathlib import Path
 
 import pytest
 
+from servers import MODEL_ALIAS, FaultProxy, free_port, serving
 from tunebook import api_baseline
 from tunebook.config import TeacherParams
 from tunebook.data import build_dataset, read_jsonl
@@ -13,29 +15,30 @@ from tunebook.runs import open_run
 from tunebook.synthetic import SynthesisError
 from tunebook.teacher import Teacher
 
-from servers import MODEL_ALIAS, FaultProxy, free_port, serving
-
 # Our own small documentation of a made-up package manager. Two pages carry the proxy's fault markers: the teacher's
 # reply for one is not JSON (MALFORMED), the request for the other always fails (FAIL-ALWAYS).
 DOCUMENTS = {
     "tidepool.md": "# Tidepool package manager\n\nTidepool is a package manager for the fictional Reef operating system. "
-                   "It installs, upgrades and removes software packages.\n\nTo install a package, run `tide add NAME`. Tidepool "
-                   "downloads the package from the nearest mirror and checks its signature before unpacking it.\n\nTo remove a "
-                   "package, run `tide drop NAME`. Configuration files are kept unless you add the `--purge` flag.\n",
+    "It installs, upgrades and removes software packages.\n\nTo install a package, run `tide add NAME`. Tidepool "
+    "downloads the package from the nearest mirror and checks its signature before unpacking it.\n\nTo remove a "
+    "package, run `tide drop NAME`. Configuration files are kept unless you add the `--purge` flag.\n",
     "mirrors.txt": "Choosing a mirror\n\nReef mirrors are listed in the file /etc/tide/mirrors. Tidepool tries them in order and "
-                   "uses the first one that answers within five seconds.\n\nA mirror that serves a package with a bad signature is "
-                   "skipped for one hour. You can test a mirror with the command tide ping URL.\n",
+    "uses the first one that answers within five seconds.\n\nA mirror that serves a package with a bad signature is "
+    "skipped for one hour. You can test a mirror with the command tide ping URL.\n",
     "releases.html": "<html><head><title>Reef release cycle</title><style>p{}</style></head><body><h1>Reef release cycle</h1>"
-                     "<p>Reef publishes a new stable release every nine months. Each stable release receives security updates for "
-                     "three years.</p><p>The testing branch receives new packages every day. Upgrading from one stable release to "
-                     "the next is done with the command tide leap.</p></body></html>\n",
-    "faults.txt": "Known problems\n\nMALFORMED This page describes known problems with the Reef installer on machines with very "
-                  "old graphics cards.\n",
+    "<p>Reef publishes a new stable release every nine months. Each stable release receives security updates for "
+    "three years.</p><p>The testing branch receives new packages every day. Upgrading from one stable release to "
+    "the next is done with the command tide leap.</p></body></html>\n",
+    "faults.txt": "Known problems\n\nMALFORMED This page describes known problems with the Reef installer on machines with very old graphics cards.\n",
     "errors.txt": "Error codes\n\nFAIL-ALWAYS Error code 42 means that the package database is locked by another Tidepool process.\n",
 }
 EVAL = [
     {"id": "tidepool.md", "question": "How do I install a package with Tidepool?", "answers": ["Run tide add NAME."]},
-    {"id": "mirrors.txt", "question": "How does Tidepool choose a mirror?", "answers": ["It uses the first mirror in /etc/tide/mirrors that answers within five seconds."]},
+    {
+        "id": "mirrors.txt",
+        "question": "How does Tidepool choose a mirror?",
+        "answers": ["It uses the first mirror in /etc/tide/mirrors that answers within five seconds."],
+    },
     {"id": "releases.html", "question": "How often is a stable Reef release published?", "answers": ["Every nine months."]},
 ]
 
@@ -64,10 +67,16 @@ def fast_backoff(monkeypatch):
 
 
 def test_teacher_caches_replies_counts_them_and_never_caches_a_failure(proxy, tmp_path):
-    params = TeacherParams(model=MODEL_ALIAS, base_url=proxy.base_url, max_new_tokens=16, max_retries=1, cache_dir=str(tmp_path / "cache"),
-                           price_per_million_input=2.0, price_per_million_output=8.0)
-    prompts = [[{"role": "user", "content": text}] for text in
-               ("Name a color. Reply in JSON.", "FAIL-ALWAYS Name a fruit.", "MALFORMED Name a tree.")]
+    params = TeacherParams(
+        model=MODEL_ALIAS,
+        base_url=proxy.base_url,
+        max_new_tokens=16,
+        max_retries=1,
+        cache_dir=str(tmp_path / "cache"),
+        price_per_million_input=2.0,
+        price_per_million_output=8.0,
+    )
+    prompts = [[{"role": "user", "content": text}] for text in ("Name a color. Reply in JSON.", "FAIL-ALWAYS Name a fruit.", "MALFORMED Name a tree.")]
     teacher = Teacher(params)
     first = teacher.ask(prompts)
     assert first[0].text and not first[0].cached
@@ -90,16 +99,16 @@ def test_teacher_caches_replies_counts_them_and_never_caches_a_failure(proxy, tm
 def faq_params(write_params, documents: Path, base_url: str, model: str = MODEL_ALIAS) -> Path:
     return write_params(f"""
 run_name: docs_faq
-output_dir: {documents.parent / 'out'}
+output_dir: {documents.parent / "out"}
 data:
-  eval_path: {documents.parent / 'eval.jsonl'}
+  eval_path: {documents.parent / "eval.jsonl"}
   retrieval: {{top_k: 2, gold_id_field: id}}
 synthesize:
   documents_path: {documents}
   chunk_tokens: 96
   chunk_overlap: 16
   pairs_per_chunk: 2
-  teacher: {{model: {model}, base_url: "{base_url}", max_new_tokens: 200, max_retries: 1, cache_dir: {documents.parent / 'cache'}}}
+  teacher: {{model: {model}, base_url: "{base_url}", max_new_tokens: 200, max_retries: 1, cache_dir: {documents.parent / "cache"}}}
   # The judge runs and scores every pair; a threshold of 1 keeps what it drops out of this test, because how many of a
   # 135M teacher's greedy pairs pass depends on the CPU's llama.cpp kernels (0 of 2 with this machine's build at 4).
   clean: {{judge: true, judge_min_score: 1}}
@@ -115,8 +124,14 @@ def test_faq_rows_from_documents_through_a_real_server(proxy, documents, write_p
     pairs = read_jsonl(Path(s["pairs_jsonl"]))
     steps = s["steps"]
     assert steps[0] == {"step": "parsed from the teacher's replies", "kept": len(pairs), "removed": 0}
-    assert [r["step"] for r in steps[1:]] == ["self-contained question", "length", "exact duplicate", "near duplicate",
-                                              "shares an n-gram with an eval question", "judge score below 1"]
+    assert [r["step"] for r in steps[1:]] == [
+        "self-contained question",
+        "length",
+        "exact duplicate",
+        "near duplicate",
+        "shares an n-gram with an eval question",
+        "judge score below 1",
+    ]
     for before, after in zip(steps, steps[1:]):
         assert after["kept"] == before["kept"] - after["removed"]
         assert after["removed"] == sum(p["dropped_by"] == after["step"] for p in pairs)
@@ -157,9 +172,10 @@ def test_faq_rows_from_documents_through_a_real_server(proxy, documents, write_p
 def test_raft_rows_from_documents_with_a_local_teacher(documents, write_params):
     """The embedded model as a local transformers teacher (its JSON reply opened for it), RAFT rows with the
     embedding-nearest chunks of other documents as distractors; eval rows held out from the generated ones."""
-    run = open_run(write_params(f"""
+    run = open_run(
+        write_params(f"""
 run_name: docs_raft
-output_dir: {documents.parent / 'out'}
+output_dir: {documents.parent / "out"}
 data:
   eval_size: 1
   raft: {{enabled: true, distractors: 2, oracle_drop: 0.5}}
@@ -171,8 +187,9 @@ synthesize:
   chunk_overlap: 16
   pairs_per_chunk: 2
   distractor_choice: nearest
-  teacher: {{max_new_tokens: 160, cache_dir: {documents.parent / 'cache'}}}
-"""))
+  teacher: {{max_new_tokens: 160, cache_dir: {documents.parent / "cache"}}}
+""")
+    )
     built = build_dataset(run)
     s = built.summary["synthetic"]
     assert s["failed_chunks"] == 0 and s["teacher"]["requests"] == 5 and s["teacher"]["completion_tokens"] > 0

@@ -1,7 +1,8 @@
 import pytest
 
-from tunebook.errors import TunebookError
+from conftest import CPU_ONLY
 from tunebook.config import DEFAULT_MODEL as DEFAULT_MODEL_NAME
+from tunebook.errors import TunebookError
 from tunebook.models import load_tokenizer, materialize_embedded, pick_backend, resolve_model
 
 
@@ -32,15 +33,12 @@ def test_bad_model_names_get_one_clear_message(name, message):
 
 def test_unreachable_hub_model_is_explained(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(TunebookError, match="Could not load model 'nobody-here/no-such-model'"):
+    with pytest.raises(TunebookError, match="nobody-here/no-such-model: HF_HUB_OFFLINE is set and the model is not in the local cache"):
         load_tokenizer("nobody-here/no-such-model")
 
 
+@CPU_ONLY
 def test_unsloth_without_gpu_stops_clearly():
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
     with pytest.raises(TunebookError, match="Unsloth needs a GPU"):
         pick_backend("unsloth")
     assert pick_backend("auto") == "hf"

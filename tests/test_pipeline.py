@@ -1,5 +1,6 @@
 """The five notebooks, executed headless by papermill on params/smoke.yaml (conftest's smoke_run): every stage for
 real, on a few rows."""
+
 import json
 import re
 import subprocess

@@ -1,5 +1,6 @@
 """The preflight: `python -m tunebook check`, and `run`, `sweep` and the notebooks' first cell, stop in seconds with
 every problem at once, before any model is loaded, and leave an existing run folder as it was."""
+
 import hashlib
 import json
 import os
@@ -70,7 +71,9 @@ def test_an_unwritable_model_cache_is_a_problem_before_the_conversion(tmp_path):
 def test_the_corpus_and_relabel_files_are_checked_with_the_stages_own_readers(tmp_path):
     (tmp_path / "corpus.jsonl").write_text('{"id": "d1", "text": "Ann wrote it."}\n{"id": "d2", "body": "no text field"}\n')
     (tmp_path / "relabels.jsonl").write_text('{"id": "1", "prediction": "Ann", "mark": "fine"}\n')
-    done = tunebook("check", "params/default.yaml", "--set", f"data.retrieval.corpus_path={tmp_path}/corpus.jsonl", "--set", f"data.relabels_path={tmp_path}/relabels.jsonl")
+    done = tunebook(
+        "check", "params/default.yaml", "--set", f"data.retrieval.corpus_path={tmp_path}/corpus.jsonl", "--set", f"data.relabels_path={tmp_path}/relabels.jsonl"
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"- data.retrieval.corpus_path: {tmp_path}/corpus.jsonl row 2: needs an id in 'id' and text in 'text'" in done.stderr
     assert f"- data.relabels_path: {tmp_path}/relabels.jsonl mark 1: expected id, prediction and mark" in done.stderr
@@ -78,7 +81,9 @@ def test_the_corpus_and_relabel_files_are_checked_with_the_stages_own_readers(tm
 
 def test_every_problem_at_once(tmp_path):
     train = tmp_path / "train.jsonl"
-    train.write_text('{"id": "1", "article": "A", "question": "q?", "passages": ["p"], "answers": ["a"]}\n{"id": "2", "article": "B", "question": "r?", "answers": ["b"]}\n')
+    train.write_text(
+        '{"id": "1", "article": "A", "question": "q?", "passages": ["p"], "answers": ["a"]}\n{"id": "2", "article": "B", "question": "r?", "answers": ["b"]}\n'
+    )
     done = tunebook(
         "check", "params/default.yaml",
         "--set", f"data.train_path={train}",
@@ -94,7 +99,7 @@ def test_every_problem_at_once(tmp_path):
     assert "6 problem(s) found before anything ran; nothing was changed." in message, message
     assert f"{train} is a file, so the output folder" in message
     assert "row 2" in message and "passages" in message  # the bad row, named
-    assert "nobody/no-such-model: the hub could not be reached" in message
+    assert "nobody/no-such-model: HF_HUB_OFFLINE is set and the model is not in the local cache" in message
     assert "model.backend is 'unsloth' but no CUDA GPU is visible" in message
     assert "api_key_env names TUNEBOOK_UNSET_KEY, which is not set" in message
     assert f"{DEAD} could not be reached" in message

@@ -1,8 +1,9 @@
 import pytest
 
 from tunebook.config import DEFAULT_MODEL
-from tunebook.evaluate import models_to_evaluate
-from tunebook.quantize import Skipped, _check_group_size, dir_size_mb, size_table
+from tunebook.evaluate import EvalModel, models_to_evaluate
+from tunebook.models import dir_size_mb
+from tunebook.quantize import Skipped, _check_group_size, size_table
 from tunebook.runs import open_run
 
 
@@ -31,10 +32,11 @@ def test_skipped_and_failed_variants_are_listed_not_evaluated(write_params, tmp_
             {"name": "awq_w4a16", "method": "awq_w4a16", "bits": 4, "format": "transformers", "status": "failed", "reason": "ValueError: boom"},
         ]
     assert models_to_evaluate(run) == [
-        {"label": "base", "path": "org/not-local", "format": "transformers", "bits": None, "size_mb": None},
-        {"label": "finetuned", "path": str(merged), "format": "transformers", "bits": 32, "size_mb": 1.0},
-        {"label": "gguf_q8_0", "path": str(gguf), "format": "gguf", "bits": 8, "size_mb": 0.5},
+        EvalModel("base", "base", "transformers", "org/not-local", None, None),
+        EvalModel("finetuned", "finetuned", "transformers", str(merged), 32, 1.0),
+        EvalModel("gguf_q8_0", "quantized", "gguf", str(gguf), 8, 0.5),
     ]
+    assert [(m.untrained, m.full_precision) for m in models_to_evaluate(run)] == [(True, True), (False, True), (False, False)]
     out = capsys.readouterr().out
     assert "bnb_nf4: not evaluated, quantization skipped (needs a GPU)" in out
     assert "awq_w4a16: not evaluated, quantization failed (ValueError: boom)" in out

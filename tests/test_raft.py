@@ -2,9 +2,8 @@ import random
 
 import pytest
 
-from tunebook.config import DataParams, RaftParams
+from tunebook.config import DataParams, PromptParams, RaftParams
 from tunebook.data import DataError, raft_example, to_examples, with_chat
-from tunebook.config import PromptParams
 from tunebook.evaluate import final_answer
 
 # A HotpotQA-shaped row written for this test: [title, [sentences]] paragraphs and [title, sentence] facts.

@@ -1,4 +1,5 @@
 """Every recipe in params/ builds its dataset (stage 01) from the shared real-data samples, offline."""
+
 import json
 
 import pytest
@@ -34,8 +35,10 @@ def test_recipe_builds_its_dataset(recipe, shared_datasets, tmp_path):
 def test_teacher_recipe_builds_its_dataset_from_the_debian_faq(recipe, shared_datasets, tmp_path):
     """The two recipes whose training rows a teacher writes from documents, with the local teacher (the embedded
     model) on 4 chunks: the eval rows are the FAQ's real questions with retrieved chunks, decontaminated against."""
-    run = runs.open_run(ROOT / "params" / f"{recipe}.yaml", [f"output_dir={tmp_path}", "synthesize.max_chunks=4",
-                                                             "synthesize.teacher.max_new_tokens=160", f"synthesize.teacher.cache_dir={tmp_path / 'cache'}"])
+    run = runs.open_run(
+        ROOT / "params" / f"{recipe}.yaml",
+        [f"output_dir={tmp_path}", "synthesize.max_chunks=4", "synthesize.teacher.max_new_tokens=160", f"synthesize.teacher.cache_dir={tmp_path / 'cache'}"],
+    )
     built = data.build_dataset(run)
     s = built.summary["synthetic"]
     assert s["teacher"]["requests"] == 4 and s["failed_chunks"] == 0

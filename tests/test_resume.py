@@ -1,6 +1,7 @@
 """Stage 02 checkpoints: a run killed while training (a lost Colab runtime) resumes from its last checkpoint, through the
 CLI's --resume and through re-running the notebook, and trains what an uninterrupted run trains; checkpoints made with
 other params are refused. Real runs of params/smoke.yaml cut to 6 short steps, killed with signals."""
+
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import time
 
 import psutil
 import pytest
+
 from conftest import ROOT
 from tunebook.errors import TunebookError
 from tunebook.runs import Run, adopt_stage, open_run
@@ -154,12 +156,16 @@ def test_changed_params_are_refused_and_the_checkpoints_kept(new_run, reference,
     checkpoints = run.dir / "checkpoints"
     before = {str(f.relative_to(checkpoints)): f.stat().st_mtime_ns for f in checkpoints.rglob("*")}
 
-    changed = subprocess.run([*cli(name, reference.parent, "--stages", "01,02", "--resume"), "--set", "train.learning_rate=0.001"], cwd=ROOT, capture_output=True, text=True)
+    changed = subprocess.run(
+        [*cli(name, reference.parent, "--stages", "01,02", "--resume"), "--set", "train.learning_rate=0.001"], cwd=ROOT, capture_output=True, text=True
+    )
     assert changed.returncode == 2
     error = changed.stderr.split("error: ", 1)[1]
     assert "train.learning_rate: 0.0002 -> 0.001" in error and "Nothing was resumed or deleted" in error
     assert "restore those params (the run folder keeps its earlier ones as params.<time>.yaml) to continue from step 2" in error
-    assert list(run.dir.glob("params.*.yaml"))  # the params it was started with, kept by save_params and f"delete or move {checkpoints} to train from step 0" in error
+    assert list(
+        run.dir.glob("params.*.yaml")
+    )  # the params it was started with, kept by save_params and f"delete or move {checkpoints} to train from step 0" in error
     assert "Traceback" not in changed.stderr
     assert {str(f.relative_to(checkpoints)): f.stat().st_mtime_ns for f in checkpoints.rglob("*")} == before
     assert run.status("02_finetune") == "failed"

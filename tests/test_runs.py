@@ -27,7 +27,7 @@ def test_stage_records_outputs_and_next_stage_reads_them(run):
 def test_failed_stage_is_never_complete(run):
     with pytest.raises(ZeroDivisionError):
         with run.stage("02_finetune"):
-            1 / 0
+            raise ZeroDivisionError("division by zero")
     entry = json.loads(run.manifest_path.read_text())["stages"]["02_finetune"]
     assert entry["status"] == "failed" and "ZeroDivisionError" in entry["error"]
     with pytest.raises(TunebookError, match="02_finetune is failed"):

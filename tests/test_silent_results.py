@@ -2,6 +2,7 @@
 training rows (01 stops, the run folder untouched), a model or API baseline that produced no answers (not scored; 04
 writes the others, then fails), gold answers missing from their passages (01 warns and records them, 05 flags them).
 Real stages through the CLI and papermill on a tiny run: 12 rows, 4 held out, the base model only, 4 new tokens."""
+
 import contextlib
 import hashlib
 import io
@@ -49,8 +50,14 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def tiny(output_dir: Path, data_file: Path) -> list[str]:
-    return [f"output_dir={output_dir}", f"data.train_path={data_file}", "data.eval_size=4", "data.max_train_examples=null",
-            "evaluate.models=[base]", "evaluate.max_new_tokens=4"]
+    return [
+        f"output_dir={output_dir}",
+        f"data.train_path={data_file}",
+        "data.eval_size=4",
+        "data.max_train_examples=null",
+        "evaluate.models=[base]",
+        "evaluate.max_new_tokens=4",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +90,11 @@ def manifest(run_dir: Path) -> dict:
 
 
 def test_eval_overlap_matches_ids_and_questions_with_their_answer():
-    train = [{"qid": "t1", "q": "Who wrote Hamlet?", "a": ["Shakespeare"]}, {"qid": "t2", "q": "aptitude", "a": "Use aptitude to install."},
-             {"qid": "7", "q": "How tall is it?", "a": ["10 m"]}]
+    train = [
+        {"qid": "t1", "q": "Who wrote Hamlet?", "a": ["Shakespeare"]},
+        {"qid": "t2", "q": "aptitude", "a": "Use aptitude to install."},
+        {"qid": "7", "q": "How tall is it?", "a": ["10 m"]},
+    ]
     evaluation = [
         {"qid": "e1", "q": "  who WROTE hamlet ", "a": ["ｓｈａｋｅｓｐｅａｒｅ"]},  # case, width, spacing, punctuation ignored
         {"qid": "e2", "q": "Aptitude", "a": "Use apt-get instead."},  # the same heading with another answer: a different row
@@ -111,8 +121,10 @@ def test_overlap_through_the_cli_stops_before_01_and_leaves_the_run_folder_as_it
     copy.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(data_file)[:3]), encoding="utf-8")
     result = tunebook("run", "params/smoke.yaml", "--stages", "01", *sets(*tiny(run_dir.parent, data_file), f"data.eval_path={copy}"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr[-2000:]
-    assert ("- train/eval overlap: 3 of 3 eval rows repeat a training row (by id and question; e.g. eval id 'a-001-q1': "
-            "'How deep is Lake Baikal at its deepest point?'), so their scores would count answers the model was trained on.") in result.stderr
+    assert (
+        "- train/eval overlap: 3 of 3 eval rows repeat a training row (by id and question; e.g. eval id 'a-001-q1': "
+        "'How deep is Lake Baikal at its deepest point?'), so their scores would count answers the model was trained on."
+    ) in result.stderr
     assert "or set data.allow_eval_overlap: true." in result.stderr
     assert hashes(run_dir) == before  # the manifest too: nothing marked failed or stale, the dataset as it was
 
@@ -133,11 +145,15 @@ def test_rows_duplicated_across_the_split_are_overlap(tmp_path, data_file):
     with pytest.raises(EvalOverlapError) as error:
         build_dataset(run)
     lines = str(error.value).splitlines()
-    assert lines[0] == ("4 of 4 eval rows repeat a training row (4 by question with the same gold answer; case, width, punctuation and "
-                        "spacing ignored), so their scores would count answers the model was trained on. For example:")
+    assert lines[0] == (
+        "4 of 4 eval rows repeat a training row (4 by question with the same gold answer; case, width, punctuation and "
+        "spacing ignored), so their scores would count answers the model was trained on. For example:"
+    )
     assert re.fullmatch(r"  - eval id '(copy-)?(a-00\d-q1)', training id '(copy-)?\2': .+", lines[1])
-    assert lines[-1] == (f"data.train_path ({tmp_path / 'dup.jsonl'}) holds these rows more than once, and the copies fell on both sides "
-                         "of the data.eval_size split. Fix the file (remove the duplicate rows), or set data.allow_eval_overlap: true if the overlap is intended.")
+    assert lines[-1] == (
+        f"data.train_path ({tmp_path / 'dup.jsonl'}) holds these rows more than once, and the copies fell on both sides "
+        "of the data.eval_size split. Fix the file (remove the duplicate rows), or set data.allow_eval_overlap: true if the overlap is intended."
+    )
     assert not (run.dir / "manifest.json").exists()  # stopped before the stage began
 
 
@@ -151,7 +167,8 @@ def test_ids_shared_by_numbering_alone_are_named(tmp_path, data_file):
         build_dataset(run)
     assert str(error.value).splitlines()[-1] == (
         "4 of them share only the id (data.id_field 'id'), not the question: if the two files number their rows independently, "
-        "their ids name different rows; then set data.id_field to empty (ids = row numbers).")
+        "their ids name different rows; then set data.id_field to empty (ids = row numbers)."
+    )
     run = open_run(ROOT / "params/smoke.yaml", [*tiny(tmp_path, tmp_path / "train.jsonl"), f"data.eval_path={tmp_path / 'eval.jsonl'}", "data.id_field=null"])
     assert build_dataset(run).summary["eval_overlap"]["rows"] == 0
 
@@ -161,8 +178,10 @@ def test_ids_shared_by_numbering_alone_are_named(tmp_path, data_file):
 
 def dead_baseline(*labels: str, url: str | None = None) -> str:
     """evaluate.api_baselines: endpoints at closed ports (or `url`), no retries (each request fails at once)."""
-    rows = [{"label": label, "base_url": url or f"http://127.0.0.1:{free_port()}/v1", "model": "none", "api_key_env": None, "max_retries": 0}
-            for label in labels or ("dead-api",)]
+    rows = [
+        {"label": label, "base_url": url or f"http://127.0.0.1:{free_port()}/v1", "model": "none", "api_key_env": None, "max_retries": 0}
+        for label in labels or ("dead-api",)
+    ]
     return f"evaluate.api_baselines={json.dumps(rows)}"
 
 
@@ -175,9 +194,11 @@ def test_dead_api_baseline_is_not_scored_and_04_fails_through_the_cli(tiny_run, 
         result = tunebook("run", "params/smoke.yaml", "--stages", "04", *sets(*tiny(run_dir.parent, data_file), baseline))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr[-2000:]
     failed = run_dir / "predictions" / "dead-api.failed.jsonl"
-    assert (f"Stage 04_evaluate failed: EvaluationFailed: dead-api (API baseline at {url}) produced no answers: all 4 requests failed after "
-            "their retries; the first error: InternalServerError HTTP 500: Error code: 500 - the model failed to load. Is the endpoint up, and are its base_url, model and api_key_env in evaluate.api_baselines right? "
-            f"It was not scored and has no row in metrics.json; its rows are in {failed}.") in result.stderr, result.stderr
+    assert (
+        f"Stage 04_evaluate failed: EvaluationFailed: dead-api (API baseline at {url}) produced no answers: all 4 requests failed after "
+        "their retries; the first error: InternalServerError HTTP 500: Error code: 500 - the model failed to load. Is the endpoint up, and are its base_url, model and api_key_env in evaluate.api_baselines right? "
+        f"It was not scored and has no row in metrics.json; its rows are in {failed}."
+    ) in result.stderr, result.stderr
     assert "The other models were scored and written (metrics.json, predictions/): base." in result.stderr
     # No row of zeros; base scored again, the same greedy answers; its predictions and everything before 04 as they were.
     after = json.loads((run_dir / "metrics.json").read_text())
@@ -213,18 +234,24 @@ def test_the_error_carries_each_failed_model_for_callers(tiny_run):
     with pytest.raises(EvaluationFailed) as error:
         evaluate(run)
     assert [(f["label"], f["format"], f["n"], f["reason"].split(";")[0]) for f in error.value.failures] == [
-        ("dead-a", "api", 4, "all 4 requests failed after their retries"), ("dead-b", "api", 4, "all 4 requests failed after their retries")]
+        ("dead-a", "api", 4, "all 4 requests failed after their retries"),
+        ("dead-b", "api", 4, "all 4 requests failed after their retries"),
+    ]
     assert error.value.table == [] and str(error.value).count("produced no answers") == 2
 
 
 def test_why_a_model_produced_no_answers():
     ok, failed = {"status": "ok", "error": None}, {"status": "failed", "error": "APIConnectionError: Connection error."}
     assert no_answers(["", "Paris"], ["", "Paris"], None) is None  # one answer is enough: scored, its empties counted in 05
-    assert no_answers(["", ""], ["", ""], [failed, ok]) == "1 of 2 requests failed (the first error: APIConnectionError: Connection error.) and the other 1 replies were empty"
+    assert (
+        no_answers(["", ""], ["", ""], [failed, ok])
+        == "1 of 2 requests failed (the first error: APIConnectionError: Connection error.) and the other 1 replies were empty"
+    )
     assert no_answers(["", ""], ["", ""], [ok, ok]) == "all 2 replies were empty"
     assert no_answers(["", ""], [" ", ""], None) == "all 2 outputs are empty"  # a local model that ends every answer at once
     assert no_answers(["", ""], ["<think>hm</think>", "Answer:"], None) == (
-        "all 2 outputs are empty once the <think> block and the part before prompt.final_answer_prefix are taken out")
+        "all 2 outputs are empty once the <think> block and the part before prompt.final_answer_prefix are taken out"
+    )
 
 
 # ---- (c) gold answers missing from their passages ----
@@ -233,11 +260,15 @@ def test_why_a_model_produced_no_answers():
 def test_missing_golds_are_warned_about_in_01_recorded_and_flagged_in_05(tiny_run):
     run_dir, logged, printed = tiny_run
     dataset = run_dir / "dataset"
-    assert ("Warning: 4 of 8 training rows (50.0%) have no gold answer in their passages (case, width, punctuation and spacing ignored), "
-            "so the model is taught to answer without evidence. Check data.answers_field ('answers') and data.passages_field ('passages'). "
-            f"They carry gold_in_passages: false in {dataset / 'train.jsonl'}.") in logged
-    assert ("Warning: 2 of 4 eval rows (50.0%) have no gold answer in their passages (case, width, punctuation and spacing ignored), "
-            "so no model can read their answers there (05 flags them 'retrieval miss').") in logged
+    assert (
+        "Warning: 4 of 8 training rows (50.0%) have no gold answer in their passages (case, width, punctuation and spacing ignored), "
+        "so the model is taught to answer without evidence. Check data.answers_field ('answers') and data.passages_field ('passages'). "
+        f"They carry gold_in_passages: false in {dataset / 'train.jsonl'}."
+    ) in logged
+    assert (
+        "Warning: 2 of 4 eval rows (50.0%) have no gold answer in their passages (case, width, punctuation and spacing ignored), "
+        "so no model can read their answers there (05 flags them 'retrieval miss')."
+    ) in logged
     outputs = manifest(run_dir)["stages"]["01_build_dataset"]["outputs"]
     for split in ("train", "eval"):
         rows = read_jsonl(dataset / f"{split}.jsonl")

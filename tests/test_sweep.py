@@ -1,5 +1,6 @@
 """Sweeps without running notebooks: grid and variant expansion, stage keys, copying a shared stage, the comparison
 table's best marks and sort order."""
+
 import subprocess
 import sys
 
@@ -25,9 +26,7 @@ def test_every_variant_at_every_grid_point(write_params, tmp_path):
     )
     sweep_params, runs = expand(path)
     assert sweep_params.sweep.stages == ["01_build_dataset", "02_finetune", "04_evaluate"]
-    assert [r.name for r in runs] == [
-        f"{v}.lora_r-{r}.{t}" for v in ("short", "long") for r in (16, 64) for t in ("all", "qv")
-    ]
+    assert [r.name for r in runs] == [f"{v}.lora_r-{r}.{t}" for v in ("short", "long") for r in (16, 64) for t in ("all", "qv")]
     last = runs[-1]
     assert last.changes == {"train.epochs": 3, "train.learning_rate": 1e-4, "train.lora_r": 64, "train.target_modules": ["q_proj", "v_proj"]}
     assert (last.params.train.epochs, last.params.train.lora_r, last.params.train.target_modules) == (3, 64, ["q_proj", "v_proj"])
@@ -53,7 +52,10 @@ def test_grid_alone_names_runs_by_key_and_value(write_params, tmp_path):
         ("  grid:\n    train.lora_r: [8, -1]\n", r"sweep run 'lora_r--1'.*'train.lora_r': Input should be greater than or equal to 1"),
         ("  grid:\n    train.lora_r: []\n", r"sweep.grid.train.lora_r has no values"),
         ("  grid:\n    run_name: [a, b]\n", r"cannot vary \['run_name'\]"),
-        ("  grid:\n    train.lora_r: [8]\n  variants:\n    - {name: a, set: {train.lora_r: 4}}\n", r"variant 'a' sets \['train.lora_r'\], which sweep.grid varies too"),
+        (
+            "  grid:\n    train.lora_r: [8]\n  variants:\n    - {name: a, set: {train.lora_r: 4}}\n",
+            r"variant 'a' sets \['train.lora_r'\], which sweep.grid varies too",
+        ),
         ("  variants:\n    - {name: a}\n    - {name: a}\n", r"names must be distinct: \['a'\]"),
         ("  variants:\n    - {name: a b}\n", r"sweep.variants.0.name"),
         ("  stages: [1, 7]\n  variants:\n    - {name: a}\n", r"'7' is not a stage"),

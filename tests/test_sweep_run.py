@@ -1,6 +1,7 @@
 """A real sweep through the CLI and papermill, on a few rows: three variants, one of which fails in 02 (packed
 batches need Unsloth). It is interrupted (SIGTERM) while its last run trains and started again; then the
 comparison is checked against the runs' own metrics."""
+
 import json
 import signal
 import subprocess

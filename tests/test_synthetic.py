@@ -1,14 +1,13 @@
-from tunebook.synthetic import (LEANS_ON_CHUNK, contaminated, exact_duplicates, near_duplicates, normalize, parse_pairs, parse_score,
-                                supporting_sentence)
+from tunebook.synthetic import LEANS_ON_CHUNK, contaminated, exact_duplicates, near_duplicates, normalize, parse_pairs, parse_score, supporting_sentence
 
 QUESTIONS = [
     "How do I upgrade Debian to the next stable release?",
-    "how do I upgrade Debian to the next stable release",                 # exact once normalized
-    "How can I upgrade Debian to the next stable release?",               # near duplicate
-    "How do I install a package that is not in Debian's archive?",        # different
-    "What is the difference between testing and unstable?",               # different
-    "デビアンの次の安定版へはどうやってアップグレードしますか？",              # different (Japanese)
-    "デビアンの次の安定版へは、どうやってアップグレードしますか。",            # near duplicate of the Japanese one
+    "how do I upgrade Debian to the next stable release",  # exact once normalized
+    "How can I upgrade Debian to the next stable release?",  # near duplicate
+    "How do I install a package that is not in Debian's archive?",  # different
+    "What is the difference between testing and unstable?",  # different
+    "デビアンの次の安定版へはどうやってアップグレードしますか？",  # different (Japanese)
+    "デビアンの次の安定版へは、どうやってアップグレードしますか。",  # near duplicate of the Japanese one
 ]
 
 
@@ -31,9 +30,9 @@ def test_decontamination_against_the_eval_split():
     eval_texts = ["What is the difference between the testing and unstable distributions of Debian?", "日本語のマニュアルはどこにありますか"]
     generated = [
         "Explain the difference between the testing and unstable distributions of Debian.",  # shares 8 words
-        "How do I upgrade Debian to the next stable release?",                              # shares none
-        "日本語のマニュアルはどこで読めますか",                                                  # shares 8 characters
-        "英語の説明書はありますか",                                                              # shares none
+        "How do I upgrade Debian to the next stable release?",  # shares none
+        "日本語のマニュアルはどこで読めますか",  # shares 8 characters
+        "英語の説明書はありますか",  # shares none
     ]
     assert contaminated(generated, eval_texts, n=8) == [0, 2]
     assert contaminated(generated, [], n=8) == []
@@ -41,13 +40,15 @@ def test_decontamination_against_the_eval_split():
 
 # --- parsing a teacher's reply, finding the supporting sentence, the self-contained filter ---
 
+
 def test_pairs_are_parsed_tolerantly():
     fenced = '```json\n{"pairs": [{"question": "What is apt?", "answer": "A package tool."}]}\n```'
     assert parse_pairs(fenced) == [{"question": "What is apt?", "answer": "A package tool."}]
     cut_off = '{"pairs": [{"question": "What is apt?", "answer": "A  package\ntool."}, {"question": "Why'
     assert parse_pairs(cut_off) == [{"question": "What is apt?", "answer": "A package tool."}]  # whitespace runs joined
     assert parse_pairs('[{"question": "Q one?", "answer": "A1", "quote": "q", "extra": 3}]', optional=("quote",)) == [
-        {"question": "Q one?", "answer": "A1", "quote": "q"}]
+        {"question": "Q one?", "answer": "A1", "quote": "q"}
+    ]
     assert parse_pairs('{"question": "Q?", "answer": "A"}') == [{"question": "Q?", "answer": "A"}]  # a bare pair
     assert parse_pairs('{"pairs": [{"question": "Q?"}, {"answer": "A"}, "text"]}') == []  # items without both fields
     assert parse_pairs("Sure! Here are some questions: what, why") is None
@@ -60,8 +61,10 @@ def test_judge_scores_are_read_or_none():
     assert parse_score('{"score": 9}') is None and parse_score("no idea") is None and parse_score("") is None
 
 
-CHUNK = ("Reef mirrors are listed in the file /etc/tide/mirrors. Tidepool tries them in order and uses the first one "
-         "that answers within five seconds.\n\nA mirror that serves a bad signature is skipped for one hour.")
+CHUNK = (
+    "Reef mirrors are listed in the file /etc/tide/mirrors. Tidepool tries them in order and uses the first one "
+    "that answers within five seconds.\n\nA mirror that serves a bad signature is skipped for one hour."
+)
 
 
 def test_supporting_sentence_verbatim_misquoted_missing_and_unsupported():
@@ -73,9 +76,16 @@ def test_supporting_sentence_verbatim_misquoted_missing_and_unsupported():
 
 
 def test_questions_that_lean_on_the_chunk_are_caught():
-    leaning = ["What does the passage say about mirrors?", "According to the text, how long is a mirror skipped?",
-               "What is described in this document?", "Which file does the above excerpt name?"]
-    standalone = ["Where does Tidepool list its mirrors?", "How long is a Reef mirror with a bad signature skipped?",
-                  "What text editor does Debian ship by default?"]  # "text" alone is not a reference to the chunk
+    leaning = [
+        "What does the passage say about mirrors?",
+        "According to the text, how long is a mirror skipped?",
+        "What is described in this document?",
+        "Which file does the above excerpt name?",
+    ]
+    standalone = [
+        "Where does Tidepool list its mirrors?",
+        "How long is a Reef mirror with a bad signature skipped?",
+        "What text editor does Debian ship by default?",
+    ]  # "text" alone is not a reference to the chunk
     assert all(LEANS_ON_CHUNK.search(q) for q in leaning)
     assert not any(LEANS_ON_CHUNK.search(q) for q in standalone)

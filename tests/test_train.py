@@ -2,6 +2,7 @@ import types
 
 import pytest
 
+from conftest import CPU_ONLY
 from tunebook.config import validate_params
 from tunebook.errors import TunebookError
 from tunebook.train import _check_labels, _check_trl, _hf_model, _total_steps, _trainer, build_trainer, loss_curves, out_of_memory_message, train
@@ -22,12 +23,10 @@ def test_loss_curves_split_train_and_eval_logs():
     assert loss_curves(history) == ([(5, 2.0), (10, 1.5)], [(5, 1.9)])
 
 
+@CPU_ONLY
 def test_trl_1_15_on_cpu_is_stopped_with_the_fix(monkeypatch):
-    import torch
     import trl
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
     monkeypatch.setattr(trl, "__version__", "1.15.0")
     with pytest.raises(TunebookError, match="pip install 'trl>=1.16'"):
         _check_trl("hf")
@@ -85,11 +84,8 @@ def test_padding_free_and_packing_need_unsloth(tmp_path, batching):
         build_trainer(params(batching=batching), rows(2), rows(1), tmp_path)
 
 
+@CPU_ONLY
 def test_8bit_optimizers_are_refused_on_cpu(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
     with pytest.raises(TunebookError, match="adamw_8bit is a bitsandbytes GPU optimizer"):
         build_trainer(params(optimizer="adamw_8bit"), rows(2), rows(1), tmp_path)
 

@@ -4,6 +4,7 @@ Each conversation is one chat request, `concurrency` of them in flight at once. 
 connections are retried with exponential backoff and jitter; every row keeps a record of its attempts, and a row
 that still fails becomes "" with its error recorded, so no row is ever dropped and the scores stay comparable.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,9 +58,16 @@ def _describe(error: BaseException, secret: str | None) -> str:
     return f"{type(error).__name__}{status}: {message[:300]}"
 
 
-def generate_api(baseline: ApiBaselineParams | TeacherParams, conversations: list[list[dict]], *, max_new_tokens: int,
-                 stop_strings: list[str] = (), desc: str = "api", options: dict | None = None,
-                 on_answer: Callable[[int, str, dict], None] | None = None) -> Generation:
+def generate_api(
+    baseline: ApiBaselineParams | TeacherParams,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int,
+    stop_strings: list[str] = (),
+    desc: str = "api",
+    options: dict | None = None,
+    on_answer: Callable[[int, str, dict], None] | None = None,
+) -> Generation:
     """Answers `conversations` through `baseline`'s endpoint, in the caller's order, with a record per row.
 
     `options` are extra request fields (temperature, response_format); `on_answer(index, text, record)` is called
@@ -72,7 +80,8 @@ def generate_api(baseline: ApiBaselineParams | TeacherParams, conversations: lis
                 f"'{baseline.label}' reads its key from the environment variable {baseline.api_key_env}, "
                 f"which is not set. Set it before running: `export {baseline.api_key_env}=...` in a shell, or in Colab "
                 f"add a secret named {baseline.api_key_env} and run `os.environ['{baseline.api_key_env}'] = "
-                f"google.colab.userdata.get('{baseline.api_key_env}')`. Or set api_key_env to empty for a local server.")
+                f"google.colab.userdata.get('{baseline.api_key_env}')`. Or set api_key_env to empty for a local server."
+            )
     # Our own retries (not the client's) so that every attempt is counted and recorded.
     client = openai.OpenAI(base_url=baseline.base_url, api_key=key or "none", timeout=baseline.timeout_seconds, max_retries=0)
     options = {"model": baseline.model, "temperature": 0, "max_tokens": max_new_tokens, **(options or {})}
@@ -95,8 +104,7 @@ def generate_api(baseline: ApiBaselineParams | TeacherParams, conversations: lis
             outcomes.append(200)
             return text
 
-        retrying = Retrying(retry=retry_if_exception(_retryable), stop=stop_after_attempt(baseline.max_retries + 1),
-                            wait=_wait, reraise=True)
+        retrying = Retrying(retry=retry_if_exception(_retryable), stop=stop_after_attempt(baseline.max_retries + 1), wait=_wait, reraise=True)
         try:
             text = cut_at_stop(retrying(attempt), stop_strings).strip()
         except Exception as error:  # a failed row stays in the table as "" with its error; the run goes on
@@ -119,6 +127,5 @@ def generate_api(baseline: ApiBaselineParams | TeacherParams, conversations: lis
     causes = Counter(f"HTTP {o}" if isinstance(o, int) else o for o in last)
     detail = f" ({', '.join(f'{c} x{n}' for c, n in causes.most_common())})" if failed else ""
     retries = sum(r["attempts"] - 1 for r in records)
-    print(f"{baseline.label}: {len(records) - len(failed)}/{len(records)} answered, {len(failed)} failed{detail}, "
-          f"{retries} retries", flush=True)
+    print(f"{baseline.label}: {len(records) - len(failed)}/{len(records)} answered, {len(failed)} failed{detail}, {retries} retries", flush=True)
     return Generation(texts=texts, seconds=time.perf_counter() - start, requests=records)

@@ -5,10 +5,11 @@ params, cache a model.
     python -m tunebook check params/default.yaml [--stages 04,05] [--set KEY=VALUE]
     python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run]
     python -m tunebook compare outputs/sweep_lora [outputs/default ...] [--model finetuned] [--sort f1] [--out DIR]
-    python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric squad|hotpot|japanese|classification|faq]
+    python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric METRIC]
     python -m tunebook params [--update-readme README.md]
     python -m tunebook prepare-model [NAME]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import time
 from pathlib import Path
 
 from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
-from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, sigterm_raises, signal_name
+from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
 from tunebook.metrics import SCORERS
+from tunebook.rows import write_jsonl
 from tunebook.runs import Run, execute_stage, interruption_note, move_aside, refuse_sweep, save_params, stage_key, stage_values
 
 
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     compare = sub.add_parser("compare", help="One table of runs: the params that differ, metrics and losses, best marked; overlaid loss curves.")
     compare.add_argument("runs", nargs="+", help="Run folders, or folders of runs (a sweep's folder)")
-    compare.add_argument("--model", default="finetuned", help="Which row of each run's metrics to compare: finetuned (default), base, a quantized variant, or all")
+    compare.add_argument(
+        "--model", default="finetuned", help="Which row of each run's metrics to compare: finetuned (default), base, a quantized variant, or all"
+    )
     compare.add_argument("--sort", help="Column to sort by (default: the first metric, best first)")
     compare.add_argument("--out", help="Folder for comparison.csv, comparison.md and loss_curves.png (default: the runs' common folder)")
 
@@ -147,7 +151,9 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
             stale = changed_stages(existing, done)
             if stale:
                 # A complete stage made with other params would be kept silently: re-run it and what follows it.
-                print(f"Stage {stale[0]} is complete but was made with other params ({', '.join(stale_keys(existing, stale[0]))}): re-running it and the stages after it.")
+                print(
+                    f"Stage {stale[0]} is complete but was made with other params ({', '.join(stale_keys(existing, stale[0]))}): re-running it and the stages after it."
+                )
                 done = done[: done.index(stale[0])]
             stages = [s for s in stages if s not in done]
         elif stages_spec is None:
@@ -180,7 +186,8 @@ def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None
                 f"\n{state}; recorded in {existing.manifest_path}.\n"
                 f"`python -m tunebook run {params_path} --resume` runs the stages that are not complete"
                 f"{' (02 continues from its last checkpoint)' if stage == '02_finetune' else ''}.",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
             return interrupted_code(e)
         print(f"=== {stage} done in {time.time() - stage_started:.0f}s", flush=True)
@@ -204,6 +211,8 @@ def stale_keys(run: Run, stage: str) -> list[str]:
         return ["params.yaml is missing"]
     old, new = stage_values(load_params(saved), stage), stage_values(run.params, stage)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)] or ["unknown keys"]
+
+
 def refuse_unwritable(run_dir: Path) -> None:
     """A run folder the stages cannot write to (read-only, a full disk): said now, not after a kernel has started."""
     import tempfile
@@ -214,7 +223,9 @@ def refuse_unwritable(run_dir: Path) -> None:
     except OSError as e:
         if not is_file_system_error(e):
             raise
-        raise file_system_error(e, operation="create", what="a file in the run folder", shown_path=run_dir, hint="The stages write their outputs there.") from None
+        raise file_system_error(
+            e, operation="create", what="a file in the run folder", shown_path=run_dir, hint="The stages write their outputs there."
+        ) from None
 
 
 README_MARKERS = ("<!-- params-table:start -->\n", "\n<!-- params-table:end -->")
@@ -237,9 +248,9 @@ def replace_section(path: Path, markers: tuple[str, str], content: str) -> None:
 
 
 def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
-    from tunebook.data import read_jsonl
     from tunebook.families import split_reasoning
     from tunebook.metrics import score_predictions
+    from tunebook.rows import read_jsonl
 
     source = Path(path)
     if source.is_dir():
@@ -273,13 +284,11 @@ def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
     if jsonl_out:
         out = Path(jsonl_out)
         if out.is_symlink() or (out.exists() and not out.is_file()):  # /dev/stdout, a pipe, a link: written in place, never replaced
-            with open(out, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            write_jsonl(out, rows)
             return 0
         tmp = Path(jsonl_out + ".tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            write_jsonl(tmp, rows)
         except BaseException as e:
             tmp.unlink(missing_ok=True)  # a half-written file (a full disk) is not left behind
             if is_file_system_error(e):

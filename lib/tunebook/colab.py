@@ -10,6 +10,7 @@ holding the torch family at the versions the runtime has. The first cell install
 The cell is the same in every notebook (`setup_cell()`, checked by the tests): it clones the repository into
 TUNEBOOK_HOME once per runtime and calls `setup`. A fork or another branch: set TUNEBOOK_REPO / TUNEBOOK_BRANCH.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -63,8 +64,10 @@ def setup(params_path: str, overrides: list[str] | tuple[str, ...] = ()) -> None
     os.chdir(PYPROJECT.parent / "notebooks")
     gpu = torch.cuda.is_available()
     if not gpu:
-        print("No GPU in this runtime (Runtime > Change runtime type > T4 GPU): Unsloth is not installed, and 02 trains "
-              "with transformers + PEFT on the CPU, slowly.")
+        print(
+            "No GPU in this runtime (Runtime > Change runtime type > T4 GPU): Unsloth is not installed, and 02 trains "
+            "with transformers + PEFT on the CPU, slowly."
+        )
     install(unsloth=gpu)
     from tunebook.config import load_params
 
@@ -121,18 +124,21 @@ def install_for_stage(params, stage: str) -> None:
 
 def groups_for(params, stage: str) -> dict[str, str]:
     """pyproject.toml's optional groups that `stage` needs with these params, each with why."""
+    from tunebook.config import QUANTIZE_METHODS
+
     needs: dict[str, str] = {}
     if stage == "01_build_dataset" and params.synthesize.documents_path:
         needs["documents"] = "synthesize.documents_path is set (a teacher writes the rows)"
     if stage == "03_quantize":
         methods = params.quantize.methods
-        if {"int8_weight_only", "gptq_w4a16", "awq_w4a16"} & set(methods):
+        groups = {QUANTIZE_METHODS[m].group for m in methods}
+        if "quantize" in groups:
             needs["quantize"] = f"quantize.methods {methods}"
-        if any(m.startswith("gguf") for m in methods):
+        if "gguf" in groups:
             needs["gguf"] = f"quantize.methods {methods} writes GGUF copies"
     if stage == "04_evaluate" and params.evaluate.metric == "faq":
         needs["faq"] = "evaluate.metric is faq (ROUGE-L and sentence embeddings)"
-    if stage == "04_evaluate" and any(m.startswith("gguf") for m in params.quantize.methods) and "quantized" in params.evaluate.models:
+    if stage == "04_evaluate" and any(QUANTIZE_METHODS[m].format == "gguf" for m in params.quantize.methods) and "quantized" in params.evaluate.models:
         needs["gguf"] = "the GGUF copies are scored with llama-cpp-python"
     return needs
 
@@ -187,8 +193,19 @@ def pip_install(requirements: list[str], no_deps: bool = False, index: str | Non
     """pip, with the torch family held at the runtime's versions, so nothing can replace Colab's CUDA builds."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="colab-pins-", encoding="utf-8", delete=False) as pins:
         pins.write("".join(f"{n}=={version(n)}\n" for n in TORCH_FAMILY if version(n)))
-    command = [sys.executable, "-m", "pip", "install", "-q", "--prefer-binary", "-c", pins.name, *(["--no-deps"] if no_deps else []),
-               *(["--extra-index-url", index] if index else []), *requirements]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--prefer-binary",
+        "-c",
+        pins.name,
+        *(["--no-deps"] if no_deps else []),
+        *(["--extra-index-url", index] if index else []),
+        *requirements,
+    ]
     done = subprocess.run(command, check=False)
     os.unlink(pins.name)
     if done.returncode != 0:

@@ -5,6 +5,7 @@ each metric marked, and the runs' loss curves overlaid in one plot.
 
 In a notebook, `compare.widget(folder)` shows the same table, sortable by any column, and the plot (05 does).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tunebook.config import read_yaml
 from tunebook.errors import TunebookError
 from tunebook.metrics import SUMMARY_KEYS
-from tunebook.runs import WHERE_KEYS, flatten, is_run_folder, is_under
+from tunebook.runs import WHERE_KEYS, Run, flatten, is_run_folder, is_under, read_manifest
 from tunebook.train import loss_curves
 
 METRICS = list(dict.fromkeys(k for keys in SUMMARY_KEYS.values() for k in keys))
@@ -51,7 +51,7 @@ def comparison(run_dirs: list[Path], model: str = "finetuned") -> pd.DataFrame:
     with a note."""
     rows, params, left_out = [], {}, []
     for folder in run_dirs:
-        stages = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["stages"]
+        stages = read_manifest(folder)["stages"]
         evaluated = stages.get("04_evaluate", {})
         if evaluated.get("status") != "complete":
             left_out.append(f"{folder.name} (04_evaluate {evaluated.get('status', 'not run')})")
@@ -61,7 +61,7 @@ def comparison(run_dirs: list[Path], model: str = "finetuned") -> pd.DataFrame:
         if not chosen:
             left_out.append(f"{folder.name} (no '{model}' row; it has {', '.join(m['model'] for m in metrics)})")
             continue
-        flat = flatten(read_yaml(folder / "params.yaml"))
+        flat = flatten(Run.load(folder).params.model_dump(mode="json"))
         params[folder.name] = {k: v for k, v in flat.items() if not is_under(k, WHERE_KEYS)}
         training = _training(stages.get("02_finetune", {}))
         for m in chosen:
@@ -147,7 +147,7 @@ def plot_losses(run_dirs: list[Path]):
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, folder in enumerate(run_dirs):
-        entry = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["stages"].get("02_finetune", {})
+        entry = read_manifest(folder)["stages"].get("02_finetune", {})
         log = Path(entry.get("outputs", {}).get("train_log", ""))
         if entry.get("status") != "complete" or not log.is_file():
             continue

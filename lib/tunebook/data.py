@@ -3,6 +3,7 @@
 Every row becomes one chat example: the user message holds the instruction, the numbered passages and the
 question; the assistant message (the training target) is the first gold answer and nothing else.
 """
+
 from __future__ import annotations
 
 import csv
@@ -58,9 +59,7 @@ def _read_hub(dataset_id: str, split: str) -> list[dict]:
         return list(datasets.load_dataset(dataset_id, split=split))
     except Exception as e:  # the hub client raises many types; the user needs one sentence
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"'{dataset_id}' is not a local file, and loading it as a hub dataset (split '{split}') failed: {first}"
-        ) from None
+        raise DataError(f"'{dataset_id}' is not a local file, and loading it as a hub dataset (split '{split}') failed: {first}") from None
 
 
 def document_fields(d: DataParams, chunks_path: Path) -> DataParams:
@@ -153,7 +152,7 @@ def raft_example(example: dict, raft, rng: random.Random, *, train: bool, answer
     if raft.cot:
         quoted = " ".join(f"##begin_quote## {q} ##end_quote##" for q in example["quotes"])
         reasoning = f" {example['reasoning']}" if example.get("reasoning") else ""  # a teacher's, for rows made from documents
-        target = f"The passages say: {quoted}{reasoning}\n{answer_prefix or 'Answer:'} {answer}"
+        target = f"The passages say: {quoted}{reasoning}\n{answer_prefix} {answer}"  # the params require the prefix with cot
     else:
         target = answer
     kept = {k: v for k, v in example.items() if k not in ("titles", "oracle_titles", "quotes", "reasoning")}
@@ -212,8 +211,14 @@ class EvalOverlapError(DataError):
     """The eval split repeats training rows and data.allow_eval_overlap is false."""
 
 
-def eval_overlap(train_rows: list[dict], eval_rows: list[dict], id_field: str | None = "id", question_field: str = "question",
-                 answers_field: str = "answers", match_ids: bool = True) -> list[Overlap]:
+def eval_overlap(
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    id_field: str | None = "id",
+    question_field: str = "question",
+    answers_field: str = "answers",
+    match_ids: bool = True,
+) -> list[Overlap]:
     """The eval rows that repeat a training row, in eval order: the same id (when `id_field` is given; rows without one
     are not compared by id), or the same question with a gold answer in common, both after metrics.loose_normalize
     (NFKC, case, width, punctuation and spacing ignored). The question alone is not enough: an FAQ can hold one heading
@@ -221,6 +226,7 @@ def eval_overlap(train_rows: list[dict], eval_rows: list[dict], id_field: str | 
     away. Takes raw rows (pass the data.*_field names; a sample of each file will do) or 01's examples (the defaults).
     Rows are named by their id, else by row number; match_ids=False names them by id without comparing ids (ids that
     are unique already, in a split of one file, or of our making)."""
+
     def ident(row):
         value = row.get(id_field) if id_field else None
         return None if value in (None, "") else str(value)
@@ -279,16 +285,26 @@ def check_eval_overlap(train: list[dict], evaluation: list[dict], p: Params, rea
         lines.append(f"  - eval id {o.eval_id!r}, training id {o.train_id!r}: {o.question[:100]!r}{also}")
     way_out = "or set data.allow_eval_overlap: true if the overlap is intended."
     if not d.eval_path:
-        lines.append(f"data.train_path ({d.train_path}) holds these rows more than once, and the copies fell on both sides of the data.eval_size split. "
-                     f"Fix the file (remove the duplicate rows), {way_out}")
+        lines.append(
+            f"data.train_path ({d.train_path}) holds these rows more than once, and the copies fell on both sides of the data.eval_size split. "
+            f"Fix the file (remove the duplicate rows), {way_out}"
+        )
     else:
-        source = f"data.train_path ({d.train_path})" if d.train_path else f"the rows the teacher wrote from synthesize.documents_path ({p.synthesize.documents_path})"
-        lines.append(f"data.eval_path ({d.eval_path}) overlaps {source}. Fix the files (remove these rows from one of them, or point data.eval_path "
-                     f"at a separate eval set), {way_out}")
+        source = (
+            f"data.train_path ({d.train_path})"
+            if d.train_path
+            else f"the rows the teacher wrote from synthesize.documents_path ({p.synthesize.documents_path})"
+        )
+        lines.append(
+            f"data.eval_path ({d.eval_path}) overlaps {source}. Fix the files (remove these rows from one of them, or point data.eval_path "
+            f"at a separate eval set), {way_out}"
+        )
     id_only = sum(o.by == ("id",) for o in overlaps)
     if id_only:
-        lines.append(f"{id_only} of them share only the id (data.id_field '{d.id_field}'), not the question: if the two files number their rows "
-                     "independently, their ids name different rows; then set data.id_field to empty (ids = row numbers).")
+        lines.append(
+            f"{id_only} of them share only the id (data.id_field '{d.id_field}'), not the question: if the two files number their rows "
+            "independently, their ids name different rows; then set data.id_field to empty (ids = row numbers)."
+        )
     raise EvalOverlapError("\n".join(lines))
 
 
@@ -386,7 +402,12 @@ class BuiltDataset:
         import pandas as pd
 
         s = self.summary["synthetic"]
-        counts = {"chunks": s["chunks"], "chunks asked": s["chunks_asked"], "requests failed": s["failed_chunks"], "replies without pairs": s["unparsed_chunks"]}
+        counts = {
+            "chunks": s["chunks"],
+            "chunks asked": s["chunks_asked"],
+            "requests failed": s["failed_chunks"],
+            "replies without pairs": s["unparsed_chunks"],
+        }
         return pd.Series({**counts, **s["teacher"]}, name="teacher").to_frame()
 
 
@@ -419,9 +440,7 @@ def _labelled_splits(p: Params) -> tuple[list[dict], list[dict], dict, dict]:
 
 
 def build_dataset(run: Run) -> BuiltDataset:
-    """Stage 01 end to end: read, validate, split, render, count tokens, save (datasets + JSONL)."""
-    from datasets import Dataset, DatasetDict
-
+    """Stage 01 end to end: read, validate, split, cap, retrieve, render, count tokens, save (datasets + JSONL)."""
     from tunebook.models import load_tokenizer
 
     p = run.params
@@ -443,76 +462,20 @@ def build_dataset(run: Run) -> BuiltDataset:
         tmp = fresh_tmp_dir(final)  # written whole, then swapped in: a failed build leaves the last dataset as it was
         tokenizer = load_tokenizer(p.model.name, p.model.chat_template, p.model.enable_thinking)
         fmt = chat_format(tokenizer, enable_thinking=p.model.enable_thinking)
-        print(f"Chat format: {fmt.family}; answers end with {fmt.end_of_turn!r}" + (f"; thinking {'on' if fmt.enable_thinking else 'off'}" if fmt.thinking_switch else ""))
-        fields, synthetic = p.data, None
+        print(
+            f"Chat format: {fmt.family}; answers end with {fmt.end_of_turn!r}"
+            + (f"; thinking {'on' if fmt.enable_thinking else 'off'}" if fmt.thinking_switch else "")
+        )
         if p.synthesize.documents_path:
-            fields = document_fields(p.data, tmp / "chunks.jsonl")
-            # Eval rows first: a teacher's questions are decontaminated against them.
-            evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc) if p.data.eval_path else []
-            synthetic = synthesize(p, tokenizer, [e["question"] for e in evaluation])
-            write_jsonl(tmp / "chunks.jsonl", [{**c, "passage": passage(c)} for c in synthetic.chunks])
-            write_jsonl(tmp / "synthetic_pairs.jsonl", synthetic.pairs)
-            train, evaluation, relabeled = _splits(p, synthetic.examples, evaluation)
-            overlap = check_eval_overlap(train, evaluation, p, real_ids=False)  # the teacher's rows have ids of our making
+            fields, synthetic, (train, evaluation, relabeled, overlap) = _rows_from_documents(p, tokenizer, tmp)
         else:
-            train, evaluation, relabeled, overlap = labelled
+            fields, synthetic, (train, evaluation, relabeled, overlap) = p.data, None, labelled
         # Labels from the whole training split, so that a cap below cannot drop a class.
         labels = class_labels(train, evaluation, p.data) if p.evaluate.metric == "classification" else []
-        # Shuffled (seeded) before any cap, so a capped split still spans every topic and source.
-        random.Random(p.seed).shuffle(train)
-        random.Random(p.seed + 1).shuffle(evaluation)
-        train = train[: p.data.max_train_examples]
-        evaluation = evaluation[: p.data.max_eval_examples]
-        if p.data.raft.enabled:
-            rng = random.Random(p.seed)
-            prefix = p.prompt.final_answer_prefix
-            train = [raft_example(e, p.data.raft, rng, train=True, answer_prefix=prefix) for e in train]
-            # Real eval questions asked of documents have no oracle: their passages are retrieved below.
-            evaluation = [raft_example(e, p.data.raft, rng, train=False, answer_prefix=prefix) if "oracle_titles" in e else e for e in evaluation]
-        for name, rows in (("train", train), ("eval", evaluation)):
-            if not rows:
-                raise DataError(f"The {name} split is empty: check data.eval_size={p.data.eval_size} and data.eval_path.")
-        rows = train + evaluation
-        unretrieved = [i for i, e in enumerate(rows) if not e["passages"]]
-        if fields.retrieval.corpus_path and unretrieved:
-            # One index for both splits: the corpus is read and indexed once.
-            for i, e in zip(unretrieved, retrieve_passages([rows[i] for i in unretrieved], fields)):
-                rows[i] = e
-            train, evaluation = rows[: len(train)], rows[len(train) :]
-        splits, table, gold_missing = {}, [], {}
-        spans = p.evaluate.metric in SPAN_METRICS  # a class label or a long FAQ answer is not expected in the passages
-        for name, rows in (("train", train), ("eval", evaluation)):
-            rows = [with_chat(e, p.prompt, labels) for e in rows]
-            lengths = count_tokens(rows, tokenizer, fmt)
-            kept = [dict(e, n_tokens=n) for e, n in zip(rows, lengths) if n <= p.model.max_seq_length]
-            found = [answer_in_passages(e["passages"], e["answers"]) for e in kept]
-            golds_in_passages = sum(f is True for f in found)
-            if spans:
-                for e, f in zip(kept, found):
-                    e["gold_in_passages"] = f
-                gold_missing[name] = _warn_gold_missing(name, kept, p, fields, final)
-            retrieval_hits = {"gold_doc_retrieved": sum(e["gold_retrieved"] for e in kept)} if kept and "gold_retrieved" in kept[0] else {}
-            if not kept:
-                raise DataError(
-                    f"The {name} split is empty after dropping examples longer than model.max_seq_length="
-                    f"{p.model.max_seq_length} tokens ({len(rows)} before). Raise max_seq_length or use shorter passages."
-                )
-            splits[name] = kept
-            table.append(
-                {
-                    "split": name,
-                    "examples": len(kept),
-                    "dropped_too_long": len(rows) - len(kept),
-                    "gold_in_passages": golds_in_passages,
-                    **retrieval_hits,
-                    "tokens_median": sorted(lengths)[len(lengths) // 2],
-                    "tokens_max": max(lengths),
-                }
-            )
-        DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(tmp / "hf"))
-        for name, rows in splits.items():
-            write_jsonl(tmp / f"{name}.jsonl", rows)
-        replace_dir(tmp, final)
+        train, evaluation = _capped(p, train, evaluation)
+        train, evaluation = _retrieved(train, evaluation, fields)
+        splits, table, gold_missing = _rendered(p, {"train": train, "eval": evaluation}, labels, tokenizer, fmt, fields, final)
+        _save(splits, tmp, final)
         outputs.update(
             dataset_dir=str(final / "hf"),
             train_jsonl=str(final / "train.jsonl"),
@@ -521,16 +484,112 @@ def build_dataset(run: Run) -> BuiltDataset:
             labels=labels,
             relabeled=relabeled,
             eval_overlap=overlap,
-            **({"gold_missing": gold_missing} if spans else {}),
+            **({"gold_missing": gold_missing} if gold_missing is not None else {}),
             lengths={k: [e["n_tokens"] for e in v] for k, v in splits.items()},
         )
         if synthetic:
             outputs["synthetic"] = {
-                "documents_path": p.synthesize.documents_path, "chunks": len(synthetic.chunks), "chunks_asked": synthetic.asked, "steps": synthetic.steps,
-                "teacher": synthetic.teacher, "failed_chunks": synthetic.failed_chunks, "unparsed_chunks": synthetic.unparsed_chunks,
-                "pairs_jsonl": str(final / "synthetic_pairs.jsonl"), "chunks_jsonl": str(final / "chunks.jsonl"),
+                "documents_path": p.synthesize.documents_path,
+                "chunks": len(synthetic.chunks),
+                "chunks_asked": synthetic.asked,
+                "steps": synthetic.steps,
+                "teacher": synthetic.teacher,
+                "failed_chunks": synthetic.failed_chunks,
+                "unparsed_chunks": synthetic.unparsed_chunks,
+                "pairs_jsonl": str(final / "synthetic_pairs.jsonl"),
+                "chunks_jsonl": str(final / "chunks.jsonl"),
             }
     return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=outputs, dataset_dir=final)
+
+
+def _rows_from_documents(p: Params, tokenizer, tmp: Path):
+    """The teacher's rows from synthesize.documents_path (its chunks and pairs written beside the dataset), split and
+    checked against the eval rows: (fields, synthetic, (train, eval, relabeled, overlap))."""
+    fields = document_fields(p.data, tmp / "chunks.jsonl")
+    # Eval rows first: a teacher's questions are decontaminated against them.
+    evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc) if p.data.eval_path else []
+    synthetic = synthesize(p, tokenizer, [e["question"] for e in evaluation])
+    write_jsonl(tmp / "chunks.jsonl", [{**c, "passage": passage(c)} for c in synthetic.chunks])
+    write_jsonl(tmp / "synthetic_pairs.jsonl", synthetic.pairs)
+    train, evaluation, relabeled = _splits(p, synthetic.examples, evaluation)
+    overlap = check_eval_overlap(train, evaluation, p, real_ids=False)  # the teacher's rows have ids of our making
+    return fields, synthetic, (train, evaluation, relabeled, overlap)
+
+
+def _capped(p: Params, train: list[dict], evaluation: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Shuffled (seeded) before any cap, so a capped split still spans every topic and source; then RAFT's oracle and
+    distractor passages."""
+    random.Random(p.seed).shuffle(train)
+    random.Random(p.seed + 1).shuffle(evaluation)
+    train = train[: p.data.max_train_examples]
+    evaluation = evaluation[: p.data.max_eval_examples]
+    if p.data.raft.enabled:
+        rng = random.Random(p.seed)
+        prefix = p.prompt.final_answer_prefix
+        train = [raft_example(e, p.data.raft, rng, train=True, answer_prefix=prefix) for e in train]
+        # Real eval questions asked of documents have no oracle: their passages are retrieved below.
+        evaluation = [raft_example(e, p.data.raft, rng, train=False, answer_prefix=prefix) if "oracle_titles" in e else e for e in evaluation]
+    for name, rows in (("train", train), ("eval", evaluation)):
+        if not rows:
+            raise DataError(f"The {name} split is empty: check data.eval_size={p.data.eval_size} and data.eval_path.")
+    return train, evaluation
+
+
+def _retrieved(train: list[dict], evaluation: list[dict], fields: DataParams) -> tuple[list[dict], list[dict]]:
+    """Passages retrieved from the corpus for the rows that have none (one index for both splits: read once)."""
+    rows = train + evaluation
+    unretrieved = [i for i, e in enumerate(rows) if not e["passages"]]
+    if not (fields.retrieval.corpus_path and unretrieved):
+        return train, evaluation
+    for i, e in zip(unretrieved, retrieve_passages([rows[i] for i in unretrieved], fields)):
+        rows[i] = e
+    return rows[: len(train)], rows[len(train) :]
+
+
+def _rendered(p: Params, splits: dict[str, list[dict]], labels: list[str], tokenizer, fmt, fields: DataParams, final: Path):
+    """Each split as chat prompts and answers, their token counts (too long for model.max_seq_length: dropped and
+    counted), and whether each gold answer is in its passages: (splits, table, gold_missing or None)."""
+    rendered, table, gold_missing = {}, [], {}
+    spans = p.evaluate.metric in SPAN_METRICS  # a class label or a long FAQ answer is not expected in the passages
+    for name, rows in splits.items():
+        rows = [with_chat(e, p.prompt, labels) for e in rows]
+        lengths = count_tokens(rows, tokenizer, fmt)
+        kept = [dict(e, n_tokens=n) for e, n in zip(rows, lengths) if n <= p.model.max_seq_length]
+        found = [answer_in_passages(e["passages"], e["answers"]) for e in kept]
+        golds_in_passages = sum(f is True for f in found)
+        if spans:
+            for e, f in zip(kept, found):
+                e["gold_in_passages"] = f
+            gold_missing[name] = _warn_gold_missing(name, kept, p, fields, final)
+        retrieval_hits = {"gold_doc_retrieved": sum(e["gold_retrieved"] for e in kept)} if kept and "gold_retrieved" in kept[0] else {}
+        if not kept:
+            raise DataError(
+                f"The {name} split is empty after dropping examples longer than model.max_seq_length="
+                f"{p.model.max_seq_length} tokens ({len(rows)} before). Raise max_seq_length or use shorter passages."
+            )
+        rendered[name] = kept
+        table.append(
+            {
+                "split": name,
+                "examples": len(kept),
+                "dropped_too_long": len(rows) - len(kept),
+                "gold_in_passages": golds_in_passages,
+                **retrieval_hits,
+                "tokens_median": sorted(lengths)[len(lengths) // 2],
+                "tokens_max": max(lengths),
+            }
+        )
+    return rendered, table, gold_missing if spans else None
+
+
+def _save(splits: dict[str, list[dict]], tmp: Path, final: Path) -> None:
+    """The splits as a datasets DatasetDict (02 trains from it) and as JSONL (04, 05 and people read them)."""
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(tmp / "hf"))
+    for name, rows in splits.items():
+        write_jsonl(tmp / f"{name}.jsonl", rows)
+    replace_dir(tmp, final)
 
 
 def _warn_gold_missing(split: str, rows: list[dict], p: Params, fields: DataParams, final: Path) -> dict:
@@ -541,16 +600,22 @@ def _warn_gold_missing(split: str, rows: list[dict], p: Params, fields: DataPara
     of = len(rows) - dropped
     record = {"rows": len(missing), "of": of, "share": round(len(missing) / of, 4) if of else 0.0, "ids": [e["id"] for e in missing[:20]]}
     if missing:
-        noun, effect = ("training", "so the model is taught to answer without evidence") if split == "train" else ("eval", "so no model can read their answers there (05 flags them 'retrieval miss')")
+        noun, effect = (
+            ("training", "so the model is taught to answer without evidence")
+            if split == "train"
+            else ("eval", "so no model can read their answers there (05 flags them 'retrieval miss')")
+        )
         if fields.retrieval.corpus_path:
             cause = f"Retrieval (data.retrieval, top_k {fields.retrieval.top_k}) did not bring a passage that holds them."
         else:
             cut = f", and data.passage_max_chars ({p.data.passage_max_chars}), which cuts passages" if p.data.passage_max_chars else ""
             cause = f"Check data.answers_field ('{p.data.answers_field}') and data.passages_field ('{p.data.passages_field}'){cut}."
         aside = f" (not counting {dropped} RAFT rows whose oracle passages were dropped on purpose)" if dropped else ""
-        print(f"Warning: {len(missing)} of {of} {noun} rows ({record['share']:.1%}) have no gold answer in their passages{aside} "
-              f"(case, width, punctuation and spacing ignored), {effect}. {cause} "
-              f"They carry gold_in_passages: false in {final / (split + '.jsonl')}.")
+        print(
+            f"Warning: {len(missing)} of {of} {noun} rows ({record['share']:.1%}) have no gold answer in their passages{aside} "
+            f"(case, width, punctuation and spacing ignored), {effect}. {cause} "
+            f"They carry gold_in_passages: false in {final / (split + '.jsonl')}."
+        )
     return record
 
 
@@ -613,4 +678,3 @@ def plot_cleaning(built: BuiltDataset):
     ax.set_xlabel("question/answer pairs kept")
     fig.tight_layout()
     return fig
-

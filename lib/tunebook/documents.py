@@ -3,6 +3,7 @@
 Text files are read as UTF-8, HTML through BeautifulSoup, PDF through pypdf (text layer only: no OCR). Chunks are
 exact slices of the document text, cut by the model's own tokenizer so that a chunk's size is what the model sees.
 """
+
 from __future__ import annotations
 
 import os
@@ -111,7 +112,9 @@ def _with_text(documents: list[dict], where: str) -> list[dict]:
     """The documents that have text; the others are named, since an empty one usually means a scanned PDF."""
     empty = [d for d in documents if not d["text"]]
     if empty:
-        names = [d["source"] + (" (a PDF without a text layer, e.g. scanned: run OCR on it first)" if d["source"].lower().endswith(".pdf") else "") for d in empty]
+        names = [
+            d["source"] + (" (a PDF without a text layer, e.g. scanned: run OCR on it first)" if d["source"].lower().endswith(".pdf") else "") for d in empty
+        ]
         print(f"Skipped {len(empty)} document(s) with no text: {'; '.join(names)}")
     kept = [d for d in documents if d["text"]]
     if not kept:
@@ -152,7 +155,9 @@ def chunk_documents(documents: list[dict], tokenizer, *, chunk_tokens: int, over
             piece = text[spans[start][0] : spans[end - 1][1]].strip()
             if not piece:
                 continue
-            chunks.append({"id": f"{doc['id']}#{n}", "doc_id": doc["id"], "title": doc["title"], "source": doc["source"], "text": piece, "n_tokens": end - start})
+            chunks.append(
+                {"id": f"{doc['id']}#{n}", "doc_id": doc["id"], "title": doc["title"], "source": doc["source"], "text": piece, "n_tokens": end - start}
+            )
             n += 1
     return chunks
 

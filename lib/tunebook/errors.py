@@ -1,4 +1,5 @@
 """The one exception type users see: its message says what is wrong, where, and what to do."""
+
 from __future__ import annotations
 
 import errno
@@ -47,25 +48,63 @@ def signal_name(interrupt: BaseException) -> str:
 
 
 # File-system errors: the OSErrors whose cause is a path (network errors are OSErrors too, and are left alone).
-FS_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
-             errno.EDQUOT, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EXDEV, errno.EFBIG, errno.ELOOP, errno.EBUSY, errno.ETXTBSY}
+FS_ERRNOS = {
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENAMETOOLONG,
+    errno.ENOTEMPTY,
+    errno.EXDEV,
+    errno.EFBIG,
+    errno.ELOOP,
+    errno.EBUSY,
+    errno.ETXTBSY,
+}
 # What a failing call was doing, by the name of the library function (pathlib, os, shutil, io) it failed in.
 OPERATIONS = {
-    "mkdir": "create the folder", "makedirs": "create the folder", "touch": "create",
-    "write_text": "write", "write_bytes": "write", "write": "write", "dump": "write", "save": "write",
-    "read_text": "read", "read_bytes": "read", "read": "read", "load": "read",
-    "rename": "rename", "replace": "replace", "move": "move", "unlink": "delete", "remove": "delete",
-    "rmdir": "remove the folder", "rmtree": "remove the folder",
-    "copy": "copy", "copy2": "copy", "copyfile": "copy", "copytree": "copy", "copystat": "copy",
-    "iterdir": "list the folder", "listdir": "list the folder", "scandir": "list the folder", "glob": "list the folder", "rglob": "list the folder",
-    "chmod": "change the permissions of", "stat": "read", "open": "open",
+    "mkdir": "create the folder",
+    "makedirs": "create the folder",
+    "touch": "create",
+    "write_text": "write",
+    "write_bytes": "write",
+    "write": "write",
+    "dump": "write",
+    "save": "write",
+    "read_text": "read",
+    "read_bytes": "read",
+    "read": "read",
+    "load": "read",
+    "rename": "rename",
+    "replace": "replace",
+    "move": "move",
+    "unlink": "delete",
+    "remove": "delete",
+    "rmdir": "remove the folder",
+    "rmtree": "remove the folder",
+    "copy": "copy",
+    "copy2": "copy",
+    "copyfile": "copy",
+    "copytree": "copy",
+    "copystat": "copy",
+    "iterdir": "list the folder",
+    "listdir": "list the folder",
+    "scandir": "list the folder",
+    "glob": "list the folder",
+    "rglob": "list the folder",
+    "chmod": "change the permissions of",
+    "stat": "read",
+    "open": "open",
 }
 
 
 def is_file_system_error(error: BaseException) -> bool:
-    return isinstance(error, OSError) and not isinstance(error, ConnectionError) and (
-        error.filename is not None or error.errno in FS_ERRNOS
-    )
+    return isinstance(error, OSError) and not isinstance(error, ConnectionError) and (error.filename is not None or error.errno in FS_ERRNOS)
 
 
 def file_system_error(error: OSError, what: str = "", hint: str = "", shown_path: str | Path | None = None, operation: str = "") -> FileSystemError:

@@ -7,6 +7,7 @@ next. Writes predictions/<model>.jsonl, metrics.json (a list of rows with bits a
 metrics.csv. The base and API rows do not depend on training: a sweep passes its other runs as `reuse_from`, and
 a row one of them scored with the same data, prompt, model and evaluate params is copied, not generated again.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,15 +15,18 @@ import gc
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from tunebook.data import load_split, read_jsonl
+from tunebook.config import ApiBaselineParams
+from tunebook.data import load_split
 from tunebook.errors import TunebookError
 from tunebook.families import TemplateError, render_prompt, split_reasoning
 from tunebook.generate import answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
-from tunebook.models import load_for_inference, load_tokenizer, pick_backend, resolve_model
-from tunebook.runs import Run, params_key, write_json_atomic
+from tunebook.models import dir_size_mb, load_for_inference, load_tokenizer, pick_backend, resolve_model, saved_bits
+from tunebook.rows import read_jsonl, write_jsonl
+from tunebook.runs import Run, first_read_by, params_key, read_manifest, write_json_atomic
 
 TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "bits", "size_mb"]
 
@@ -62,10 +66,15 @@ def failure_message(failures: list[dict], scored: list[str]) -> str:
             what, hint = f"API baseline at {f['path']}", "Is the endpoint up, and are its base_url, model and api_key_env in evaluate.api_baselines right?"
         else:
             what, hint = f"{f['format']} model {f['path']}", "Check model.chat_template, evaluate.stop_strings and evaluate.max_new_tokens."
-        lines.append(f"{f['label']} ({what}) produced no answers: {f['reason'].rstrip('.')}. {hint} "
-                     f"It was not scored and has no row in metrics.json; its rows are in {f['file']}.")
-    lines.append(f"The other models were scored and written (metrics.json, predictions/): {', '.join(scored)}." if scored else
-                 "No model was scored: metrics.json and metrics.csv were left as they were.")
+        lines.append(
+            f"{f['label']} ({what}) produced no answers: {f['reason'].rstrip('.')}. {hint} "
+            f"It was not scored and has no row in metrics.json; its rows are in {f['file']}."
+        )
+    lines.append(
+        f"The other models were scored and written (metrics.json, predictions/): {', '.join(scored)}."
+        if scored
+        else "No model was scored: metrics.json and metrics.csv were left as they were."
+    )
     return "\n".join(lines)
 
 
@@ -78,28 +87,49 @@ def final_answer(output: str, prefix: str | None) -> str:
     return output
 
 
-def models_to_evaluate(run: Run) -> list[dict]:
-    """The models to score, in table order: label, path (folder, GGUF file or hub id), format, bits, size on disk."""
-    from tunebook.quantize import dir_size_mb, saved_bits
+@dataclass(frozen=True)
+class EvalModel:
+    """One model 04 scores. role: base (the params' model), finetuned (02's merged model), quantized (a copy from 03)
+    or api (a baseline endpoint); kind: how it loads and generates (transformers, gguf through llama.cpp, api)."""
 
+    label: str
+    role: str
+    kind: str
+    path: str  # a folder, a GGUF file, a hub id or an endpoint URL
+    bits: int | None = None
+    size_mb: float | None = None
+    baseline: ApiBaselineParams | None = None
+
+    @property
+    def untrained(self) -> bool:
+        """Its rows do not depend on training: a sweep's runs share them (evaluate.untrained_key)."""
+        return self.role in ("base", "api")
+
+    @property
+    def full_precision(self) -> bool:
+        """Loaded as trained: evaluate.backend and evaluate.load_in_4bit apply (a quantized copy loads as saved)."""
+        return self.role in ("base", "finetuned")
+
+
+def models_to_evaluate(run: Run) -> list[EvalModel]:
+    """The models to score, in table order."""
     wanted = run.params.evaluate.models
     models = []
     if "base" in wanted:
         name = run.params.model.name
         local = resolve_model(name)
         on_disk = Path(local).is_dir()
-        models.append({"label": "base", "path": name, "format": "transformers", "bits": saved_bits(local) if on_disk else None, "size_mb": dir_size_mb(local) if on_disk else None})
+        models.append(EvalModel("base", "base", "transformers", name, saved_bits(local) if on_disk else None, dir_size_mb(local) if on_disk else None))
     if "finetuned" in wanted:
         merged = run.outputs_of("02_finetune")["merged_dir"]
-        models.append({"label": "finetuned", "path": merged, "format": "transformers", "bits": saved_bits(merged), "size_mb": dir_size_mb(merged)})
+        models.append(EvalModel("finetuned", "finetuned", "transformers", merged, saved_bits(merged), dir_size_mb(merged)))
     if "quantized" in wanted:
         for v in run.outputs_of("03_quantize")["variants"]:
             if v["status"] == "ok":
-                models.append({"label": v["name"], "path": v["path"], "format": v["format"], "bits": v["bits"], "size_mb": v["size_mb"]})
+                models.append(EvalModel(v["name"], "quantized", v["format"], v["path"], v["bits"], v["size_mb"]))
             else:
                 print(f"{v['name']}: not evaluated, quantization {v['status']} ({v['reason']}).")
-    for b in run.params.evaluate.api_baselines:
-        models.append({"label": b.label, "path": b.base_url, "format": "api", "bits": None, "size_mb": None, "baseline": b})
+    models += [EvalModel(b.label, "api", "api", b.base_url, baseline=b) for b in run.params.evaluate.api_baselines]
     return models
 
 
@@ -115,16 +145,16 @@ def answer_budget(run: Run) -> int:
 
 
 def untrained_key(params) -> str:
-    """The key of the rows that do not depend on training (base model, API baselines)."""
-    return params_key(params, lambda key: key.split(".")[0] not in ("train", "quantize") and key != "evaluate.models")
+    """The key of the rows that do not depend on training (base model, API baselines): every value outside the sections
+    of 02 and 03 (the model section counts whole: 04 loads the base model with its dtype), and not the list of models."""
+    return params_key(params, lambda key: first_read_by(key.split(".")[0]) not in ("02_finetune", "03_quantize") and key != "evaluate.models")
 
 
 def reusable_rows(run: Run, reuse_from: list[str]) -> dict[str, dict]:
     """{label: {run, row, file}} of base / API rows that other finished runs scored under this run's untrained key."""
     key, found = untrained_key(run.params), {}
     for folder in map(Path, reuse_from):
-        manifest = folder / "manifest.json"
-        entry = json.loads(manifest.read_text(encoding="utf-8"))["stages"].get("04_evaluate", {}) if manifest.exists() else {}
+        entry = read_manifest(folder)["stages"].get("04_evaluate", {})
         outputs = entry.get("outputs", {})
         if entry.get("status") != "complete" or outputs.get("untrained_key") != key:
             continue
@@ -136,14 +166,15 @@ def reusable_rows(run: Run, reuse_from: list[str]) -> dict[str, dict]:
 
 
 def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
+    """Every model: its rows reused from another run, or generated, then scored (or, with no answer at all, set aside as
+    failed); then metrics.json / metrics.csv, and the stage fails if a model produced nothing."""
     p = run.params
     examples = load_split(run, "eval")
     models = models_to_evaluate(run)
     reusable = reusable_rows(run, reuse_from)
     labels = run.outputs_of("01_build_dataset").get("labels") or []
-    constrain = labels if p.evaluate.metric == "classification" and p.evaluate.constrain_labels else None
     hit_rate = _retrieval_hit_rate(examples)
-    max_new_tokens, stops = answer_budget(run), p.evaluate.stop_strings
+    max_new_tokens = answer_budget(run)
     # Base and fine-tuned models generate through transformers unless evaluate.backend asks for Unsloth; quantized
     # copies are saved in transformers' quantization formats (or GGUF) and load through transformers (llama.cpp).
     backend = "hf" if p.evaluate.backend == "auto" else pick_backend(p.evaluate.backend, "evaluate.backend")
@@ -152,109 +183,181 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
         predictions_dir.mkdir(exist_ok=True)
         table, files, reused, failures = [], {}, {}, []
         for m in models:
-            label = m["label"]
-            path = predictions_dir / f"{label}.jsonl"
-            if label in reusable:
-                shutil.copy2(reusable[label]["file"], path)
-                table.append(reusable[label]["row"])
-                files[label], reused[label] = str(path), reusable[label]["run"]
-                print(f"{label}: reused from run {reused[label]} (same data, prompt, model and evaluate params)")
+            path = predictions_dir / f"{m.label}.jsonl"
+            if m.label in reusable:
+                shutil.copy2(reusable[m.label]["file"], path)
+                table.append(reusable[m.label]["row"])
+                files[m.label], reused[m.label] = str(path), reusable[m.label]["run"]
+                print(f"{m.label}: reused from run {reused[m.label]} (same data, prompt, model and evaluate params)")
                 continue
-            conversations = [e["prompt"] for e in examples]
-            # llama.cpp from pip runs on the CPU even on a GPU machine: then its memory is the process's RSS.
-            with peak_memory(gpu=m["format"] != "gguf" or gguf_runs_on_gpu()) as peak:
-                started = time.time()
-                if m["format"] == "api":
-                    from tunebook.api_baseline import generate_api  # the HTTP client only when a baseline is listed
-
-                    model, load_seconds = None, 0.0
-                    result = generate_api(m["baseline"], conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=label)
-                elif m["format"] == "gguf":
-                    # The merged model's tokenizer renders the prompts, so llama.cpp sees the same tokens.
-                    tokenizer = load_tokenizer(run.outputs_of("02_finetune")["merged_dir"], p.model.chat_template, p.model.enable_thinking)
-                    check_trained_prompt(run, tokenizer, label)
-                    model = load_gguf(m["path"], n_ctx=p.model.max_seq_length + max_new_tokens)
-                    load_seconds = time.time() - started
-                    result = generate_gguf(model, tokenizer, conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=label, labels=constrain)
-                else:
-                    model, tokenizer = load_for_inference(
-                        m["path"], dtype=p.model.dtype, chat_template=p.model.chat_template, max_seq_length=p.model.max_seq_length,
-                        backend=backend if label in ("base", "finetuned") else "hf",
-                        load_in_4bit=p.evaluate.load_in_4bit and label in ("base", "finetuned"), enable_thinking=p.model.enable_thinking,
-                    )
-                    check_trained_prompt(run, tokenizer, label)
-                    load_seconds = time.time() - started
-                    result = generate(
-                        model, tokenizer, conversations,
-                        batch_size=p.evaluate.batch_size, max_new_tokens=max_new_tokens, stop_strings=stops, desc=label, labels=constrain,
-                    )
-            del model
-            gc.collect()
-            # A reasoning block is never part of the answer: taken out before scoring, kept beside it.
-            reasonings, replies = zip(*map(split_reasoning, result.texts)) if result.texts else ((), ())
-            answers = [final_answer(reply.strip(), p.prompt.final_answer_prefix) for reply in replies]
-            failed_path = predictions_dir / f"{label}.failed.jsonl"  # beside, so an earlier good predictions file stays
-            reason = no_answers(answers, result.texts, result.requests)
-            if reason:
-                # Not scored: a row of zeros would read as a model that answers everything wrong.
-                with open(failed_path, "w", encoding="utf-8") as f:
-                    for e, text, request in zip(examples, result.texts, result.requests or [None] * len(examples)):
-                        row = {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": "", "output": text}
-                        f.write(json.dumps({**row, **({"request": request} if request else {})}, ensure_ascii=False) + "\n")
-                failures.append({"label": label, "format": m["format"], "path": m["path"], "reason": reason, "file": str(failed_path), "n": len(examples),
-                                 "seconds": round(result.seconds, 2), "load_seconds": round(load_seconds, 2),
-                                 "peak_memory_mb": round(peak["mb"], 1) if m["format"] != "api" else None})
-                print(f"{label}: FAILED, not scored: {reason.rstrip('.')}.")
+            generated = generate_with(run, m, examples, labels, backend=backend, max_new_tokens=max_new_tokens)
+            failure = set_aside_if_silent(m, examples, generated, predictions_dir / f"{m.label}.failed.jsonl")
+            if failure:
+                failures.append(failure)
                 continue
-            failed_path.unlink(missing_ok=True)
-            scores, summary = score_predictions(p.evaluate.metric, answers, [e["answers"] for e in examples], labels)
-            rows = [
-                {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": answer, "output": text, **({"reasoning": r} if r is not None else {}), **s}
-                for e, text, answer, r, s in zip(examples, result.texts, answers, reasonings, scores)
-            ]
-            if any(r is not None for r in reasonings):
-                print(f"{label}: {sum(r is not None for r in reasonings)} of {len(rows)} outputs held a <think> block, taken out before scoring (predictions: 'reasoning').")
-            if result.requests:  # API rows keep their request's outcome, so a failed request shows as one
-                for row, request in zip(rows, result.requests):
-                    row["request"] = request
-            failed = {"failed_requests": sum(r["status"] != "ok" for r in result.requests)} if result.requests else {}
-            with open(path, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            files[label] = str(path)
-            table.append(
-                {
-                    "model": label,
-                    **{k: round(v, 4) for k, v in summary.items()},
-                    **hit_rate,
-                    "n": len(rows),
-                    "seconds": round(result.seconds, 2),
-                    "examples_per_second": round(result.examples_per_second, 3),
-                    "load_seconds": round(load_seconds, 2),
-                    "peak_memory_mb": round(peak["mb"], 1) if m["format"] != "api" else None,
-                    "bits": m["bits"],
-                    "size_mb": m["size_mb"],
-                    **failed,
-                }
-            )
-            print(f"{label}: " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items()) + f"  ({result.seconds:.1f}s)")
-            if failed.get("failed_requests"):
-                print(f"{label}: {failed['failed_requests']} of {len(rows)} requests failed after their retries and are scored as empty "
-                      "answers (failed_requests in metrics.json; 05 files them as request_failed, with their errors).")
+            table.append(score_and_write(run, m, examples, labels, generated, path, hit_rate))
+            files[m.label] = str(path)
         if table or not failures:  # when nothing was scored, the last complete evaluation's tables stay
-            write_json_atomic(run.dir / "metrics.json", table)
-            with open(run.dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
-                columns = list(dict.fromkeys(k for row in table for k in row)) or ["model", *TIMING_COLUMNS]
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(table)
+            write_metrics(run.dir, table)
         if failures:
             raise EvaluationFailed(failure_message(failures, [row["model"] for row in table]), failures, table)
         outputs.update(
-            metrics_json=str(run.dir / "metrics.json"), metrics_csv=str(run.dir / "metrics.csv"), predictions=files, labels=labels,
-            untrained_key=untrained_key(p), untrained_labels=[m["label"] for m in models if m["label"] == "base" or m["format"] == "api"], reused=reused,
+            metrics_json=str(run.dir / "metrics.json"),
+            metrics_csv=str(run.dir / "metrics.csv"),
+            predictions=files,
+            labels=labels,
+            untrained_key=untrained_key(p),
+            untrained_labels=[m.label for m in models if m.untrained],
+            reused=reused,
         )
     return table
+
+
+@dataclass
+class Generated:
+    """A model's outputs on the eval split, split into reasoning and answer, with its timings."""
+
+    result: object  # generate.GenerationResult
+    reasonings: tuple
+    answers: list[str]
+    load_seconds: float
+    peak_memory_mb: float | None
+
+
+def generate_with(run: Run, m: EvalModel, examples: list[dict], labels: list[str], *, backend: str, max_new_tokens: int) -> Generated:
+    """Load the model, generate the eval split's answers in batches, free it; timed and memory-measured."""
+    p = run.params
+    conversations, stops = [e["prompt"] for e in examples], p.evaluate.stop_strings
+    constrain = labels if p.evaluate.metric == "classification" and p.evaluate.constrain_labels else None
+    # llama.cpp from pip runs on the CPU even on a GPU machine: then its memory is the process's RSS.
+    with peak_memory(gpu=m.kind != "gguf" or gguf_runs_on_gpu()) as peak:
+        started = time.time()
+        if m.kind == "api":
+            from tunebook.api_baseline import generate_api  # the HTTP client only when a baseline is listed
+
+            model, load_seconds = None, 0.0
+            result = generate_api(m.baseline, conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=m.label)
+        elif m.kind == "gguf":
+            # The merged model's tokenizer renders the prompts, so llama.cpp sees the same tokens.
+            tokenizer = load_tokenizer(run.outputs_of("02_finetune")["merged_dir"], p.model.chat_template, p.model.enable_thinking)
+            check_trained_prompt(run, tokenizer, m.label)
+            model = load_gguf(m.path, n_ctx=p.model.max_seq_length + max_new_tokens)
+            load_seconds = time.time() - started
+            result = generate_gguf(model, tokenizer, conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=m.label, labels=constrain)
+        else:
+            model, tokenizer = load_for_inference(
+                m.path,
+                dtype=p.model.dtype,
+                chat_template=p.model.chat_template,
+                max_seq_length=p.model.max_seq_length,
+                backend=backend if m.full_precision else "hf",
+                load_in_4bit=p.evaluate.load_in_4bit and m.full_precision,
+                enable_thinking=p.model.enable_thinking,
+            )
+            check_trained_prompt(run, tokenizer, m.label)
+            load_seconds = time.time() - started
+            result = generate(
+                model,
+                tokenizer,
+                conversations,
+                batch_size=p.evaluate.batch_size,
+                max_new_tokens=max_new_tokens,
+                stop_strings=stops,
+                desc=m.label,
+                labels=constrain,
+            )
+    del model
+    gc.collect()
+    # A reasoning block is never part of the answer: taken out before scoring, kept beside it.
+    reasonings, replies = zip(*map(split_reasoning, result.texts)) if result.texts else ((), ())
+    answers = [final_answer(reply.strip(), p.prompt.final_answer_prefix) for reply in replies]
+    return Generated(result, reasonings, answers, round(load_seconds, 2), round(peak["mb"], 1) if m.kind != "api" else None)
+
+
+def set_aside_if_silent(m: EvalModel, examples: list[dict], generated: Generated, failed_path: Path) -> dict | None:
+    """A model that produced no answer at all is not scored (a row of zeros would read as a model that answers
+    everything wrong): its rows go to <label>.failed.jsonl beside an earlier good predictions file, and its record is
+    returned. None when it answered at least one row (then an old failed file is removed)."""
+    result = generated.result
+    reason = no_answers(generated.answers, result.texts, result.requests)
+    if not reason:
+        failed_path.unlink(missing_ok=True)
+        return None
+    write_jsonl(
+        failed_path,
+        (
+            {"id": e["id"], "question": e["question"], "gold_answers": e["answers"], "prediction": "", "output": text}
+            | ({"request": request} if request else {})
+            for e, text, request in zip(examples, result.texts, result.requests or [None] * len(examples))
+        ),
+    )
+    print(f"{m.label}: FAILED, not scored: {reason.rstrip('.')}.")
+    return {
+        "label": m.label,
+        "format": m.kind,
+        "path": m.path,
+        "reason": reason,
+        "file": str(failed_path),
+        "n": len(examples),
+        "seconds": round(result.seconds, 2),
+        "load_seconds": generated.load_seconds,
+        "peak_memory_mb": generated.peak_memory_mb,
+    }
+
+
+def score_and_write(run: Run, m: EvalModel, examples: list[dict], labels: list[str], generated: Generated, path: Path, hit_rate: dict) -> dict:
+    """Score every answer, write the model's predictions file, and return its metrics row."""
+    result, answers = generated.result, generated.answers
+    scores, summary = score_predictions(run.params.evaluate.metric, answers, [e["answers"] for e in examples], labels)
+    rows = [
+        {
+            "id": e["id"],
+            "question": e["question"],
+            "gold_answers": e["answers"],
+            "prediction": answer,
+            "output": text,
+            **({"reasoning": r} if r is not None else {}),
+            **s,
+        }
+        for e, text, answer, r, s in zip(examples, result.texts, answers, generated.reasonings, scores)
+    ]
+    if any(r is not None for r in generated.reasonings):
+        print(
+            f"{m.label}: {sum(r is not None for r in generated.reasonings)} of {len(rows)} outputs held a <think> block, taken out before scoring (predictions: 'reasoning')."
+        )
+    if result.requests:  # API rows keep their request's outcome, so a failed request shows as one
+        for row, request in zip(rows, result.requests):
+            row["request"] = request
+    failed = {"failed_requests": sum(r["status"] != "ok" for r in result.requests)} if result.requests else {}
+    write_jsonl(path, rows)
+    print(f"{m.label}: " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items()) + f"  ({result.seconds:.1f}s)")
+    if failed.get("failed_requests"):
+        print(
+            f"{m.label}: {failed['failed_requests']} of {len(rows)} requests failed after their retries and are scored as empty "
+            "answers (failed_requests in metrics.json; 05 files them as request_failed, with their errors)."
+        )
+    return {
+        "model": m.label,
+        **{k: round(v, 4) for k, v in summary.items()},
+        **hit_rate,
+        "n": len(rows),
+        "seconds": round(result.seconds, 2),
+        "examples_per_second": round(result.examples_per_second, 3),
+        "load_seconds": generated.load_seconds,
+        "peak_memory_mb": generated.peak_memory_mb,
+        "bits": m.bits,
+        "size_mb": m.size_mb,
+        **failed,
+    }
+
+
+def write_metrics(run_dir: Path, table: list[dict]) -> None:
+    write_json_atomic(run_dir / "metrics.json", table)
+    with open(run_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+        columns = list(dict.fromkeys(k for row in table for k in row)) or ["model", *TIMING_COLUMNS]
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
 
 
 def check_trained_prompt(run: Run, tokenizer, label: str) -> None:
@@ -270,8 +373,8 @@ def check_trained_prompt(run: Run, tokenizer, label: str) -> None:
         at = next((i for i, (a, b) in enumerate(zip(ids, trained["prompt_ids"])) if a != b), min(len(ids), len(trained["prompt_ids"])))
         family = run.outputs_of("02_finetune").get("family", "this model's")
         raise TemplateError(
-            f"{label}: the evaluation prompt differs from the training prompt from token {at} on ({tokenizer.decode(ids[at:at + 12])!r} "
-            f"instead of {tokenizer.decode(trained['prompt_ids'][at:at + 12])!r}; {family} template). model.chat_template or "
+            f"{label}: the evaluation prompt differs from the training prompt from token {at} on ({tokenizer.decode(ids[at : at + 12])!r} "
+            f"instead of {tokenizer.decode(trained['prompt_ids'][at : at + 12])!r}; {family} template). model.chat_template or "
             "model.enable_thinking changed since 02, or the saved tokenizer differs: re-run 02, or set them back."
         )
 

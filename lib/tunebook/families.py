@@ -14,6 +14,7 @@ Stages 01, 02, 03 and 04 and the Unsloth path all read a family's facts from her
 A family is recognised from its chat template (how turns are marked): SmolLM2 is a Llama architecture with a
 ChatML template, so the architecture alone would say the wrong thing.
 """
+
 from __future__ import annotations
 
 import re
@@ -120,8 +121,12 @@ def chat_format(tokenizer, model_config=None, enable_thinking: bool = False) -> 
     configured = configured if isinstance(configured, list) else [configured]
     stops = {eot_id, tokenizer.eos_token_id, *(i for i in configured if i is not None)}
     return ChatFormat(
-        family=name, end_of_turn=end_of_turn, end_of_turn_id=eot_id, stop_ids=tuple(sorted(i for i in stops if i is not None)),
-        thinking_switch="enable_thinking" in template, enable_thinking=enable_thinking,
+        family=name,
+        end_of_turn=end_of_turn,
+        end_of_turn_id=eot_id,
+        stop_ids=tuple(sorted(i for i in stops if i is not None)),
+        thinking_switch="enable_thinking" in template,
+        enable_thinking=enable_thinking,
     )
 
 
@@ -167,7 +172,7 @@ def training_text(tokenizer, fmt: ChatFormat, prompt: list[dict], completion: li
         at = next((i for i, (a, b) in enumerate(zip(full, prompt_text)) if a != b), min(len(full), len(prompt_text)))
         raise TemplateError(
             f"The {fmt.family} template renders the prompt differently alone (as generation sees it) than before an answer "
-            f"(as training sees it), from {prompt_text[at:at + 40]!r} vs {full[at:at + 40]!r}: the model would be trained on "
+            f"(as training sees it), from {prompt_text[at : at + 40]!r} vs {full[at : at + 40]!r}: the model would be trained on "
             "a context it never sees when answering. Set model.chat_template to a template without this drift."
         )
     rest = full[len(prompt_text) :]
@@ -186,7 +191,9 @@ def training_text(tokenizer, fmt: ChatFormat, prompt: list[dict], completion: li
             "model.enable_thinking is false, yet the template writes a reasoning block into the answer (a template "
             "without a working thinking switch, or a thinking-only model): set model.enable_thinking: true to train the "
             "family's thinking format (the block is taken out before scoring), or name another template in "
-            "model.chat_template" if reasoning is not None else "set model.chat_template to a template that writes the answer alone"
+            "model.chat_template"
+            if reasoning is not None
+            else "set model.chat_template to a template that writes the answer alone"
         )
         raise TemplateError(
             f"The {fmt.family} template puts text of its own into the training answer ({extra!r}), so the model would "

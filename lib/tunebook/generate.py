@@ -4,6 +4,7 @@ Sorting keeps the padding in each batch small; left padding lets every row's ans
 prompt; each row stops at end-of-turn or a stop string; a batch that runs the GPU out of memory is retried at
 half the size; results come back in the caller's order. GGUF models generate through llama.cpp, one at a time.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,16 @@ def cut_at_stop(text: str, stop_strings) -> str:
 
 
 def generate(
-    model, tokenizer, conversations: list[list[dict]], *, batch_size: int, max_new_tokens: int,
-    stop_strings: list[str] = (), desc: str = "generate", labels: list[str] | None = None, reply_start: str = "",
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    stop_strings: list[str] = (),
+    desc: str = "generate",
+    labels: list[str] | None = None,
+    reply_start: str = "",
 ) -> Generation:
     """Greedy answers in the callers' order; with `labels`, decoding is constrained to exactly one of them;
     `reply_start` is written as the start of every answer (not returned), e.g. a JSON reply's opening.
@@ -132,7 +141,14 @@ def load_gguf(path: str, n_ctx: int):
 
 
 def generate_gguf(
-    llm, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int, stop_strings: list[str] = (), desc: str = "generate", labels: list[str] | None = None
+    llm,
+    tokenizer,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int,
+    stop_strings: list[str] = (),
+    desc: str = "generate",
+    labels: list[str] | None = None,
 ) -> Generation:
     """Greedy answers from a GGUF model, one prompt at a time (llama-cpp-python has no batched API).
 

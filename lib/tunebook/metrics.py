@@ -5,6 +5,7 @@ punctuation, drop the words a/an/the, collapse whitespace; max over the gold ans
 rather than imported because the official script is not a package and HF `evaluate` fetches metric code from
 the hub at run time, which fails offline; tests/test_metrics.py checks it against the official values.
 """
+
 from __future__ import annotations
 
 import functools

@@ -5,9 +5,11 @@ transformers reads its weights with `gguf_file=`, but a model loaded that way ca
 that blocks training and `save_pretrained`, so it is materialized once as a plain safetensors folder in the cache.
 Its tokenizer is built from the GGUF's own vocabulary, merges and special-token ids (see `_gguf_tokenizer`).
 """
+
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -27,6 +29,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNEBOOK_CACHE", Path.home() / ".cache" / "tunebook"))
 
 
+HUB_TIMEOUT = 5.0  # seconds for the hub to answer whether it has a model
+
+
+def hub_model(name: str) -> str:
+    """Where a hub id resolves: on the hub (asked within HUB_TIMEOUT), else the local hub cache; a clear error in seconds
+    when neither has it, instead of transformers' minute of retries."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+    if not offline:
+        try:
+            model_info(name, timeout=HUB_TIMEOUT)
+            return "on the hub"
+        except GatedRepoError:
+            raise TunebookError(f"{name} is gated on the hub: accept its license on the model page and log in (huggingface-cli login, or HF_TOKEN).") from None
+        except RepositoryNotFoundError:
+            raise TunebookError(f"the hub has no model {name!r} (check the spelling; a private model needs a token).") from None
+        except Exception:  # the hub did not answer: many exception types, one answer
+            pass
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return "in the local hub cache (the hub did not answer)"
+    unreachable = "HF_HUB_OFFLINE is set" if offline else f"the hub could not be reached within {HUB_TIMEOUT:.0f} s"
+    raise TunebookError(f"{name}: {unreachable} and the model is not in the local cache. Offline, use a local model folder or {', '.join(EMBEDDED)}.")
+
+
 def resolve_model(name: str) -> str:
     """A local folder or hub id that transformers/Unsloth can load; materializes embedded models."""
     if name.startswith("embedded:"):
@@ -39,6 +67,10 @@ def resolve_model(name: str) -> str:
         raise TunebookError(f"Model '{name}' is not a model folder. Use a folder with config.json, a hub id (org/name) or one of {', '.join(EMBEDDED)}.")
     if not HUB_ID.match(name):
         raise TunebookError(f"Model '{name}' is neither a local folder, an embedded model ({', '.join(EMBEDDED)}) nor a hub id of the form org/name.")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):  # not downloaded yet: ask the hub, briefly
+        hub_model(name)
     return name
 
 
@@ -102,7 +134,10 @@ def _gguf_tokenizer(gguf: Path):
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == 3])  # 3 = control
-    special = {role: tokens[value(f"tokenizer.ggml.{key}_token_id")] for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))}
+    special = {
+        role: tokens[value(f"tokenizer.ggml.{key}_token_id")]
+        for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))
+    }
     return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=value("tokenizer.chat_template"), clean_up_tokenization_spaces=False, **special)
 
 
@@ -198,7 +233,9 @@ def prepare_tokenizer(tokenizer, name: str, chat_template: str | None, enable_th
 
 def _unsloth_chat_template(tokenizer, name: str):
     if not has_unsloth():
-        raise TunebookError(f"model.chat_template '{name}' uses Unsloth's templates, and unsloth is not installed: pip install unsloth (GPU), or leave model.chat_template empty.")
+        raise TunebookError(
+            f"model.chat_template '{name}' uses Unsloth's templates, and unsloth is not installed: pip install unsloth (GPU), or leave model.chat_template empty."
+        )
     try:
         from unsloth.chat_templates import CHAT_TEMPLATES, get_chat_template
     except (ImportError, NotImplementedError, RuntimeError) as e:
@@ -217,8 +254,15 @@ def nf4_config(dtype: str = "auto", model_type: str | None = None):
 
 
 def load_for_inference(
-    path: str, *, dtype: str = "auto", backend: str = "hf", chat_template: str | None = None, max_seq_length: int = 2048,
-    load_in_4bit: bool = False, quantization_config=None, enable_thinking: bool = False,
+    path: str,
+    *,
+    dtype: str = "auto",
+    backend: str = "hf",
+    chat_template: str | None = None,
+    max_seq_length: int | None = None,
+    load_in_4bit: bool = False,
+    quantization_config=None,
+    enable_thinking: bool = False,
 ):
     """A model + tokenizer ready for batched generation (eval mode, left padding).
 
@@ -229,8 +273,12 @@ def load_for_inference(
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
+        if max_seq_length is None:  # no default of our own: it would shadow model.max_seq_length
+            raise ValueError("load_for_inference with backend 'unsloth' needs max_seq_length (the params' model.max_seq_length)")
         try:
-            model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=max_seq_length, dtype=pick_dtype(dtype, model_type(path)), load_in_4bit=load_in_4bit)
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                source, max_seq_length=max_seq_length, dtype=pick_dtype(dtype, model_type(path)), load_in_4bit=load_in_4bit
+            )
         except (OSError, ValueError) as e:
             raise _load_error(path, e) from None
         FastLanguageModel.for_inference(model)
@@ -287,3 +335,16 @@ def _load_error(name: str, error: Exception) -> TunebookError:
         "Check the spelling; hub ids need the Hugging Face hub to be reachable (and a token for gated models). "
         f"Offline, use a local model folder or {', '.join(EMBEDDED)}."
     )
+
+
+def dir_size_mb(path: str | Path) -> float:
+    path = Path(path)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return round(sum(f.stat().st_size for f in files) / 2**20, 1)
+
+
+def saved_bits(model_dir: str | Path) -> int | None:
+    """Bits per weight of a saved (unquantized) model folder, from its config's dtype."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return {"float32": 32, "bfloat16": 16, "float16": 16}.get(dtype)

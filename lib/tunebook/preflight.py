@@ -9,6 +9,7 @@ one cheap request answered within ENDPOINT_TIMEOUT seconds), the output folder w
 space a run of this size needs. `python -m tunebook check PARAMS` runs it alone; `run`, `sweep` and the
 notebooks' first cell run it first.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,17 +19,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebook.config import STAGES, Params, load_params
+from tunebook.config import QUANTIZE_METHODS, STAGES, Params, load_params
 from tunebook.errors import TunebookError
-from tunebook.models import EMBEDDED, HUB_ID, MATERIALIZED_VERSION, cache_dir, has_unsloth
-from tunebook.rows import DataError
+from tunebook.models import EMBEDDED, HUB_ID, MATERIALIZED_VERSION, cache_dir, has_unsloth, hub_model
+from tunebook.rows import DataError, read_jsonl
 
 SAMPLE_BYTES = 50_000_000  # a larger data file is checked on its first SAMPLE_ROWS rows
 SAMPLE_ROWS = 2_000
 ENDPOINT_TIMEOUT = 5.0
 GIB = 1024**3
-# Disk a quantized copy takes, as a share of the 16-bit model (GGUF methods also write an f16 file first).
-COPY_SHARE = {"int8_weight_only": 0.55, "gguf_q8_0": 1.55, "gguf_q4_k_m": 1.32, "bnb_nf4": 0.3, "bnb_int8": 0.55, "gptq_w4a16": 0.3, "awq_w4a16": 0.3}
 
 
 class PreflightError(TunebookError):
@@ -49,7 +48,7 @@ def checked_run(params_path: str, overrides: list[str] | tuple[str, ...], stage:
 
     params = load_params(params_path, overrides)
     refuse_sweep(params, params_path)
-    check_or_stop(params, STAGES[STAGES.index(stage):], params_path)
+    check_or_stop(params, STAGES[STAGES.index(stage) :], params_path)
     return open_run(params_path, overrides)
 
 
@@ -141,8 +140,13 @@ def writable(folder: Path, what: str = "the output folder", remedy: str = "set o
 
 def data_paths(params: Params) -> list[tuple[str, str]]:
     d, s = params.data, params.synthesize
-    keys = [("data.train_path", d.train_path), ("data.eval_path", d.eval_path), ("data.retrieval.corpus_path", d.retrieval.corpus_path),
-            ("data.relabels_path", d.relabels_path), ("synthesize.documents_path", s.documents_path)]
+    keys = [
+        ("data.train_path", d.train_path),
+        ("data.eval_path", d.eval_path),
+        ("data.retrieval.corpus_path", d.retrieval.corpus_path),
+        ("data.relabels_path", d.relabels_path),
+        ("synthesize.documents_path", s.documents_path),
+    ]
     return [(k, v) for k, v in keys if v]
 
 
@@ -167,7 +171,7 @@ def data_file(params: Params, key: str, path_or_id: str):
         if key == "data.relabels_path":
             return f"{len(read_relabels(path))} marks, each with id, prediction and mark"
         if sampled:
-            rows = first_jsonl_rows(path, SAMPLE_ROWS)
+            rows = read_jsonl(path, SAMPLE_ROWS)
         else:
             rows = read_rows(str(path), params.data.retrieval.corpus_split if key == "data.retrieval.corpus_path" else "train")
         if key == "data.retrieval.corpus_path":
@@ -181,24 +185,6 @@ def data_file(params: Params, key: str, path_or_id: str):
     except OSError as e:
         raise PreflightError(f"{key}: cannot read {path}: {e.strerror}.") from None
     return f"{len(rows)} rows" + (f" checked (the first of a {size / 1e6:.0f} MB file)" if sampled else "") + ", fields present, UTF-8"
-
-
-def first_jsonl_rows(path: Path, n: int) -> list[dict]:
-    rows = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path} is not UTF-8 text (line {number}). Re-save it as UTF-8.") from None
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {number}: not valid JSON ({e.msg}).") from None
-            if len(rows) >= n:
-                break
-    return rows
 
 
 def hub_dataset(key: str, dataset_id: str):
@@ -228,7 +214,7 @@ def no_overlap(params: Params):
         path = Path(path or "")
         if not path.is_file():
             return "warning", f"not checked here: data.{key}_path is not a local file (01 checks the rows it reads)"
-        rows[key] = first_jsonl_rows(path, SAMPLE_ROWS) if path.stat().st_size > SAMPLE_BYTES and path.suffix == ".jsonl" else read_rows_or_none(path)
+        rows[key] = read_jsonl(path, SAMPLE_ROWS) if path.stat().st_size > SAMPLE_BYTES and path.suffix == ".jsonl" else read_rows_or_none(path)
         if rows[key] is None:
             return "warning", f"not checked here: data.{key}_path could not be read (see its own check)"
     overlap = eval_overlap(rows["train"], rows["eval"], d.id_field, d.question_field, d.answers_field)
@@ -238,7 +224,11 @@ def no_overlap(params: Params):
             f"{len(overlap)} of {len(rows['eval'])} eval rows repeat a training row (by {' and '.join(first.by)}; e.g. eval id {first.eval_id!r}: "
             f"{first.question!r}), so their scores would count answers the model was trained on. Fix the files, or set data.allow_eval_overlap: true."
         )
-    return f"no eval row repeats a training row ({len(rows['eval'])} eval rows against {len(rows['train'])})" if not overlap else ("warning", f"{len(overlap)} eval rows repeat training rows (allowed)")
+    return (
+        f"no eval row repeats a training row ({len(rows['eval'])} eval rows against {len(rows['train'])})"
+        if not overlap
+        else ("warning", f"{len(overlap)} eval rows repeat training rows (allowed)")
+    )
 
 
 def read_rows_or_none(path: Path) -> list[dict] | None:
@@ -289,28 +279,6 @@ def chat_template_in(folder: Path) -> str:
     return "folder with a chat template"
 
 
-def hub_model(name: str) -> str:
-    from huggingface_hub import model_info, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    if os.environ.get("HF_HUB_OFFLINE") in (None, "", "0"):
-        try:
-            model_info(name, timeout=ENDPOINT_TIMEOUT)
-            return "on the hub"
-        except GatedRepoError:
-            raise PreflightError(f"{name} is gated on the hub: accept its license on the model page and log in (huggingface-cli login, or HF_TOKEN).") from None
-        except RepositoryNotFoundError:
-            raise PreflightError(f"the hub has no model {name!r} (check the spelling; a private model needs a token).") from None
-        except Exception:  # the hub did not answer: many exception types, one answer
-            pass
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return "in the local hub cache (the hub did not answer)"
-    raise PreflightError(
-        f"{name}: the hub could not be reached within {ENDPOINT_TIMEOUT:.0f} s and the model is not in the local cache. "
-        f"Offline, use a local model folder or {', '.join(EMBEDDED)}."
-    )
-
-
 def backend(requested: str, key: str) -> str:
     if requested != "unsloth":
         return requested
@@ -331,7 +299,9 @@ def endpoint(base_url: str, model: str, api_key_env: str | None, key: str) -> st
     if api_key_env:
         api_key = os.environ.get(api_key_env, "")
         if not api_key:
-            raise PreflightError(f"{key}.api_key_env names {api_key_env}, which is not set: export {api_key_env}=... (in Colab: os.environ from google.colab.userdata).")
+            raise PreflightError(
+                f"{key}.api_key_env names {api_key_env}, which is not set: export {api_key_env}=... (in Colab: os.environ from google.colab.userdata)."
+            )
     try:
         served = listed_models(base_url, api_key)
     except openai.AuthenticationError:
@@ -370,7 +340,7 @@ def disk_space(params: Params, stages: set[str]):
     if size is None:
         return "warning", "the model's size is unknown here (a hub id the hub did not describe): not checked"
     copies = params.quantize.methods if "03_quantize" in stages else []
-    need = size * (1 + sum(COPY_SHARE[m] for m in copies)) + GIB
+    need = size * (1 + sum(QUANTIZE_METHODS[m].disk_share for m in copies)) + GIB
     existing = Path(params.output_dir)
     while not existing.exists():
         existing = existing.parent

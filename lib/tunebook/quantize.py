@@ -13,6 +13,7 @@ Methods (`quantize.methods`):
   training rows (prompt + answer), saved in the compressed-tensors format that transformers loads.
 A method that cannot run here is listed as skipped with the reason, never dropped silently.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -23,29 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from tunebook.config import QUANTIZE_METHODS
 from tunebook.errors import TunebookError
+from tunebook.models import dir_size_mb, saved_bits
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
-
-# method -> (bits, format that 04 loads)
-METHODS = {
-    "int8_weight_only": (8, "transformers"),
-    "gguf_q8_0": (8, "gguf"),
-    "gguf_q4_k_m": (4, "gguf"),
-    "bnb_nf4": (4, "transformers"),
-    "bnb_int8": (8, "transformers"),
-    "gptq_w4a16": (4, "transformers"),
-    "awq_w4a16": (4, "transformers"),
-}
 
 
 class Skipped(Exception):
     """This method cannot run here; the message says why (and what would make it run)."""
-
-
-def dir_size_mb(path: str | Path) -> float:
-    path = Path(path)
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    return round(sum(f.stat().st_size for f in files) / 2**20, 1)
 
 
 def quantize(run: Run) -> list[dict]:
@@ -56,7 +42,7 @@ def quantize(run: Run) -> list[dict]:
     with run.stage("03_quantize") as outputs:
         variants = []
         for method in run.params.quantize.methods:
-            bits, fmt = METHODS[method]
+            bits, fmt = QUANTIZE_METHODS[method].bits, QUANTIZE_METHODS[method].format
             target = run.dir / "quantized" / (f"{method}.gguf" if fmt == "gguf" else method)
             started = time.time()
             try:
@@ -72,8 +58,14 @@ def quantize(run: Run) -> list[dict]:
                 continue
             variants.append(
                 {
-                    "name": method, "method": method, "bits": bits, "format": fmt, "status": "ok",
-                    "path": str(target), "size_mb": dir_size_mb(target), "seconds": round(time.time() - started, 1),
+                    "name": method,
+                    "method": method,
+                    "bits": bits,
+                    "format": fmt,
+                    "status": "ok",
+                    "path": str(target),
+                    "size_mb": dir_size_mb(target),
+                    "seconds": round(time.time() - started, 1),
                 }
             )
             print(f"{method}: {variants[-1]['size_mb']} MB in {variants[-1]['seconds']} s")
@@ -110,15 +102,17 @@ def _bnb(load_in_4bit: bool):
         if not has_cuda():
             raise Skipped("bitsandbytes quantization needs a CUDA GPU (the CPU install has no bitsandbytes)")
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError as e:
             raise Skipped(f"bitsandbytes is not installed ({e}); pip install bitsandbytes") from None
         if load_in_4bit:
             config = nf4_config(run.params.model.dtype, model_type(merged_dir))
         else:
             config = BitsAndBytesConfig(load_in_8bit=True)
-        model, tokenizer = load_for_inference(merged_dir, dtype=run.params.model.dtype, quantization_config=config, enable_thinking=run.params.model.enable_thinking)
+        model, tokenizer = load_for_inference(
+            merged_dir, dtype=run.params.model.dtype, quantization_config=config, enable_thinking=run.params.model.enable_thinking
+        )
         tmp = fresh_tmp_dir(target)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -142,7 +136,9 @@ def _llm_compressor(algorithm: str):
         from tunebook.models import has_cuda, load_tokenizer, model_type, pick_dtype
 
         p = run.params
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=pick_dtype(p.model.dtype, model_type(merged_dir)), device_map="auto" if has_cuda() else None)
+        model = AutoModelForCausalLM.from_pretrained(
+            merged_dir, dtype=pick_dtype(p.model.dtype, model_type(merged_dir)), device_map="auto" if has_cuda() else None
+        )
         _check_group_size(model, p.quantize.group_size)
         tokenizer = load_tokenizer(merged_dir, enable_thinking=p.model.enable_thinking)
         weights = QuantizationArgs(num_bits=4, type="int", symmetric=algorithm == "gptq", strategy="group", group_size=p.quantize.group_size)
@@ -154,8 +150,12 @@ def _llm_compressor(algorithm: str):
         # The tokenizer as processor: llm-compressor would otherwise load the model's AutoProcessor, which for Gemma 3
         # is a multimodal processor a text-only copy cannot build.
         oneshot(
-            model=model, processor=tokenizer, dataset=calibration, recipe=modifier(config_groups=groups, ignore=["lm_head"]),
-            max_seq_length=p.model.max_seq_length, num_calibration_samples=len(calibration),
+            model=model,
+            processor=tokenizer,
+            dataset=calibration,
+            recipe=modifier(config_groups=groups, ignore=["lm_head"]),
+            max_seq_length=p.model.max_seq_length,
+            num_calibration_samples=len(calibration),
         )
         tmp = fresh_tmp_dir(target)
         model.save_pretrained(str(tmp), save_compressed=True)
@@ -185,7 +185,9 @@ def _check_group_size(model, group_size: int) -> None:
     uneven = [w for w in widths if w % group_size]
     if uneven:
         fits = [g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths)]
-        raise Skipped(f"quantize.group_size {group_size} does not divide the layer widths {uneven}; set quantize.group_size: {fits[0] if fits else 'a divisor of ' + str(widths)}")
+        raise Skipped(
+            f"quantize.group_size {group_size} does not divide the layer widths {uneven}; set quantize.group_size: {fits[0] if fits else 'a divisor of ' + str(widths)}"
+        )
 
 
 def _skip_memory_pinning() -> None:
@@ -229,9 +231,7 @@ def write_f16_gguf(model_dir: str | Path, out: Path) -> None:
     """llama.cpp's convert_hf_to_gguf.py, run on a Hugging Face model folder."""
     converter = llama_cpp_converter()
     tmp = out.with_name(out.name + ".tmp")
-    result = subprocess.run(
-        [sys.executable, str(converter), str(model_dir), "--outfile", str(tmp), "--outtype", "f16"], capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, str(converter), str(model_dir), "--outfile", str(tmp), "--outtype", "f16"], capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
         raise TunebookError(f"llama.cpp's converter failed on {model_dir}: {last[0]}")
@@ -249,7 +249,9 @@ def check_gguf_stop(gguf_file: Path, model_dir: str, enable_thinking: bool) -> N
     fields = GGUFReader(gguf_file).fields
     written = {key: int(fields[key].parts[fields[key].data[0]][0]) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if key in fields}
     if end_of_turn not in written.values():
-        raise TunebookError(f"llama.cpp's converter wrote {written or 'no EOS'} into {gguf_file.name}, not the end-of-turn id {end_of_turn}: the copy would not stop.")
+        raise TunebookError(
+            f"llama.cpp's converter wrote {written or 'no EOS'} into {gguf_file.name}, not the end-of-turn id {end_of_turn}: the copy would not stop."
+        )
 
 
 def llama_cpp_converter() -> Path:
@@ -266,7 +268,8 @@ def llama_cpp_converter() -> Path:
     with tempfile.TemporaryDirectory() as download:
         fetched = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", download],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         archives = list(Path(download).glob("llama_cpp_python-*.tar.gz"))
         if fetched.returncode != 0 or not archives:
@@ -283,7 +286,7 @@ def llama_cpp_converter() -> Path:
     return converter
 
 
-QUANTIZERS = {
+QUANTIZERS = {  # how each of config.QUANTIZE_METHODS is made (tests/test_structure.py: the same names)
     "int8_weight_only": _int8_weight_only,
     "gguf_q8_0": _gguf("gguf_q8_0"),
     "gguf_q4_k_m": _gguf("gguf_q4_k_m"),
@@ -292,15 +295,6 @@ QUANTIZERS = {
     "gptq_w4a16": _llm_compressor("gptq"),
     "awq_w4a16": _llm_compressor("awq"),
 }
-
-
-def saved_bits(model_dir: str | Path) -> int | None:
-    """Bits per weight of a saved (unquantized) model folder, from its config's dtype."""
-    import json
-
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    return {"float32": 32, "bfloat16": 16, "float16": 16}.get(dtype)
 
 
 def size_table(run: Run) -> list[dict]:

@@ -6,6 +6,7 @@ re-running a stage marks the stages after it stale. A finished stage records its
 value read up to that stage, so runs with the same key at a stage have the same outputs there (a sweep runs
 such a stage once and copies it, `adopt_stage`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,21 +28,13 @@ from typing import Callable, Iterator
 import psutil
 
 from tunebook.colab import install_for_stage
-from tunebook.config import STAGES, Params, dump_params, load_params, on_colab, read_yaml
-from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, sigterm_raises, signal_name
+from tunebook.config import STAGES, Params, dump_params, load_params, on_colab, read_yaml, stage_map
+from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-# The stage that first reads each params key (the most specific prefix wins; keys not listed: 01).
-FIRST_READ_BY = {
-    "model.backend": "02_finetune",
-    "model.dtype": "02_finetune",
-    "model.load_in_4bit": "02_finetune",
-    "train": "02_finetune",
-    "quantize": "03_quantize",
-    "evaluate": "04_evaluate",
-    "evaluate.metric": "01_build_dataset",  # 01 collects a classification run's labels
-}
-WHERE_KEYS = ("run_name", "output_dir", "sweep", "colab")  # where a run lives and how it was launched, not what it computes
+# The stage that first reads each params section or key, as the schema declares it (config.read_first_by).
+FIRST_READ_BY = stage_map()
+WHERE_KEYS = tuple(key for key, stage in FIRST_READ_BY.items() if stage is None)  # where a run lives, how it was launched
 
 
 def _now() -> str:
@@ -52,6 +45,13 @@ def _now() -> str:
 class Run:
     params: Params
     dir: Path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Run":
+        """A finished or running run folder opened only to read it (05's picker, compare, a sweep's shared rows): its
+        own params.yaml, validated; nothing is written and no stage is settled."""
+        folder = Path(folder).resolve()
+        return cls(params=load_params(folder / "params.yaml"), dir=folder)
 
     @property
     def manifest_path(self) -> Path:
@@ -103,11 +103,15 @@ class Run:
             if state in ("gone", "elsewhere"):
                 pid, host = entry.get("pid"), entry.get("host")
                 reason = (
-                    f"its process {pid} is gone" if pid and state == "gone"
-                    else f"it ran in process {pid} on {host}, not on this machine ({socket.gethostname()}): taken as a lost machine or runtime" if pid
+                    f"its process {pid} is gone"
+                    if pid and state == "gone"
+                    else f"it ran in process {pid} on {host}, not on this machine ({socket.gethostname()}): taken as a lost machine or runtime"
+                    if pid
                     else "it was started by a tunebook that did not record its process"
                 )
-                entry.update(status="interrupted", interrupted=self._last_write(entry), reason=reason + "; the time is its last write to the run folder", reported=True)
+                entry.update(
+                    status="interrupted", interrupted=self._last_write(entry), reason=reason + "; the time is its last write to the run folder", reported=True
+                )
                 notes[stage] = interruption_note(stage, entry)
         if notes:
             self._write_manifest(manifest)
@@ -255,7 +259,7 @@ def _mark_later_stale(manifest: dict, name: str) -> None:
 def params_values(params: Params, keep: Callable[[str], bool]) -> dict:
     """The flattened params values whose dotted keys `keep` accepts (where-keys never count): what params_key hashes."""
     flat = flatten(params.model_dump(mode="json"))
-    return {k: v for k, v in flat.items() if keep(k) and not is_under(k, WHERE_KEYS)}
+    return {k: v for k, v in flat.items() if not is_under(k, WHERE_KEYS) and keep(k)}
 
 
 def params_key(params: Params, keep: Callable[[str], bool]) -> str:
@@ -277,9 +281,13 @@ def _read_by(key: str, stage: str) -> bool:
     return STAGES.index(first_read_by(key)) <= STAGES.index(stage)
 
 
-def first_read_by(key: str) -> str:
-    prefixes = [p for p in FIRST_READ_BY if is_under(key, (p,))]
-    return FIRST_READ_BY[max(prefixes, key=len)] if prefixes else STAGES[0]
+def first_read_by(key: str) -> str | None:
+    """The stage of a dotted key, or of the nearest section above it (a dict value's own keys are not in the schema)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in FIRST_READ_BY:
+            return FIRST_READ_BY[".".join(parts[:end])]
+    raise KeyError(f"{key} is not a params key")
 
 
 def is_under(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -359,7 +367,9 @@ def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict
             )
     except pm.PapermillExecutionError as e:
         if e.ename in ("KeyboardInterrupt", "Terminated"):  # a signal to the kernel itself (Jupyter's interrupt, a kill)
-            raise StageFailed(f"Stage {stage} was interrupted in its kernel ({e.ename}: {e.evalue}), and recorded so; the executed notebook up to there: {executed}", executed) from None
+            raise StageFailed(
+                f"Stage {stage} was interrupted in its kernel ({e.ename}: {e.evalue}), and recorded so; the executed notebook up to there: {executed}", executed
+            ) from None
         raise StageFailed(f"Stage {stage} failed: {e.ename}: {e.evalue}\nThe executed notebook with the full traceback: {executed}", executed) from None
     except KeyboardInterrupt as e:  # (stopped already by the signal handler; this is for an interruption raised otherwise)
         stop_stage(run_dir, stage, e)
@@ -373,7 +383,8 @@ def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict
             write_json_atomic(run_dir / "manifest.json", manifest)
         raise StageFailed(
             f"Stage {stage} failed: its Jupyter kernel{pid} died without a Python error (killed, or out of memory). "
-            f"The executed notebook up to there: {executed}", executed,
+            f"The executed notebook up to there: {executed}",
+            executed,
         ) from None
     return executed
 

@@ -9,6 +9,7 @@ the LoRA variants share one dataset build, and 04 copies the base model's scores
 runs are skipped (unless --rerun), an interrupted sweep picks up where it stopped, and a failed run is recorded
 with its executed notebook and error while the sweep goes on.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,7 +57,9 @@ def expand(params_path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         runs.append(SweepRun(name, changes, validate_params(run_raw, source=f"{path} (sweep run '{name}')")))
     names = [r.name for r in runs]
     if len(set(names)) < len(names):
-        raise ParamsError(f"{path}: two sweep runs would share a folder name ({sorted({n for n in names if names.count(n) > 1})}); name the grid values with a mapping {{name: value}}.")
+        raise ParamsError(
+            f"{path}: two sweep runs would share a folder name ({sorted({n for n in names if names.count(n) > 1})}); name the grid values with a mapping {{name: value}}."
+        )
     return sweep_params, runs
 
 
@@ -118,8 +121,10 @@ def _run_one(run: Run, stages: list[str], record: dict, members: dict[str, Run],
     changed = [s for s in stages if run.status(s) == "complete" and run.key_of(s) not in (None, stage_key(run.params, s))]
     if changed:
         record.update(status="outdated", error=f"stages {', '.join(changed)} finished with other params than the sweep file's now")
-        print(f"Skipped: {run.dir} finished {', '.join(changed)} with other params than the sweep file gives it now. "
-              "Nothing was changed; --rerun moves it aside and runs it again, or give the sweep another run_name.")
+        print(
+            f"Skipped: {run.dir} finished {', '.join(changed)} with other params than the sweep file gives it now. "
+            "Nothing was changed; --rerun moves it aside and runs it again, or give the sweep another run_name."
+        )
         save()
         return
     run.refuse_if_running()

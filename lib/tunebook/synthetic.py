@@ -5,15 +5,15 @@ Cleaning, each step counted: questions that lean on "the passage", length, a sup
 language, exact duplicates, near duplicates (MinHash over character 5-grams, datasketch), contamination by the eval
 split (shared n-grams of words; of characters for scripts written without spaces), and an optional judge pass.
 """
+
 from __future__ import annotations
 
 import random
 import re
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 
-from tunebook.config import Params
+from tunebook.config import CleanParams, Params
 from tunebook.errors import TunebookError
 
 # One unit per CJK character (Japanese and Chinese are written without spaces), else one per word.
@@ -187,8 +187,21 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
     asked = pick_chunks(chunks, s.max_chunks)
     print(f"{len(documents)} documents, {len(chunks)} chunks of at most {s.chunk_tokens} tokens; asking the teacher about {len(asked)}", flush=True)
     teacher = Teacher(s.teacher)
+    pairs, failed, unparsed = ask_for_pairs(teacher, asked, s.pairs_per_chunk, raft)
+    steps = clean_pairs(pairs, {c["id"]: c for c in chunks}, s.clean, raft, eval_questions, teacher)
+    kept = [p for p in pairs if p["dropped_by"] is None]
+    if not kept:
+        raise SynthesisError(f"Cleaning removed all {len(pairs)} generated pairs: " + "; ".join(f"{r['step']} -{r['removed']}" for r in steps[1:]))
+    examples = raft_rows(kept, chunks, params, random.Random(params.seed)) if raft else faq_rows(kept)
+    print("Cleaning: " + " → ".join(f"{r['kept']}" for r in steps) + f" pairs kept ({len(kept)} rows)")
+    return Synthesized(examples, chunks, len(asked), pairs, steps, teacher.tally.summary(), failed, unparsed)
+
+
+def ask_for_pairs(teacher, asked: list[dict], pairs_per_chunk: int, raft: bool) -> tuple[list[dict], int, int]:
+    """The teacher's question/answer pairs for each chunk asked (with a supporting quote and reasoning for RAFT):
+    (pairs, failed requests, replies without pairs); none at all is an error naming why."""
     template, optional = (RAFT_PROMPT, ("quote", "reasoning")) if raft else (FAQ_PROMPT, ())
-    prompts = [[{"role": "user", "content": template.format(n=s.pairs_per_chunk, title=c["title"] or c["doc_id"], text=c["text"])}] for c in asked]
+    prompts = [[{"role": "user", "content": template.format(n=pairs_per_chunk, title=c["title"] or c["doc_id"], text=c["text"])}] for c in asked]
     replies = teacher.ask(prompts, json_start=PAIRS_START, desc="teacher pairs")
     pairs, failed, unparsed = [], 0, 0
     for chunk, reply in zip(asked, replies):
@@ -207,7 +220,12 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
             f"The teacher gave no usable pairs for {len(asked)} chunks: {failed} requests failed, {unparsed} replies had no "
             f"question/answer JSON. First error: {teacher.tally.errors[0] if teacher.tally.errors else 'none'}. Check synthesize.teacher."
         )
-    by_id = {c["id"]: c for c in chunks}
+    return pairs, failed, unparsed
+
+
+def clean_pairs(pairs: list[dict], by_id: dict[str, dict], c: CleanParams, raft: bool, eval_questions: list[str], teacher) -> list[dict]:
+    """Each synthesize.clean filter in turn over the pairs still kept, marking a dropped pair's dropped_by with the
+    filter's name; the steps with the pairs each kept and removed."""
     steps = [{"step": "parsed from the teacher's replies", "kept": len(pairs), "removed": 0}]
 
     def step(name: str, drop) -> None:
@@ -217,11 +235,17 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
             alive[i]["dropped_by"] = name
         steps.append({"step": name, "kept": len(alive) - len(dropped), "removed": len(dropped)})
 
-    c = s.clean
     step("self-contained question", lambda ps: [i for i, p in enumerate(ps) if LEANS_ON_CHUNK.search(p["question"])])
-    step("length", lambda ps: [i for i, p in enumerate(ps) if not (c.min_question_chars <= len(p["question"]) <= c.max_question_chars
-                                                                    and c.min_answer_chars <= len(p["answer"]) <= c.max_answer_chars)])
+    step(
+        "length",
+        lambda ps: [
+            i
+            for i, p in enumerate(ps)
+            if not (c.min_question_chars <= len(p["question"]) <= c.max_question_chars and c.min_answer_chars <= len(p["answer"]) <= c.max_answer_chars)
+        ],
+    )
     if raft:
+
         def unsupported(ps):
             bad = []
             for i, p in enumerate(ps):
@@ -229,6 +253,7 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
                 if p["quote"] is None:
                     bad.append(i)
             return bad
+
         step("supporting sentence found in the chunk", unsupported)
     if c.language:
         step(f"language {c.language}", lambda ps: [i for i, p in enumerate(ps) if language_of(p["question"] + " " + p["answer"]) != c.language])
@@ -237,8 +262,11 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
     if eval_questions:
         step("shares an n-gram with an eval question", lambda ps: contaminated([p["question"] for p in ps], eval_questions, n=c.decontamination_ngram))
     if c.judge:
+
         def judged(ps):
-            prompts = [[{"role": "user", "content": JUDGE_PROMPT.format(text=by_id[p["chunk"]]["text"], question=p["question"], answer=p["answer"])}] for p in ps]
+            prompts = [
+                [{"role": "user", "content": JUDGE_PROMPT.format(text=by_id[p["chunk"]]["text"], question=p["question"], answer=p["answer"])}] for p in ps
+            ]
             scores = [parse_score(r.text) if r.text is not None else None for r in teacher.ask(prompts, json_start=JUDGE_START, desc="teacher judge")]
             for p, score in zip(ps, scores):
                 p["judge_score"] = score
@@ -246,19 +274,25 @@ def synthesize(params: Params, tokenizer, eval_questions: list[str]) -> Synthesi
             if unscored:
                 print(f"The judge gave no score for {unscored} pair(s); they are kept.")
             return [i for i, score in enumerate(scores) if score is not None and score < c.judge_min_score]
+
         step(f"judge score below {c.judge_min_score}", judged)
-    kept = [p for p in pairs if p["dropped_by"] is None]
-    if not kept:
-        raise SynthesisError(f"Cleaning removed all {len(pairs)} generated pairs: " + "; ".join(f"{r['step']} -{r['removed']}" for r in steps[1:]))
-    examples = raft_rows(kept, chunks, params, random.Random(params.seed)) if raft else faq_rows(kept)
-    print("Cleaning: " + " → ".join(f"{r['kept']}" for r in steps) + f" pairs kept ({len(kept)} rows)")
-    return Synthesized(examples, chunks, len(asked), pairs, steps, teacher.tally.summary(), failed, unparsed)
+    return steps
 
 
 def faq_rows(pairs: list[dict]) -> list[dict]:
     """FAQ rows: passages are retrieved for the question later (BM25 over the chunks), as they will be at eval."""
-    return [{"id": f"synthetic-{i}", "question": p["question"], "passages": [], "answers": [p["answer"]], "group": p["doc_id"],
-             "gold_doc": p["doc_id"], "source_chunk": p["chunk"]} for i, p in enumerate(pairs)]
+    return [
+        {
+            "id": f"synthetic-{i}",
+            "question": p["question"],
+            "passages": [],
+            "answers": [p["answer"]],
+            "group": p["doc_id"],
+            "gold_doc": p["doc_id"],
+            "source_chunk": p["chunk"],
+        }
+        for i, p in enumerate(pairs)
+    ]
 
 
 def raft_rows(pairs: list[dict], chunks: list[dict], params: Params, rng: random.Random) -> list[dict]:
@@ -281,10 +315,19 @@ def raft_rows(pairs: list[dict], chunks: list[dict], params: Params, rng: random
             pool = [j for j, c in enumerate(chunks) if c["doc_id"] != p["doc_id"]]
             others = rng.sample(pool, min(k, len(pool)))
         chosen = [oracle, *others]
-        rows.append({
-            "id": f"synthetic-{n}", "question": p["question"], "passages": [passage(chunks[j]) for j in chosen],
-            "answers": [p["answer"]], "group": p["doc_id"], "gold_doc": p["doc_id"], "source_chunk": p["chunk"],
-            "titles": [chunks[j]["id"] for j in chosen], "oracle_titles": [p["chunk"]], "quotes": [p["quote"]], "reasoning": p.get("reasoning", ""),
-        })
+        rows.append(
+            {
+                "id": f"synthetic-{n}",
+                "question": p["question"],
+                "passages": [passage(chunks[j]) for j in chosen],
+                "answers": [p["answer"]],
+                "group": p["doc_id"],
+                "gold_doc": p["doc_id"],
+                "source_chunk": p["chunk"],
+                "titles": [chunks[j]["id"] for j in chosen],
+                "oracle_titles": [p["chunk"]],
+                "quotes": [p["quote"]],
+                "reasoning": p.get("reasoning", ""),
+            }
+        )
     return rows
-

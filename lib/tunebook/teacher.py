@@ -4,6 +4,7 @@ Every reply is kept in a disk cache (diskcache, keyed by model, prompt and optio
 or a crash never pays for a prompt twice and loses nothing. Failed requests are not cached: a rerun asks them again.
 The tally counts requests, cache hits, failures, tokens, seconds and cost.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -114,12 +115,15 @@ class Teacher:
         start = json_start if self.params.json_mode else ""
         for first in range(0, len(conversations), LOCAL_SLICE):
             part = conversations[first : first + LOCAL_SLICE]
-            out = generate(model, tokenizer, part, batch_size=self.params.batch_size, max_new_tokens=self.params.max_new_tokens,
-                           desc=desc, reply_start=start)
+            out = generate(model, tokenizer, part, batch_size=self.params.batch_size, max_new_tokens=self.params.max_new_tokens, desc=desc, reply_start=start)
             prompts = render_prompts(tokenizer, part)
             for j, text in enumerate(out.texts):
                 i = first + j
                 reply = start + text
-                self._keep(keys[i], reply, len(tokenizer(prompts[j], add_special_tokens=False)["input_ids"]),
-                           len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+                self._keep(
+                    keys[i],
+                    reply,
+                    len(tokenizer(prompts[j], add_special_tokens=False)["input_ids"]),
+                    len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                )
                 replies[slots[i]] = Reply(reply)

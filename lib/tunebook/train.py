@@ -15,6 +15,7 @@ complete checkpoint, with the same total steps; the Trainer skips the batches al
 so the run trains on what an uninterrupted one would. Checkpoints made with other params are never resumed: 02 stops
 and names the keys that changed. Once the adapter and the merged model are saved, the checkpoints are removed.
 """
+
 from __future__ import annotations
 
 import json
@@ -101,7 +102,11 @@ def build_trainer(p: Params, train_rows, eval_rows, output_dir: Path):
     trainer.loss_example = {"text": decode(train_ds[0]["input_ids"]), "trained": decode(trained_ids)}
     print(f"The first training example as trained: {trainer.loss_example['text']!r}; loss on {trainer.loss_example['trained']!r}")
     # 04 checks that each model it scores is prompted with exactly these ids (no train/inference template drift).
-    trainer.trained_prompt = {"id": train_rows[0].get("id"), "prompt": train_rows[0]["prompt"], "prompt_ids": train_ds[0]["input_ids"][: train_ds[0]["completion_mask"].index(1)]}
+    trainer.trained_prompt = {
+        "id": train_rows[0].get("id"),
+        "prompt": train_rows[0]["prompt"],
+        "prompt_ids": train_ds[0]["input_ids"][: train_ds[0]["completion_mask"].index(1)],
+    }
     return trainer, backend
 
 
@@ -127,7 +132,9 @@ def train(trainer, p: Params, resume_from: Path | None = None):
     trainer.add_callback(meter)
     device = "cuda" if has_cuda() else "cpu"
     resuming = f", resuming at step {checkpoint_step(resume_from)} from {resume_from}" if resume_from else ""
-    print(f"Training, {len(trainer.train_dataset)} rows, {trainer.args.max_steps if trainer.args.max_steps > 0 else 'all'} steps, device {device}, batching {batching_in_use(trainer.args)}{resuming}.")
+    print(
+        f"Training, {len(trainer.train_dataset)} rows, {trainer.args.max_steps if trainer.args.max_steps > 0 else 'all'} steps, device {device}, batching {batching_in_use(trainer.args)}{resuming}."
+    )
     try:
         # The same call on both backends (Unsloth's notebooks resume this way too).
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -271,8 +278,7 @@ def _check_trl(backend: str) -> None:
 
     if backend == "hf" and not has_cuda() and trl.__version__.startswith("1.15."):
         raise TunebookError(
-            f"TRL {trl.__version__} cannot train on a CPU-only torch (its fused LM-head loss needs Triton). "
-            "Install TRL 1.16 or newer: pip install 'trl>=1.16'."
+            f"TRL {trl.__version__} cannot train on a CPU-only torch (its fused LM-head loss needs Triton). Install TRL 1.16 or newer: pip install 'trl>=1.16'."
         )
 
 
@@ -421,7 +427,9 @@ def _check_labels(trainer, n_train: int, fmt: ChatFormat) -> list[int]:
     if trained == 0:
         raise TunebookError("Every training example has its answer masked out (no loss tokens). Check model.max_seq_length and the chat template.")
     if all(t == n for t, n in counts):
-        raise TunebookError("The loss covers the prompt tokens too, not only the answers: completion-only masking is off. Train on prompt/completion rows from 01.")
+        raise TunebookError(
+            "The loss covers the prompt tokens too, not only the answers: completion-only masking is off. Train on prompt/completion rows from 01."
+        )
     if not trainer.args.packing and len(counts) < n_train:
         print(f"Note: {n_train - len(counts)} of {n_train} training examples had no answer tokens left and were dropped.")
     print(f"Loss on answer tokens only: {trained:,} of {total:,} tokens ({trained / total:.1%}); each answer ends with {fmt.end_of_turn!r} ({fmt.family}).")
