@@ -24,7 +24,7 @@ from tunebook.errors import TunebookError
 from tunebook.families import TemplateError, render_prompt, split_reasoning
 from tunebook.generate import answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
-from tunebook.models import dir_size_mb, load_for_inference, load_tokenizer, pick_backend, resolve_model, saved_bits
+from tunebook.models import dir_size_mb, load_for_inference, load_tokenizer, local_folder, pick_backend, saved_bits
 from tunebook.rows import read_jsonl, write_jsonl
 from tunebook.runs import Run, first_read_by, params_key, read_manifest, write_json_atomic
 
@@ -117,9 +117,8 @@ def models_to_evaluate(run: Run) -> list[EvalModel]:
     models = []
     if "base" in wanted:
         name = run.params.model.name
-        local = resolve_model(name)
-        on_disk = Path(local).is_dir()
-        models.append(EvalModel("base", "base", "transformers", name, saved_bits(local) if on_disk else None, dir_size_mb(local) if on_disk else None))
+        local = local_folder(name)
+        models.append(EvalModel("base", "base", "transformers", name, saved_bits(local) if local else None, dir_size_mb(local) if local else None))
     if "finetuned" in wanted:
         merged = run.outputs_of("02_finetune")["merged_dir"]
         models.append(EvalModel("finetuned", "finetuned", "transformers", merged, saved_bits(merged), dir_size_mb(merged)))

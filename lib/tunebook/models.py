@@ -74,6 +74,12 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def local_folder(name: str) -> str | None:
+    """The model's folder on this disk (the embedded model, materialized; a local folder), or None for a hub id: what
+    04 and 03 measure the base model's size in, without asking the hub."""
+    return resolve_model(name) if name.startswith("embedded:") or Path(name).is_dir() else None
+
+
 def materialize_embedded(name: str) -> Path:
     if name not in EMBEDDED:
         raise TunebookError(f"Unknown embedded model '{name}'. Embedded models: {', '.join(EMBEDDED)}.")

@@ -299,11 +299,11 @@ QUANTIZERS = {  # how each of config.QUANTIZE_METHODS is made (tests/test_struct
 
 def size_table(run: Run) -> list[dict]:
     """Bits, size on disk and status of the base model, the merged fine-tuned model and every quantized variant."""
-    from tunebook.models import resolve_model
+    from tunebook.models import local_folder
 
     rows = []
-    base = resolve_model(run.params.model.name)
-    if Path(base).is_dir():
+    base = local_folder(run.params.model.name)
+    if base:
         rows.append({"model": "base", "bits": saved_bits(base), "size_mb": dir_size_mb(base), "status": "ok"})
     merged = run.outputs_of("02_finetune")["merged_dir"]
     rows.append({"model": "finetuned", "bits": saved_bits(merged), "size_mb": dir_size_mb(merged), "status": "ok"})
