@@ -10,6 +10,8 @@ TUNEBOOK_CACHE ?= $(HOME)/.cache/tunebook
 export TUNEBOOK_CACHE
 MODEL := $(TUNEBOOK_CACHE)/models/SmolLM2-135M-Instruct-v2/model.safetensors
 PARAMS ?= params/default.yaml
+# pytest-xdist workers for `make test`: one per core of the 2-core machine it is tuned on (each computes on one thread).
+TEST_WORKERS ?= 2
 # The browser tests drive Debian's Chromium through Playwright (Playwright's own browser download needs the open web).
 CHROMIUM ?= /usr/bin/chromium
 # Japanese glyphs for the browser tests' screenshots of the JAQKET / livedoor reports.
@@ -34,7 +36,7 @@ run: setup model
 test: setup model tokenizers $(CHROMIUM) $(CJK_FONT)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 tokenizers: $(TOKENIZERS)
 

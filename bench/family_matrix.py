@@ -41,7 +41,7 @@ class TinyFamily:
 
 
 FAMILIES = {
-    "smollm2": TinyFamily("", "LlamaForCausalLM", "llama", end_of_turn="<|im_end|>"),
+    "smollm2": TinyFamily("", "LlamaForCausalLM", "llama", {}, (2,), "<|im_end|>"),
     "llama3_1": TinyFamily("llama3_1", "LlamaForCausalLM", "llama", {}, (128001, 128008, 128009), "<|eot_id|>"),
     "llama3_2": TinyFamily("llama3_2", "LlamaForCausalLM", "llama", {}, (128001, 128008, 128009), "<|eot_id|>"),
     "qwen2_5": TinyFamily("qwen2_5", "Qwen2ForCausalLM", "qwen2", {}, (151645, 151643), "<|im_end|>"),
@@ -62,15 +62,21 @@ def tokenizer_folder(name: str) -> Path | None:
 
 
 def tiny_model(name: str, dest: Path) -> Path:
-    """A saved model folder of the family's architecture with its real tokenizer (made once per folder). Embeddings
-    start wide (std 0.5), so the tied output layer can tell tokens apart after a few steps."""
+    """A saved model folder of the family's architecture with its real tokenizer (made once per folder; SmolLM2's
+    from the embedded model). Embeddings start wide (std 0.5), so the tied output layer can tell tokens apart after a
+    few steps."""
+    import tempfile
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from tunebook.config import DEFAULT_MODEL
+    from tunebook.models import resolve_model
 
     family = FAMILIES[name]
     if (dest / "config.json").exists():
         return dest
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(name))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(name) if family.package else resolve_model(DEFAULT_MODEL))
     config = AutoConfig.for_model(
         family.model_type,
         vocab_size=len(tokenizer),
@@ -91,11 +97,14 @@ def tiny_model(name: str, dest: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=list(family.eos_token_id), pad_token_id=tokenizer.pad_token_id)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))  # its own: two test workers may build it at once
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(dest)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process finished it first
+        shutil.rmtree(tmp)
     return dest
 
 
@@ -136,7 +145,8 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: bool = True
     of the matrix (the test asserts them)."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from tunebook import analysis, data, evaluate, quantize, train
+    from tunebook import analysis, data, evaluate, train
+    from tunebook import quantize as quantize_stage
     from tunebook.families import PINNED_DATE, chat_format
     from tunebook.models import load_tokenizer, resolve_model
     from tunebook.runs import open_run
@@ -150,7 +160,13 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: bool = True
     params.write_text(params_yaml(name, model, write_rows(work / "rows.jsonl"), work / "outputs", backend, quantize), encoding="utf-8")
     run = open_run(params)
     row, seconds = {"family": name}, {}
-    for stage, call in (("01", data.build_dataset), ("02", train.finetune), ("03", quantize.quantize), ("04", evaluate.evaluate), ("05", analysis.analyze)):
+    for stage, call in (
+        ("01", data.build_dataset),
+        ("02", train.finetune),
+        ("03", quantize_stage.quantize),
+        ("04", evaluate.evaluate),
+        ("05", analysis.analyze),
+    ):
         started = time.time()
         call(run)
         seconds[stage] = round(time.time() - started, 1)

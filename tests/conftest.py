@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,6 +8,37 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TUNEBOOK_SHARED", ROOT.parent / "shared"))
+
+# `make test` runs the suite on two pytest-xdist workers, one per core: each worker and every process it starts (the
+# CLI, papermill's kernels) computes on one thread, so the two never fight over the cores. Set before torch loads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+_spec = importlib.util.spec_from_file_location("family_matrix", ROOT / "bench" / "family_matrix.py")
+family_matrix = importlib.util.module_from_spec(_spec)
+sys.modules["family_matrix"] = family_matrix  # its dataclasses look their module up
+_spec.loader.exec_module(family_matrix)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """pytest-xdist's --dist loadgroup: a module's tests stay on one worker (its module fixtures are built once), and
+    the modules that read the session's smoke run share one worker (it is built once)."""
+    smoke_modules = {item.module.__name__ for item in items if {"smoke_run", "recipe_runs"} & set(item.fixturenames)}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("smoke_run" if module in smoke_modules else module))
+
+
+def pytest_configure(config):
+    """Stop, rather than build the smoke run once per worker, where pytest-xdist cannot group: pytest 9.2 ignores the
+    group suffix it writes into each node id (pytest-xdist issue 1386)."""
+    from packaging.version import Version
+
+    if config.getoption("dist", "no") == "loadgroup" and Version(pytest.__version__) >= Version("9.2.0.dev0"):
+        raise pytest.UsageError(
+            f"pytest-xdist's --dist loadgroup does not group tests under pytest {pytest.__version__} (pytest-xdist issue 1386): install requirements.txt's pytest<9.2"
+        )
 
 
 def _gpu_present() -> bool:
@@ -50,6 +82,13 @@ def write_params(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_smollm2(tmp_path_factory) -> Path:
+    """A tiny random-weight model of SmolLM2's architecture with its real tokenizer (hidden 64, 2 layers; bench/
+    family_matrix.py): for tests of the orchestration around the model (sweeps), where the real one only adds minutes."""
+    return family_matrix.tiny_model("smollm2", tmp_path_factory.mktemp("tiny") / "smollm2")
+
+
+@pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """params/smoke.yaml through the CLI, all five notebooks, once per test session: (run folder, completed process)."""
     out = tmp_path_factory.mktemp("outputs")
@@ -62,7 +101,7 @@ def smoke_run(tmp_path_factory):
 # Small runs of two more recipes beside the smoke run (same output folder, so 05's run picker lists all three): the
 # error analysis must work for classification (confusion matrix) and HotpotQA/RAFT (final-answer lines) too.
 RECIPE_RUNS = {
-    "livedoor_genre": ["data.eval_size=18", "data.max_train_examples=16", "train.max_steps=2", "train.eval_loss_examples=4"],
+    "livedoor_genre": ["data.eval_size=18", "data.max_train_examples=16", "train.max_steps=2", "train.grad_accum=1", "train.eval_loss_examples=4"],
     "hotpotqa_raft": [
         "data.eval_size=6",
         "data.max_train_examples=4",

@@ -47,6 +47,8 @@ COLAB_IMAGE = [
     "aiohttp",
 ]
 TORCH = "torch==2.13.0"
+# The smoke run with its passages cut short: the runtime is under test here, not the model (a third of 02's time).
+SHORT_PROMPTS = "data.passage_max_chars=40, model.max_seq_length=256"
 FAKE_COLAB = {
     "__init__.py": "",
     "drive.py": "def mount(mountpoint, **kwargs):\n    import os\n    os.makedirs(os.path.join(mountpoint, 'MyDrive'), exist_ok=True)\n",
@@ -158,7 +160,7 @@ def test_colab_runtime_setup_then_01_and_02(tmp_path):
                 "params_path",
                 str(home / "params" / "smoke.yaml"),
                 "-y",
-                f"overrides: [output_dir={out}]",
+                f"overrides: [output_dir={out}, {SHORT_PROMPTS}]",
             ],
             check=False,
             env=env,

@@ -2,22 +2,16 @@
 templates, end of turn, padding, thinking blocks, float16 hazards, LoRA targets; and the family matrix (01 -> 05 on a
 tiny model of each family's own architecture, bench/family_matrix.py)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, family_matrix
 from tunebook.errors import TunebookError
 from tunebook.families import PINNED_DATE, TemplateError, chat_format, choose_pad_token, linear_layer_names, split_reasoning, training_text
 from tunebook.models import load_tokenizer, pick_dtype, prepare_tokenizer
-
-spec = importlib.util.spec_from_file_location("family_matrix", ROOT / "bench" / "family_matrix.py")
-family_matrix = importlib.util.module_from_spec(spec)
-sys.modules["family_matrix"] = family_matrix  # its dataclasses look their module up
-spec.loader.exec_module(family_matrix)
 
 PROMPT = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "What is the capital of France?"}]
 ANSWER = [{"role": "assistant", "content": "Paris"}]

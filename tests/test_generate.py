@@ -65,18 +65,20 @@ def test_constrained_decoding_returns_only_labels(model_and_tokenizer):
 
 
 def test_default_eval_set_batched_equals_one_at_a_time_in_fp32(model_and_tokenizer, tmp_path):
-    """The engine's batches (sorted, left-padded, mixed finish times) change no greedy answer on the default eval set."""
+    """The engine's batches (sorted, left-padded, mixed finish times) change no greedy answer on the default eval
+    prompts: every fourth row of the eval split (25 of 100, all prompt lengths), in the default batch size."""
     model, tokenizer = model_and_tokenizer
     run = open_run(ROOT / "params/default.yaml", [f"output_dir={tmp_path}"])
     build_dataset(run)
-    conversations = [e["prompt"] for e in load_split(run, "eval")]
+    eval_split = load_split(run, "eval")
+    conversations = [e["prompt"] for e in eval_split[::4]]
     budget = answer_budget(run)
     options = dict(max_new_tokens=budget, stop_strings=run.params.evaluate.stop_strings)
     batched = generate(model, tokenizer, conversations, batch_size=run.params.evaluate.batch_size, **options)
     single = generate(model, tokenizer, conversations, batch_size=1, **options)
-    assert len(conversations) == 100 and 8 <= budget < 32
+    assert len(eval_split) == 100 and len(conversations) > run.params.evaluate.batch_size and 8 <= budget < 32
     assert batched.texts == single.texts
-    assert len(set(batched.texts)) > 50  # real, varied answers
+    assert len(set(batched.texts)) > 12  # real, varied answers
 
 
 def test_answer_budget_covers_the_longest_answer_plus_a_quarter(model_and_tokenizer):

@@ -1,4 +1,4 @@
-"""A real sweep through the CLI and papermill, on a few rows: three variants, one of which fails in 02 (packed
+"""A real sweep through the CLI and papermill, on a few rows and a tiny model of SmolLM2's shape: three variants, one of which fails in 02 (packed
 batches need Unsloth). It is interrupted (SIGTERM) while its last run trains and started again; then the
 comparison is checked against the runs' own metrics."""
 
@@ -17,7 +17,7 @@ from conftest import ROOT
 SWEEP = """run_name: tiny
 output_dir: {out}
 seed: 0
-model: {{name: "embedded:SmolLM2-135M-Instruct", max_seq_length: 768}}
+model: {{name: "{model}", max_seq_length: 768}}
 data: {{train_path: {data}, group_field: article, eval_size: 6, max_train_examples: 8}}
 train: {{max_steps: 2, batch_size: 2, eval_steps: 2, eval_loss_examples: 2, logging_steps: 1}}
 evaluate: {{models: [base, finetuned], batch_size: 6, max_new_tokens: 8}}
@@ -41,11 +41,11 @@ def status(folder, run, stage):
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, tiny_smollm2):
     """The sweep run once, killed while r8 trains, and run again: (folder, first exit code, second run, r4's notebook mtimes)."""
     tmp = tmp_path_factory.mktemp("sweep")
     params = tmp / "tiny.yaml"
-    params.write_text(SWEEP.format(out=tmp / "outputs", data=ROOT / "data" / "minipedia_rag_qa.jsonl"))
+    params.write_text(SWEEP.format(out=tmp / "outputs", data=ROOT / "data" / "minipedia_rag_qa.jsonl", model=tiny_smollm2))
     folder = tmp / "outputs" / "tiny"
     command = [sys.executable, "-m", "tunebook", "sweep", str(params)]
     with open(tmp / "first.log", "w") as log:

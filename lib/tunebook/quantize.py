@@ -17,6 +17,7 @@ A method that cannot run here is listed as skipped with the reason, never droppe
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -276,13 +277,17 @@ def llama_cpp_converter() -> Path:
             raise Skipped(f"could not fetch the llama-cpp-python {version} source distribution from the package index ({fetched.stderr.strip()[-200:]})")
         prefix = f"{archives[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
         wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-        tmp = fresh_tmp_dir(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder.parent))  # its own: two processes may fetch at once
         with tarfile.open(archives[0]) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)]
             for m in members:
                 m.name = m.name[len(prefix) :]
             tar.extractall(tmp, members=members, filter="data")
-        replace_dir(tmp, folder)
+        if converter.exists():  # another process unpacked it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            replace_dir(tmp, folder)
     return converter
 
 
