@@ -36,11 +36,16 @@ TRAIN_STEPS, PREFILL_PROMPTS, PREFILL_REPEATS, AGREEMENT_PROMPTS = 10, 16, 3, 32
 
 
 def train_case(dtype: str) -> dict:
-    from tunebook.data import load_split
+    from datasets import load_from_disk
+
+    from tunebook.data import build_dataset
+    from tunebook.runs import open_run
     from tunebook.train import build_trainer, train
 
-    _, run = default_eval_set(f"model.dtype={dtype}", f"train.max_steps={TRAIN_STEPS}", f"train.eval_steps={TRAIN_STEPS * 10}")
-    trainer, _ = build_trainer(run.params, load_split(run, "train"), load_split(run, "eval"), Path(tempfile.mkdtemp()))
+    overrides = [f"output_dir={tempfile.mkdtemp()}", f"model.dtype={dtype}", f"train.max_steps={TRAIN_STEPS}", f"train.eval_steps={TRAIN_STEPS * 10}"]
+    run = open_run(ROOT / "params/default.yaml", overrides)
+    splits = load_from_disk(str(build_dataset(run).dataset_dir / "hf"))
+    trainer, _ = build_trainer(run.params, splits["train"], splits["eval"], Path(tempfile.mkdtemp()))
     trainer.args.save_strategy = "no"
     _, meter = train(trainer, run.params)
     return {"tokens_per_second": meter.summary()["tokens_per_second"], "steps": TRAIN_STEPS, "batch_size": run.params.train.batch_size}
