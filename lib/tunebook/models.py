@@ -93,23 +93,23 @@ def materialize_embedded(name: str) -> Path:
     gguf = Path(next(iter(spec.submodule_search_locations))) / filename
     if not gguf.exists():
         raise TunebookError(f"{gguf} is missing from the installed {package} package; reinstall it.")
-    from tunebook.runs import fresh_tmp_dir, replace_dir
+    from tunebook.runs import build_once
 
-    tmp = fresh_tmp_dir(target)  # first: a cache that cannot be written is said before half a minute of converting
-    print(f"Materializing {name} from {gguf.name} into {target} (once) ...")
-    import torch
-    from transformers import AutoModelForCausalLM
+    # The folder first: a cache that cannot be written is said before half a minute of converting.
+    with build_once(target) as tmp:
+        print(f"Materializing {name} from {gguf.name} into {target} (once) ...")
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    tokenizer = _gguf_tokenizer(gguf)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = gguf_model.config
-    del config.quantization_config  # the weights are dequantized now; the marker would block training and saving
-    config.dtype = torch.bfloat16
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict(gguf_model.state_dict())
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, target)
+        tokenizer = _gguf_tokenizer(gguf)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = gguf_model.config
+        del config.quantization_config  # the weights are dequantized now; the marker would block training and saving
+        config.dtype = torch.bfloat16
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.load_state_dict(gguf_model.state_dict())
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
