@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 RESULTS = ROOT / "bench" / "results"
 DTYPES = ("float32", "bfloat16")
-TRAIN_STEPS, PREFILL_PROMPTS, PREFILL_REPEATS, AGREEMENT_PROMPTS = 10, 16, 3, 32
+TRAIN_STEPS, PREFILL_PROMPTS, PREFILL_REPEATS, AGREEMENT_PROMPTS = 5, 16, 3, 32
 
 
 def train_case(dtype: str) -> dict:
