@@ -385,6 +385,7 @@ def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, e
         completion_only_loss=True,
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
+        use_cpu=not has_cuda(),  # transformers refuses bf16 without it on a machine with no GPU
         # Recomputing activations saves GPU memory; on CPU it only costs time.
         gradient_checkpointing=has_cuda(),
         include_num_input_tokens_seen="non_padding",
