@@ -76,7 +76,7 @@ def answers_case(dtype: str) -> dict:
 
     conversations, run = default_eval_set()
     model, tokenizer = load_for_inference(run.params.model.name, dtype=dtype, max_seq_length=run.params.model.max_seq_length)
-    texts = generate(model, tokenizer, conversations[:AGREEMENT_PROMPTS], batch_size=run.params.eval.batch_size, max_new_tokens=32).texts
+    texts = generate(model, tokenizer, conversations[:AGREEMENT_PROMPTS], batch_size=run.params.evaluate.batch_size, max_new_tokens=32).texts
     return {"texts": texts}
 
 
