@@ -61,9 +61,10 @@ def run_one(name: str) -> dict:
         started = time.time()
         subprocess.run(command, cwd=ROOT, check=True)
         seconds = time.time() - started
-    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    stages = manifest["stages"]
-    splits = {row["split"]: row for row in stages["01_build_dataset"]["outputs"]["table"]}
+    from tunebook.runs import Run
+
+    run = Run.load(run_dir)
+    splits = {row["split"]: row for row in run.outputs_of("01_build_dataset").table}
     metrics = {row["model"]: row for row in json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))}
     return {
         "name": name,
@@ -73,7 +74,7 @@ def run_one(name: str) -> dict:
         "train_examples": splits["train"]["examples"],
         "eval_examples": splits["eval"]["examples"],
         "seconds": round(seconds, 1),
-        "train_seconds": stages["02_finetune"]["outputs"].get("train_seconds"),
+        "train_seconds": run.outputs_of("02_finetune").train_seconds,
         "base": metrics["base"],
         "finetuned": metrics["finetuned"],
     }

@@ -65,13 +65,12 @@ def tiny_model(name: str, dest: Path) -> Path:
     """A saved model folder of the family's architecture with its real tokenizer (made once per folder; SmolLM2's
     from the embedded model). Embeddings start wide (std 0.5), so the tied output layer can tell tokens apart after a
     few steps."""
-    import tempfile
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from tunebook.config import DEFAULT_MODEL
     from tunebook.models import resolve_model
+    from tunebook.runs import build_once
 
     family = FAMILIES[name]
     if (dest / "config.json").exists():
@@ -97,14 +96,9 @@ def tiny_model(name: str, dest: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=list(family.eos_token_id), pad_token_id=tokenizer.pad_token_id)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))  # its own: two test workers may build it at once
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(dest)
-    except OSError:  # another process finished it first
-        shutil.rmtree(tmp)
+    with build_once(dest) as tmp:  # two test workers may build it at once
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return dest
 
 
@@ -171,7 +165,7 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: bool = True
         call(run)
         seconds[stage] = round(time.time() - started, 1)
     trained = run.outputs_of("02_finetune")
-    tokenizer = load_tokenizer(trained["merged_dir"])
+    tokenizer = load_tokenizer(trained.merged_dir)
     fmt = chat_format(tokenizer)
     example = data.load_split(run, "train")[0]
     row["chat_format"] = fmt.family
@@ -179,17 +173,17 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: bool = True
     # The training text against the family's own template, rendered as its non-thinking mode with the pinned date.
     original = AutoTokenizer.from_pretrained(tokenizer_folder(name) if family.package else resolve_model(model))
     own = original.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True, enable_thinking=False, date_string=PINNED_DATE)
-    row["training_text"] = trained["loss_example"]["text"]
+    row["training_text"] = trained.loss_example["text"]
     row["training_text_matches_template"] = row["training_text"] == own + example["answers"][0] + fmt.end_of_turn
-    row["loss_tokens"] = trained["loss_example"]["trained"]
+    row["loss_tokens"] = trained.loss_example["trained"]
     row["loss_is_answer_plus_end_of_turn"] = row["loss_tokens"] == example["answers"][0] + fmt.end_of_turn
-    row["eval_prompt_is_trained_prefix"] = evaluate_prompt_ids(run, tokenizer) == trained["trained_prompt"]["prompt_ids"]
-    row["stop_ids"] = trained["stop_ids"]
-    row["merged_generation_config_eos"] = GenerationConfig.from_pretrained(trained["merged_dir"]).eos_token_id
-    row["variants"] = {v["name"]: v["status"] if v["status"] == "ok" else f"{v['status']}: {v['reason']}" for v in run.outputs_of("03_quantize")["variants"]}
+    row["eval_prompt_is_trained_prefix"] = evaluate_prompt_ids(run, tokenizer) == trained.trained_prompt["prompt_ids"]
+    row["stop_ids"] = trained.stop_ids
+    row["merged_generation_config_eos"] = GenerationConfig.from_pretrained(trained.merged_dir).eos_token_id
+    row["variants"] = {v.name: v.status if v.status == "ok" else f"{v.status}: {v.reason}" for v in run.outputs_of("03_quantize").variants}
     row["gguf_end_of_generation"] = gguf_stops(run, fmt.end_of_turn_id)
     metrics = {r["model"]: r for r in json.loads((run.dir / "metrics.json").read_text())}
-    predictions = {m: [json.loads(line) for line in open(f, encoding="utf-8")] for m, f in run.outputs_of("04_evaluate")["predictions"].items()}
+    predictions = {m: [json.loads(line) for line in open(f, encoding="utf-8")] for m, f in run.outputs_of("04_evaluate").predictions.items()}
     markers = [fmt.end_of_turn, "<think>", "</think>", "<|im_start|>", "<start_of_turn>", "<|start_header_id|>", "assistant\n"]
     finetuned = predictions["finetuned"]
     row["finetuned_answers"] = sorted({r["prediction"] for r in finetuned})
@@ -205,20 +199,20 @@ def evaluate_prompt_ids(run, tokenizer) -> list[int]:
     """The first training example's prompt as 04 tokenizes it for generation."""
     from tunebook.generate import render_prompts
 
-    prompt = run.outputs_of("02_finetune")["trained_prompt"]["prompt"]
+    prompt = run.outputs_of("02_finetune").trained_prompt["prompt"]
     return tokenizer(render_prompts(tokenizer, [prompt])[0], add_special_tokens=False)["input_ids"]
 
 
 def gguf_stops(run, end_of_turn_id: int) -> bool | None:
     """Whether llama.cpp, loading the q8_0 copy, ends generation at the family's end-of-turn token (None: no copy)."""
-    variant = next((v for v in run.outputs_of("03_quantize")["variants"] if v["name"] == "gguf_q8_0" and v["status"] == "ok"), None)
+    variant = next((v for v in run.outputs_of("03_quantize").variants if v.name == "gguf_q8_0" and v.status == "ok"), None)
     if not variant:
         return None
     import llama_cpp
 
     from tunebook.generate import load_gguf
 
-    llm = load_gguf(variant["path"], n_ctx=256)
+    llm = load_gguf(variant.path, n_ctx=256)
     return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), end_of_turn_id))
 
 

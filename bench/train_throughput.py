@@ -295,7 +295,7 @@ def _batching(batching: str, out: Path, extra: tuple[str, ...] = ()) -> dict:
     ]
     run = runs.open_run(ROOT / "params" / "default.yaml", overrides)
     data.build_dataset(run)
-    splits = load_from_disk(run.outputs_of("01_build_dataset")["dataset_dir"])
+    splits = load_from_disk(run.outputs_of("01_build_dataset").dataset_dir)
     return {"rows": len(splits["train"]), **_train_workbook(run.params, splits["train"], splits["eval"], out)}
 
 

@@ -81,6 +81,16 @@ def write_params(tmp_path):
     return write
 
 
+def finetuned_record(**fields) -> dict:
+    """What a real 02 records, for tests that fake stage 02: the fields they name, placeholders for the rest."""
+    from tunebook.stage_outputs import FinetuneOutputs
+
+    placeholders = dict(
+        backend="hf", family="SmolLM2", stop_ids=[2], adapter_dir="adapter", merged_dir="merged", train_log="train_log.json", steps=1, train_examples=1
+    )
+    return FinetuneOutputs(**{**placeholders, "train_seconds": 0.0, "train_loss": None, **fields}).as_json()
+
+
 @pytest.fixture(scope="session")
 def tiny_smollm2(tmp_path_factory) -> Path:
     """A tiny random-weight model of SmolLM2's architecture with its real tokenizer (hidden 64, 2 layers; bench/

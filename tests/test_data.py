@@ -174,7 +174,7 @@ def test_relabel_marks_from_05_fix_the_next_build(tmp_path):
     examples = {e["id"]: e for e in built.train + built.eval}
     assert examples[accepted["id"]]["answers"] == [*accepted["answers"], "an answer of our own"]
     assert wrong["id"] not in examples and len(examples) == len(rows) - 1
-    assert built.summary["relabeled"] == {"answers_added": 1, "examples_dropped": 1, "marks_for_other_ids": 1}
+    assert built.summary.relabeled == {"answers_added": 1, "examples_dropped": 1, "marks_for_other_ids": 1}
     marks.write_text('{"id": "1", "mark": "looks odd"}\n')
     with pytest.raises(DataError, match=r"relabels.jsonl mark 1: expected id, prediction and mark"):
         build_dataset(open_run(ROOT / "params/default.yaml", [f"output_dir={tmp_path / 'out2'}", f"data.relabels_path={marks}"]))

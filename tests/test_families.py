@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, family_matrix
+from conftest import ROOT, family_matrix, finetuned_record
 from tunebook.errors import TunebookError
 from tunebook.families import PINNED_DATE, TemplateError, chat_format, choose_pad_token, linear_layer_names, split_reasoning, training_text
 from tunebook.models import load_tokenizer, pick_dtype, prepare_tokenizer
@@ -195,7 +195,7 @@ def test_evaluation_prompt_that_drifted_from_training_is_stopped(tmp_path, write
     prompt_ids, _ = training_tokens(tokenizer, chat_format(tokenizer), PROMPT, ANSWER)
     run = open_run(write_params(f"output_dir: {tmp_path}\ndata:\n  train_path: rows.jsonl\n"))
     with run.stage("02_finetune") as outputs:
-        outputs.update(family="Qwen3", trained_prompt={"prompt": PROMPT, "prompt_ids": prompt_ids})
+        outputs.update(finetuned_record(family="Qwen3", trained_prompt={"prompt": PROMPT, "prompt_ids": prompt_ids}))
     check_trained_prompt(run, tokenizer, "finetuned")
     with pytest.raises(TemplateError, match="finetuned: the evaluation prompt differs from the training prompt.*enable_thinking"):
         check_trained_prompt(run, tokenizer_of("qwen3", enable_thinking=True), "finetuned")

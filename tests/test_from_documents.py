@@ -118,7 +118,7 @@ synthesize:
 def test_faq_rows_from_documents_through_a_real_server(proxy, documents, write_params):
     run = open_run(faq_params(write_params, documents, proxy.base_url))
     built = build_dataset(run)
-    s = built.summary["synthetic"]
+    s = built.summary.synthetic
     assert s["chunks"] == 5  # each page is shorter than one chunk
     assert s["failed_chunks"] == 1 and s["unparsed_chunks"] >= 1  # the FAIL-ALWAYS page, the MALFORMED page (at least)
     pairs = read_jsonl(Path(s["pairs_jsonl"]))
@@ -155,7 +155,7 @@ def test_faq_rows_from_documents_through_a_real_server(proxy, documents, write_p
     # A rerun pays only for what failed: every reply that came back is in the cache.
     sent = len(proxy.bodies)
     rebuilt = build_dataset(run)
-    r = rebuilt.summary["synthetic"]["teacher"]
+    r = rebuilt.summary.synthetic["teacher"]
     assert r["requests"] == 1 and r["failed"] == 1 and len(proxy.bodies) == sent + 2  # the failing chunk, tried twice
     assert r["cache_hits"] == 4 + steps[-2]["kept"]  # 4 chunks, and the judge's replies
     assert rebuilt.train == built.train
@@ -191,7 +191,7 @@ synthesize:
 """)
     )
     built = build_dataset(run)
-    s = built.summary["synthetic"]
+    s = built.summary.synthetic
     assert s["failed_chunks"] == 0 and s["teacher"]["requests"] == 5 and s["teacher"]["completion_tokens"] > 0
     assert "supporting sentence found in the chunk" in [r["step"] for r in s["steps"]]
     chunks = {c["id"]: c for c in read_jsonl(Path(s["chunks_jsonl"]))}

@@ -57,6 +57,21 @@ def test_dtype_follows_the_gpu(monkeypatch):
     assert pick_dtype("float32") is torch.float32  # an explicit choice wins
 
 
+def test_cpu_generates_in_bfloat16_only_with_bfloat16_instructions_and_trains_in_float32(monkeypatch):
+    import torch
+
+    from tunebook.models import pick_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # an AVX2 CPU: bfloat16 is emulated
+    assert pick_dtype("auto") is torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # Cooper Lake, Sapphire Rapids, Zen 4
+    assert pick_dtype("auto") is torch.bfloat16
+    assert pick_dtype("auto", training=True) is torch.float32
+    assert pick_dtype("float32") is torch.float32 and pick_dtype("bfloat16", training=True) is torch.bfloat16
+
+
 def test_named_chat_template_without_unsloth_is_explained():
     from tunebook.models import has_unsloth
 

@@ -1,5 +1,6 @@
 import pytest
 
+from conftest import finetuned_record
 from tunebook.config import DEFAULT_MODEL
 from tunebook.evaluate import EvalModel, models_to_evaluate
 from tunebook.models import dir_size_mb
@@ -24,7 +25,7 @@ def test_skipped_and_failed_variants_are_listed_not_evaluated(write_params, tmp_
     gguf = tmp_path / "gguf_q8_0.gguf"
     gguf.write_bytes(b"x" * 2**19)
     with run.stage("02_finetune") as outputs:
-        outputs["merged_dir"] = str(merged)
+        outputs.update(finetuned_record(merged_dir=str(merged)))
     with run.stage("03_quantize") as outputs:
         outputs["variants"] = [
             {"name": "gguf_q8_0", "method": "gguf_q8_0", "bits": 8, "format": "gguf", "status": "ok", "path": str(gguf), "size_mb": 0.5},

@@ -16,10 +16,10 @@ def test_recipe_builds_its_dataset(recipe, shared_datasets, tmp_path):
     built = data.build_dataset(run)
     train_ids, eval_ids = {e["id"] for e in built.train}, {e["id"] for e in built.eval}
     assert len(built.eval) >= 20 and len(built.train) > len(built.eval) / 2 and not train_ids & eval_ids
-    stats = {row["split"]: row for row in built.summary["table"]}
+    stats = {row["split"]: row for row in built.summary.table}
     if recipe == "livedoor_genre":
-        assert len(built.summary["labels"]) == 9
-        assert all(e["completion"][0]["content"] in built.summary["labels"] for e in built.train)
+        assert len(built.summary.labels) == 9
+        assert all(e["completion"][0]["content"] in built.summary.labels for e in built.train)
         assert "Genres: dokujo-tsushin, it-life-hack" in built.eval[0]["prompt"][-1]["content"]
     elif recipe == "debian_faq":
         # passages are retrieved from the FAQ itself; the hit rate is counted, and it is neither 0 nor 1
@@ -40,11 +40,11 @@ def test_teacher_recipe_builds_its_dataset_from_the_debian_faq(recipe, shared_da
         [f"output_dir={tmp_path}", "synthesize.max_chunks=4", "synthesize.teacher.max_new_tokens=160", f"synthesize.teacher.cache_dir={tmp_path / 'cache'}"],
     )
     built = data.build_dataset(run)
-    s = built.summary["synthetic"]
+    s = built.summary.synthetic
     assert s["teacher"]["requests"] == 4 and s["failed_chunks"] == 0
     assert "shares an n-gram with an eval question" in [r["step"] for r in s["steps"]]
     assert len(built.train) == s["steps"][-1]["kept"] >= 1
-    stats = {row["split"]: row for row in built.summary["table"]}
+    stats = {row["split"]: row for row in built.summary.table}
     assert stats["eval"]["examples"] + stats["eval"]["dropped_too_long"] == 40  # data.max_eval_examples
     assert 0 < stats["eval"]["gold_doc_retrieved"] < stats["eval"]["examples"]
     assert all(len(e["passages"]) == run.params.data.retrieval.top_k for e in built.eval)

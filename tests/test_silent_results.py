@@ -133,7 +133,7 @@ def test_allowed_overlap_is_noted_and_recorded(tmp_path, data_file, capsys):
     run = open_run(ROOT / "params/smoke.yaml", [*tiny(tmp_path, data_file), f"data.eval_path={data_file}", "data.allow_eval_overlap=true"])
     built = build_dataset(run)
     assert "Note: 12 of 12 eval rows repeat a training row (data.allow_eval_overlap: true" in capsys.readouterr().out
-    assert built.summary["eval_overlap"] == {"rows": 12, "of": 12, "ids": [f"a-00{a}-q{q}" for a in (1, 2, 3) for q in (1, 2, 3, 4)], "allowed": True}
+    assert built.summary.eval_overlap == {"rows": 12, "of": 12, "ids": [f"a-00{a}-q{q}" for a in (1, 2, 3) for q in (1, 2, 3, 4)], "allowed": True}
 
 
 def test_rows_duplicated_across_the_split_are_overlap(tmp_path, data_file):
@@ -170,7 +170,7 @@ def test_ids_shared_by_numbering_alone_are_named(tmp_path, data_file):
         "their ids name different rows; then set data.id_field to empty (ids = row numbers)."
     )
     run = open_run(ROOT / "params/smoke.yaml", [*tiny(tmp_path, tmp_path / "train.jsonl"), f"data.eval_path={tmp_path / 'eval.jsonl'}", "data.id_field=null"])
-    assert build_dataset(run).summary["eval_overlap"]["rows"] == 0
+    assert build_dataset(run).summary.eval_overlap["rows"] == 0
 
 
 # ---- (b) a model or API baseline that produced no answers ----
@@ -287,5 +287,5 @@ def test_missing_golds_are_warned_about_in_01_recorded_and_flagged_in_05(tiny_ru
 def test_no_gold_check_for_labels_or_long_answers(tmp_path, data_file, capsys):
     run = open_run(ROOT / "params/smoke.yaml", [*tiny(tmp_path, data_file), "evaluate.metric=faq"])
     built = build_dataset(run)
-    assert "gold_missing" not in built.summary and "gold_in_passages" not in built.eval[0]
+    assert built.summary.gold_missing is None and "gold_in_passages" not in built.eval[0]
     assert "Warning" not in capsys.readouterr().out

@@ -23,6 +23,7 @@ from tunebook.data import load_split
 from tunebook.metrics import SPAN_METRICS, loose_normalize
 from tunebook.report import CATEGORIES, CHANGES, confusion_column, gold_in_passages, gold_missing, report_html
 from tunebook.runs import Run, write_json_atomic
+from tunebook.stage_outputs import AnalysisOutputs
 
 
 def categorize(prediction: str, golds: list[str]) -> str:
@@ -47,7 +48,7 @@ def is_right(row: dict) -> bool:
 
 def load_predictions(run: Run) -> dict[str, list[dict]]:
     """Predictions per model, each row joined with its eval example (passages) and its category."""
-    files = run.outputs_of("04_evaluate")["predictions"]
+    files = run.outputs_of("04_evaluate").predictions
     passages = {e["id"]: e["passages"] for e in load_split(run, "eval")}
     spans = run.params.evaluate.metric in SPAN_METRICS  # a class label or a long FAQ answer is not expected in the passages
     result = {}
@@ -113,7 +114,7 @@ def analyze(run: Run) -> dict:
         predictions = load_predictions(run)
         counts = category_counts(predictions)
         compare = transitions(predictions["base"], predictions["finetuned"]) if {"base", "finetuned"} <= predictions.keys() else None
-        labels = run.outputs_of("04_evaluate").get("labels") or []
+        labels = run.outputs_of("04_evaluate").labels
         confusion = {m: confusion_matrix(rows, labels) for m, rows in predictions.items()} if labels else {}
         report = run.dir / "report.html"
         report.write_text(report_html(run.params.run_name, predictions, counts, compare, confusion, labels), encoding="utf-8")
@@ -124,7 +125,7 @@ def analyze(run: Run) -> dict:
                 "'retrieval miss' (not the model's fault); the browser's and report's category filter 'retrieval miss' lists them."
             )
         write_json_atomic(run.dir / "analysis.json", {"category_counts": counts, "base_vs_finetuned": compare, "confusion": confusion, "gold_missing": missing})
-        outputs.update(report_html=str(report), analysis_json=str(run.dir / "analysis.json"))
+        outputs.update(AnalysisOutputs(report_html=str(report), analysis_json=str(run.dir / "analysis.json")).as_json())
     return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare, "labels": labels, "confusion": confusion}
 
 

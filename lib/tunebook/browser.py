@@ -37,7 +37,7 @@ def run_browser(run: Run):
 
     def show(*_):
         picked = runs[picker.value]
-        labels = picked.outputs_of("04_evaluate").get("labels") or []
+        labels = picked.outputs_of("04_evaluate").labels
         holder.children = [browser(load_predictions(picked), picked.dir / "relabels.jsonl", labels)]
 
     picker.observe(show, names="value")

@@ -16,7 +16,7 @@ import pandas as pd
 
 from tunebook.errors import TunebookError
 from tunebook.metrics import SUMMARY_KEYS
-from tunebook.runs import WHERE_KEYS, Run, flatten, is_run_folder, is_under, read_manifest
+from tunebook.runs import WHERE_KEYS, Run, flatten, is_run_folder, is_under
 from tunebook.train import loss_curves
 
 METRICS = list(dict.fromkeys(k for keys in SUMMARY_KEYS.values() for k in keys))
@@ -51,19 +51,19 @@ def comparison(run_dirs: list[Path], model: str = "finetuned") -> pd.DataFrame:
     with a note."""
     rows, params, left_out = [], {}, []
     for folder in run_dirs:
-        stages = read_manifest(folder)["stages"]
-        evaluated = stages.get("04_evaluate", {})
-        if evaluated.get("status") != "complete":
-            left_out.append(f"{folder.name} (04_evaluate {evaluated.get('status', 'not run')})")
+        run = Run.load(folder)
+        status = run.status("04_evaluate")
+        if status != "complete":
+            left_out.append(f"{folder.name} (04_evaluate {'not run' if status == 'missing' else status})")
             continue
-        metrics = json.loads(Path(evaluated["outputs"]["metrics_json"]).read_text(encoding="utf-8"))
+        metrics = json.loads(Path(run.outputs_of("04_evaluate").metrics_json).read_text(encoding="utf-8"))
         chosen = [m for m in metrics if model in ("all", m["model"])]
         if not chosen:
             left_out.append(f"{folder.name} (no '{model}' row; it has {', '.join(m['model'] for m in metrics)})")
             continue
-        flat = flatten(Run.load(folder).params.model_dump(mode="json"))
+        flat = flatten(run.params.model_dump(mode="json"))
         params[folder.name] = {k: v for k, v in flat.items() if not is_under(k, WHERE_KEYS)}
-        training = _training(stages.get("02_finetune", {}))
+        training = _training(run)
         for m in chosen:
             row = {"run": folder.name, **({"model": m["model"]} if model == "all" else {})}
             row.update({k: m[k] for k in METRICS if k in m})
@@ -81,14 +81,14 @@ def comparison(run_dirs: list[Path], model: str = "finetuned") -> pd.DataFrame:
     return table[[c for c in table if c not in metric_columns] + metric_columns]
 
 
-def _training(entry: dict) -> dict:
+def _training(run: Run) -> dict:
     """Final eval loss, mean train loss and train time of a finished 02."""
-    if entry.get("status") != "complete":
+    if run.status("02_finetune") != "complete":
         return {}
-    outputs = entry["outputs"]
-    log = Path(outputs.get("train_log", ""))
+    finetuned = run.outputs_of("02_finetune")
+    log = Path(finetuned.train_log)
     _, evals = loss_curves(json.loads(log.read_text(encoding="utf-8"))) if log.is_file() else ([], [])
-    return {"eval_loss": round(evals[-1][1], 4) if evals else None, "train_loss": outputs.get("train_loss"), "train_seconds": outputs.get("train_seconds")}
+    return {"eval_loss": round(evals[-1][1], 4) if evals else None, "train_loss": finetuned.train_loss, "train_seconds": finetuned.train_seconds}
 
 
 def _shown(value):
@@ -147,9 +147,8 @@ def plot_losses(run_dirs: list[Path]):
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, folder in enumerate(run_dirs):
-        entry = read_manifest(folder)["stages"].get("02_finetune", {})
-        log = Path(entry.get("outputs", {}).get("train_log", ""))
-        if entry.get("status") != "complete" or not log.is_file():
+        run = Run.load(folder)
+        if run.status("02_finetune") != "complete" or not (log := Path(run.outputs_of("02_finetune").train_log)).is_file():
             continue
         train, evals = loss_curves(json.loads(log.read_text(encoding="utf-8")))
         colour = f"C{i % 10}"

@@ -18,6 +18,7 @@ from tunebook.families import chat_format, training_tokens
 from tunebook.metrics import SPAN_METRICS, answer_in_passages, loose_normalize
 from tunebook.rows import DataError, field_value, read_jsonl, read_text, write_jsonl
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
+from tunebook.stage_outputs import DatasetOutputs
 from tunebook.synthetic import passage, synthesize
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
@@ -383,25 +384,25 @@ def count_tokens(examples: list[dict], tokenizer, fmt) -> list[int]:
 class BuiltDataset:
     train: list[dict]
     eval: list[dict]
-    summary: dict
+    summary: DatasetOutputs  # what 01 recorded
     dataset_dir: Path
 
     def table(self):
         import pandas as pd
 
-        return pd.DataFrame(self.summary["table"]).set_index("split")
+        return pd.DataFrame(self.summary.table).set_index("split")
 
     def cleaning_table(self):
         """Made from documents: pairs kept and removed by each cleaning step, in order."""
         import pandas as pd
 
-        return pd.DataFrame(self.summary["synthetic"]["steps"]).set_index("step")
+        return pd.DataFrame(self.summary.synthetic["steps"]).set_index("step")
 
     def teacher_table(self):
         """Made from documents: chunks asked about, replies that failed or held no pairs, and the teacher's tally."""
         import pandas as pd
 
-        s = self.summary["synthetic"]
+        s = self.summary.synthetic
         counts = {
             "chunks": s["chunks"],
             "chunks asked": s["chunks_asked"],
@@ -476,30 +477,35 @@ def build_dataset(run: Run) -> BuiltDataset:
         train, evaluation = _retrieved(train, evaluation, fields)
         splits, table, gold_missing = _rendered(p, {"train": train, "eval": evaluation}, labels, tokenizer, fmt, fields, final)
         _save(splits, tmp, final)
-        outputs.update(
+        recorded = DatasetOutputs(
             dataset_dir=str(final / "hf"),
             train_jsonl=str(final / "train.jsonl"),
             eval_jsonl=str(final / "eval.jsonl"),
             table=table,
             labels=labels,
+            lengths={k: [e["n_tokens"] for e in v] for k, v in splits.items()},
             relabeled=relabeled,
             eval_overlap=overlap,
-            **({"gold_missing": gold_missing} if gold_missing is not None else {}),
-            lengths={k: [e["n_tokens"] for e in v] for k, v in splits.items()},
+            gold_missing=gold_missing,
+            synthetic=_synthetic_record(p, synthetic, final) if synthetic else None,
         )
-        if synthetic:
-            outputs["synthetic"] = {
-                "documents_path": p.synthesize.documents_path,
-                "chunks": len(synthetic.chunks),
-                "chunks_asked": synthetic.asked,
-                "steps": synthetic.steps,
-                "teacher": synthetic.teacher,
-                "failed_chunks": synthetic.failed_chunks,
-                "unparsed_chunks": synthetic.unparsed_chunks,
-                "pairs_jsonl": str(final / "synthetic_pairs.jsonl"),
-                "chunks_jsonl": str(final / "chunks.jsonl"),
-            }
-    return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=outputs, dataset_dir=final)
+        outputs.update(recorded.as_json())
+    return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=recorded, dataset_dir=final)
+
+
+def _synthetic_record(p: Params, synthetic, final: Path) -> dict:
+    """What 01 records of a teacher-written dataset: its chunks, cleaning steps, failures and files."""
+    return {
+        "documents_path": p.synthesize.documents_path,
+        "chunks": len(synthetic.chunks),
+        "chunks_asked": synthetic.asked,
+        "steps": synthetic.steps,
+        "teacher": synthetic.teacher,
+        "failed_chunks": synthetic.failed_chunks,
+        "unparsed_chunks": synthetic.unparsed_chunks,
+        "pairs_jsonl": str(final / "synthetic_pairs.jsonl"),
+        "chunks_jsonl": str(final / "chunks.jsonl"),
+    }
 
 
 def _rows_from_documents(p: Params, tokenizer, tmp: Path):
@@ -649,14 +655,15 @@ def apply_relabels(examples: list[dict], path: Path) -> tuple[list[dict], dict[s
 
 
 def load_split(run: Run, split: str) -> list[dict]:
-    return read_jsonl(Path(run.outputs_of("01_build_dataset")[f"{split}_jsonl"]))
+    recorded = run.outputs_of("01_build_dataset")
+    return read_jsonl(Path({"train": recorded.train_jsonl, "eval": recorded.eval_jsonl}[split]))
 
 
 def plot_token_lengths(built: BuiltDataset, max_seq_length: int):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3))
-    for name, lengths in built.summary["lengths"].items():
+    for name, lengths in built.summary.lengths.items():
         ax.hist(lengths, bins=30, alpha=0.6, label=f"{name} ({len(lengths)})")
     ax.axvline(max_seq_length, color="red", linestyle="--", label="max_seq_length")
     ax.set_xlabel("tokens per example (prompt + answer)")
@@ -670,7 +677,7 @@ def plot_cleaning(built: BuiltDataset):
     """The cleaning funnel: pairs left after each step."""
     import matplotlib.pyplot as plt
 
-    steps = built.summary["synthetic"]["steps"]
+    steps = built.summary.synthetic["steps"]
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(steps) + 1))
     ax.barh([s["step"] for s in steps][::-1], [s["kept"] for s in steps][::-1], color="tab:blue")
     for y, s in enumerate(steps[::-1]):

@@ -27,6 +27,7 @@ from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import dir_size_mb, load_for_inference, load_tokenizer, local_folder, pick_backend, saved_bits
 from tunebook.rows import read_jsonl, write_jsonl
 from tunebook.runs import Run, first_read_by, params_key, read_manifest, write_json_atomic
+from tunebook.stage_outputs import EvaluateOutputs
 
 TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "bits", "size_mb"]
 
@@ -120,14 +121,14 @@ def models_to_evaluate(run: Run) -> list[EvalModel]:
         local = local_folder(name)
         models.append(EvalModel("base", "base", "transformers", name, saved_bits(local) if local else None, dir_size_mb(local) if local else None))
     if "finetuned" in wanted:
-        merged = run.outputs_of("02_finetune")["merged_dir"]
+        merged = run.outputs_of("02_finetune").merged_dir
         models.append(EvalModel("finetuned", "finetuned", "transformers", merged, saved_bits(merged), dir_size_mb(merged)))
     if "quantized" in wanted:
-        for v in run.outputs_of("03_quantize")["variants"]:
-            if v["status"] == "ok":
-                models.append(EvalModel(v["name"], "quantized", v["format"], v["path"], v["bits"], v["size_mb"]))
+        for v in run.outputs_of("03_quantize").variants:
+            if v.status == "ok":
+                models.append(EvalModel(v.name, "quantized", v.format, v.path, v.bits, v.size_mb))
             else:
-                print(f"{v['name']}: not evaluated, quantization {v['status']} ({v['reason']}).")
+                print(f"{v.name}: not evaluated, quantization {v.status} ({v.reason}).")
     models += [EvalModel(b.label, "api", "api", b.base_url, baseline=b) for b in run.params.evaluate.api_baselines]
     return models
 
@@ -154,12 +155,14 @@ def reusable_rows(run: Run, reuse_from: list[str]) -> dict[str, dict]:
     key, found = untrained_key(run.params), {}
     for folder in map(Path, reuse_from):
         entry = read_manifest(folder)["stages"].get("04_evaluate", {})
-        outputs = entry.get("outputs", {})
-        if entry.get("status") != "complete" or outputs.get("untrained_key") != key:
+        if entry.get("status") != "complete":
             continue
-        for row in json.loads(Path(outputs["metrics_json"]).read_text(encoding="utf-8")):
-            file = outputs["predictions"].get(row["model"])
-            if row["model"] in outputs.get("untrained_labels", []) and row["model"] not in found and file and Path(file).exists():
+        evaluated = EvaluateOutputs.from_json(entry["outputs"], f"Stage 04_evaluate of {folder}")
+        if evaluated.untrained_key != key:
+            continue
+        for row in json.loads(Path(evaluated.metrics_json).read_text(encoding="utf-8")):
+            file = evaluated.predictions.get(row["model"])
+            if row["model"] in evaluated.untrained_labels and row["model"] not in found and file and Path(file).exists():
                 found[row["model"]] = {"run": folder.name, "row": row, "file": file}
     return found
 
@@ -171,7 +174,7 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
     examples = load_split(run, "eval")
     models = models_to_evaluate(run)
     reusable = reusable_rows(run, reuse_from)
-    labels = run.outputs_of("01_build_dataset").get("labels") or []
+    labels = run.outputs_of("01_build_dataset").labels
     hit_rate = _retrieval_hit_rate(examples)
     max_new_tokens = answer_budget(run)
     # Base and fine-tuned models generate through transformers unless evaluate.backend asks for Unsloth; quantized
@@ -200,7 +203,7 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
             write_metrics(run.dir, table)
         if failures:
             raise EvaluationFailed(failure_message(failures, [row["model"] for row in table]), failures, table)
-        outputs.update(
+        recorded = EvaluateOutputs(
             metrics_json=str(run.dir / "metrics.json"),
             metrics_csv=str(run.dir / "metrics.csv"),
             predictions=files,
@@ -209,6 +212,7 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
             untrained_labels=[m.label for m in models if m.untrained],
             reused=reused,
         )
+        outputs.update(recorded.as_json())
     return table
 
 
@@ -238,7 +242,7 @@ def generate_with(run: Run, m: EvalModel, examples: list[dict], labels: list[str
             result = generate_api(m.baseline, conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=m.label)
         elif m.kind == "gguf":
             # The merged model's tokenizer renders the prompts, so llama.cpp sees the same tokens.
-            tokenizer = load_tokenizer(run.outputs_of("02_finetune")["merged_dir"], p.model.chat_template, p.model.enable_thinking)
+            tokenizer = load_tokenizer(run.outputs_of("02_finetune").merged_dir, p.model.chat_template, p.model.enable_thinking)
             check_trained_prompt(run, tokenizer, m.label)
             model = load_gguf(m.path, n_ctx=p.model.max_seq_length + max_new_tokens)
             load_seconds = time.time() - started
@@ -364,16 +368,16 @@ def check_trained_prompt(run: Run, tokenizer, label: str) -> None:
     on: a changed chat template, enable_thinking or date header would score the model on prompts it never saw."""
     if run.status("02_finetune") != "complete":
         return
-    trained = run.outputs_of("02_finetune").get("trained_prompt")
-    if not trained:
+    finetuned = run.outputs_of("02_finetune")
+    trained = finetuned.trained_prompt
+    if not trained:  # a run fine-tuned before 02 recorded it
         return
     ids = tokenizer(render_prompt(tokenizer, trained["prompt"]), add_special_tokens=False)["input_ids"]
     if ids != trained["prompt_ids"]:
         at = next((i for i, (a, b) in enumerate(zip(ids, trained["prompt_ids"])) if a != b), min(len(ids), len(trained["prompt_ids"])))
-        family = run.outputs_of("02_finetune").get("family", "this model's")
         raise TemplateError(
             f"{label}: the evaluation prompt differs from the training prompt from token {at} on ({tokenizer.decode(ids[at : at + 12])!r} "
-            f"instead of {tokenizer.decode(trained['prompt_ids'][at : at + 12])!r}; {family} template). model.chat_template or "
+            f"instead of {tokenizer.decode(trained['prompt_ids'][at : at + 12])!r}; {finetuned.family} template). model.chat_template or "
             "model.enable_thinking changed since 02, or the saved tokenizer differs: re-run 02, or set them back."
         )
 
@@ -405,11 +409,11 @@ def plot_confusions(run: Run):
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    outputs = run.outputs_of("04_evaluate")
-    labels = outputs.get("labels")
+    evaluated = run.outputs_of("04_evaluate")
+    labels = evaluated.labels
     if not labels:
         return None
-    files = outputs["predictions"]
+    files = evaluated.predictions
     fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 5.5), squeeze=False)
     for ax, (model, path) in zip(axes[0], files.items()):
         rows = read_jsonl(Path(path))

@@ -17,7 +17,6 @@ A method that cannot run here is listed as skipped with the reason, never droppe
 from __future__ import annotations
 
 import importlib.metadata
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,15 +27,16 @@ from pathlib import Path
 from tunebook.config import QUANTIZE_METHODS
 from tunebook.errors import TunebookError
 from tunebook.models import dir_size_mb, saved_bits
-from tunebook.runs import Run, fresh_tmp_dir, replace_dir
+from tunebook.runs import Run, build_once, fresh_tmp_dir, replace_dir
+from tunebook.stage_outputs import QuantizedCopy, QuantizeOutputs
 
 
 class Skipped(Exception):
     """This method cannot run here; the message says why (and what would make it run)."""
 
 
-def quantize(run: Run) -> list[dict]:
-    merged_dir = run.outputs_of("02_finetune")["merged_dir"]
+def quantize(run: Run) -> list[QuantizedCopy]:
+    merged_dir = run.outputs_of("02_finetune").merged_dir
     (run.dir / "quantized").mkdir(parents=True, exist_ok=True)
     f16 = run.dir / "quantized" / F16_GGUF
     f16.unlink(missing_ok=True)  # a leftover of an interrupted run may belong to an older fine-tuned model
@@ -49,29 +49,29 @@ def quantize(run: Run) -> list[dict]:
             try:
                 QUANTIZERS[method](run, merged_dir, target)
             except Skipped as e:
-                variants.append({"name": method, "method": method, "bits": bits, "format": fmt, "status": "skipped", "reason": str(e)})
+                variants.append(QuantizedCopy(name=method, method=method, bits=bits, format=fmt, status="skipped", reason=str(e)))
                 print(f"{method}: skipped ({e})")
                 continue
             except Exception as e:  # one method failing must not lose the others: recorded, shown, and 04 skips it
                 reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                variants.append({"name": method, "method": method, "bits": bits, "format": fmt, "status": "failed", "reason": reason})
+                variants.append(QuantizedCopy(name=method, method=method, bits=bits, format=fmt, status="failed", reason=reason))
                 print(f"{method}: FAILED ({reason})")
                 continue
             variants.append(
-                {
-                    "name": method,
-                    "method": method,
-                    "bits": bits,
-                    "format": fmt,
-                    "status": "ok",
-                    "path": str(target),
-                    "size_mb": dir_size_mb(target),
-                    "seconds": round(time.time() - started, 1),
-                }
+                QuantizedCopy(
+                    name=method,
+                    method=method,
+                    bits=bits,
+                    format=fmt,
+                    status="ok",
+                    path=str(target),
+                    size_mb=dir_size_mb(target),
+                    seconds=round(time.time() - started, 1),
+                )
             )
-            print(f"{method}: {variants[-1]['size_mb']} MB in {variants[-1]['seconds']} s")
+            print(f"{method}: {variants[-1].size_mb} MB in {variants[-1].seconds} s")
         f16.unlink(missing_ok=True)  # the GGUF copies' shared 16-bit intermediate is not kept
-        outputs["variants"] = variants
+        outputs.update(QuantizeOutputs(variants=variants).as_json())
     return variants
 
 
@@ -277,17 +277,11 @@ def llama_cpp_converter() -> Path:
             raise Skipped(f"could not fetch the llama-cpp-python {version} source distribution from the package index ({fetched.stderr.strip()[-200:]})")
         prefix = f"{archives[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
         wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder.parent))  # its own: two processes may fetch at once
-        with tarfile.open(archives[0]) as tar:
+        with build_once(folder) as tmp, tarfile.open(archives[0]) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)]
             for m in members:
                 m.name = m.name[len(prefix) :]
             tar.extractall(tmp, members=members, filter="data")
-        if converter.exists():  # another process unpacked it meanwhile
-            shutil.rmtree(tmp)
-        else:
-            replace_dir(tmp, folder)
     return converter
 
 
@@ -310,9 +304,9 @@ def size_table(run: Run) -> list[dict]:
     base = local_folder(run.params.model.name)
     if base:
         rows.append({"model": "base", "bits": saved_bits(base), "size_mb": dir_size_mb(base), "status": "ok"})
-    merged = run.outputs_of("02_finetune")["merged_dir"]
+    merged = run.outputs_of("02_finetune").merged_dir
     rows.append({"model": "finetuned", "bits": saved_bits(merged), "size_mb": dir_size_mb(merged), "status": "ok"})
-    for v in run.outputs_of("03_quantize")["variants"]:
-        status = v["status"] if v["status"] == "ok" else f"{v['status']}: {v['reason']}"
-        rows.append({"model": v["name"], "bits": v["bits"], "size_mb": v.get("size_mb"), "seconds": v.get("seconds"), "status": status})
+    for v in run.outputs_of("03_quantize").variants:
+        status = v.status if v.status == "ok" else f"{v.status}: {v.reason}"
+        rows.append({"model": v.name, "bits": v.bits, "size_mb": v.size_mb, "seconds": v.seconds, "status": status})
     return rows

@@ -1,10 +1,10 @@
 """The run folder `outputs/<run_name>/` and its manifest: which stage ran, when, and what it produced.
 
 Each notebook opens the run, does its stage inside `run.stage(...)` and records its outputs there; the next
-notebook finds them with `run.outputs_of(...)`. A stage that fails is marked failed (never complete), and
-re-running a stage marks the stages after it stale. A finished stage records its key: a hash of every params
-value read up to that stage, so runs with the same key at a stage have the same outputs there (a sweep runs
-such a stage once and copies it, `adopt_stage`).
+notebook reads them by name with `run.outputs_of(...)` (the records in `stage_outputs`). A stage that fails is
+marked failed (never complete), and re-running a stage marks the stages after it stale. A finished stage records
+its key: a hash of every params value read up to that stage, so runs with the same key at a stage have the same
+outputs there (a sweep runs such a stage once and copies it, `adopt_stage`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import traceback
@@ -30,6 +31,7 @@ import psutil
 from tunebook.colab import install_for_stage
 from tunebook.config import STAGES, Params, dump_params, load_params, on_colab, read_yaml, stage_map
 from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
+from tunebook.stage_outputs import BY_STAGE
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 # The stage that first reads each params section or key, as the schema declares it (config.read_first_by).
@@ -66,8 +68,8 @@ class Run:
     def status(self, stage: str) -> str:
         return self.manifest()["stages"].get(stage, {}).get("status", "missing")
 
-    def outputs_of(self, stage: str) -> dict:
-        """What a finished stage recorded; a clear error if it has not run (or failed)."""
+    def outputs_of(self, stage: str):
+        """What a finished stage recorded, as its `stage_outputs` record; a clear error if it has not run (or failed)."""
         entry = self.manifest()["stages"].get(stage)
         if not entry or entry.get("status") != "complete":
             state = entry.get("status", "not run") if entry else "not run"
@@ -75,7 +77,7 @@ class Run:
                 f"Stage {stage} is {state} in run '{self.params.run_name}' ({self.dir}). "
                 f"Run notebooks/{stage}.ipynb first, or `python -m tunebook run <params> --stages {stage[:2]}`."
             )
-        return entry["outputs"]
+        return BY_STAGE[stage].from_json(entry["outputs"], f"Stage {stage} of run '{self.params.run_name}' ({self.dir})")
 
     def key_of(self, stage: str) -> str | None:
         """The params key a finished stage recorded (None for runs made before keys were recorded)."""
@@ -124,8 +126,9 @@ class Run:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict]:
-        """Mark `name` running (with this process's id and host); yield a dict the stage fills with its outputs; mark
-        it complete, failed, or interrupted (Ctrl-C, a Jupyter interrupt, SIGTERM)."""
+        """Mark `name` running (with this process's id and host); yield a dict the stage fills with its outputs (its
+        `stage_outputs` record, `as_json()`); mark it complete, failed, or interrupted (Ctrl-C, a Jupyter interrupt,
+        SIGTERM)."""
         if name not in STAGES:
             raise ValueError(f"unknown stage {name}")
         if on_colab():
@@ -502,7 +505,30 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+@contextmanager
+def build_once(final: Path) -> Iterator[Path]:
+    """A folder of its own to build a shared cache entry in (a materialized model, a tool), moved to `final` when
+    the block ends. Two processes may build the same entry at once (two test workers, two notebooks): whichever
+    finishes second drops its copy and keeps the first. A build that raises leaves nothing behind; one that is
+    killed leaves a hidden `.<name>.*.tmp` folder beside the entry."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.exists():
+                raise
+            # another process finished first: renaming onto its non-empty folder fails, and its copy is as good
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def fresh_tmp_dir(final: Path) -> Path:
+    """The one folder a run's output is written in before `replace_dir` swaps it in. Its name is fixed, so a write
+    that crashed is cleared by the next try; one process writes a run's stage at a time (the manifest sees to that).
+    A cache that several processes may fill at once uses `build_once` instead."""
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -30,6 +30,7 @@ from tunebook.errors import TunebookError
 from tunebook.families import ChatFormat, chat_format, linear_layer_names, training_tokens
 from tunebook.models import has_cuda, model_type, nf4_config, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir, stage_key, stage_values, write_json_atomic
+from tunebook.stage_outputs import FinetuneOutputs
 
 STAGE = "02_finetune"
 KEY_FILE = "params_key.json"  # in the checkpoints folder: which params its checkpoints were made with
@@ -38,12 +39,12 @@ KEY_FILE = "params_key.json"  # in the checkpoints folder: which params its chec
 @dataclass
 class TrainResult:
     log_history: list[dict]
-    summary: dict
+    summary: FinetuneOutputs  # what 02 recorded
 
 
 def finetune(run: Run) -> TrainResult:
     p = run.params
-    dataset_dir = run.outputs_of("01_build_dataset")["dataset_dir"]
+    dataset_dir = run.outputs_of("01_build_dataset").dataset_dir
     from datasets import load_from_disk
 
     checkpoints = run.dir / "checkpoints"
@@ -62,7 +63,7 @@ def finetune(run: Run) -> TrainResult:
         shutil.rmtree(checkpoints)  # the adapter is the result; checkpoints of a large model take gigabytes
         # After a resume the Trainer's training_loss sums only this session's losses but divides by all the steps.
         train_loss = result.training_loss if resume_from is None else mean_logged_loss(history)
-        outputs.update(
+        recorded = FinetuneOutputs(
             backend=backend,
             family=trainer.chat_format.family,
             stop_ids=list(trainer.chat_format.stop_ids),
@@ -75,11 +76,12 @@ def finetune(run: Run) -> TrainResult:
             steps=result.global_step,
             resumed_from_step=checkpoint_step(resume_from) if resume_from else 0,
             train_examples=len(splits["train"]),
-            train_seconds=round(meter.seconds, 1),  # this session's: after a resume, the steps since the checkpoint
+            train_seconds=round(meter.seconds, 1),
             train_loss=None if train_loss is None else round(train_loss, 4),
             **meter.summary(),
         )
-    return TrainResult(log_history=history, summary=outputs)
+        outputs.update(recorded.as_json())
+    return TrainResult(log_history=history, summary=recorded)
 
 
 def build_trainer(p: Params, train_rows, eval_rows, output_dir: Path):
@@ -303,7 +305,10 @@ def _hf_model(p: Params):
     if has_cuda() and p.model.load_in_4bit:
         kwargs["quantization_config"] = nf4_config(p.model.dtype, model_type(p.model.name))
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(p.model.name), dtype=pick_dtype(p.model.dtype, model_type(p.model.name)), device_map="auto" if has_cuda() else None, **kwargs
+        resolve_model(p.model.name),
+        dtype=pick_dtype(p.model.dtype, model_type(p.model.name), training=True),
+        device_map="auto" if has_cuda() else None,
+        **kwargs,
     )
     lora = LoraConfig(
         r=p.train.lora_r,
@@ -322,7 +327,7 @@ def _unsloth_model(p: Params):
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=resolve_model(p.model.name),
         max_seq_length=p.model.max_seq_length,
-        dtype=pick_dtype(p.model.dtype, model_type(p.model.name)),
+        dtype=pick_dtype(p.model.dtype, model_type(p.model.name), training=True),
         load_in_4bit=p.model.load_in_4bit,
     )
     # Unsloth wants explicit names: "all-linear" is this architecture's own linear layers, read from the model.
@@ -349,7 +354,7 @@ def _total_steps(p: Params, n_train: int) -> int:
 def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, eval_ds, output_dir: Path, steps: int):
     from trl import SFTConfig, SFTTrainer
 
-    dtype = str(pick_dtype(p.model.dtype, model_type(p.model.name))).removeprefix("torch.")
+    dtype = str(pick_dtype(p.model.dtype, model_type(p.model.name), training=True)).removeprefix("torch.")
     batching = {
         # auto on Unsloth: leave padding_free unset, and Unsloth picks padding-free or padded per GPU and data.
         "auto": {} if backend == "unsloth" else {"padding_free": False},
@@ -383,6 +388,7 @@ def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, e
         completion_only_loss=True,
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
+        use_cpu=not has_cuda(),  # transformers refuses bf16 without it on a machine with no GPU
         # Recomputing activations saves GPU memory; on CPU it only costs time.
         gradient_checkpointing=has_cuda(),
         include_num_input_tokens_seen="non_padding",
