@@ -57,7 +57,7 @@ def test_dtype_follows_the_gpu(monkeypatch):
     assert pick_dtype("float32") is torch.float32  # an explicit choice wins
 
 
-def test_cpu_generates_in_bfloat16_only_with_bfloat16_instructions_and_trains_in_float32(monkeypatch):
+def test_cpu_computes_in_bfloat16_only_with_bfloat16_instructions(monkeypatch):
     import torch
 
     from tunebook.models import pick_dtype
@@ -68,8 +68,7 @@ def test_cpu_generates_in_bfloat16_only_with_bfloat16_instructions_and_trains_in
     assert pick_dtype("auto") is torch.float32
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # Cooper Lake, Sapphire Rapids, Zen 4
     assert pick_dtype("auto") is torch.bfloat16
-    assert pick_dtype("auto", training=True) is torch.float32
-    assert pick_dtype("float32") is torch.float32 and pick_dtype("bfloat16", training=True) is torch.bfloat16
+    assert pick_dtype("float32") is torch.float32 and pick_dtype("bfloat16") is torch.bfloat16
 
 
 def test_named_chat_template_without_unsloth_is_explained():

@@ -81,7 +81,7 @@ class ModelParams(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         json_schema_extra=read_first_by("02_finetune"),
-        description="Compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs (T4); on CPU float32 to train, bfloat16 to evaluate where the CPU has AVX-512 BF16/AMX.",
+        description="Compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs (T4); on CPU bfloat16 where it has AVX-512 BF16 or AMX, else float32.",
     )
     load_in_4bit: bool = Field(
         True,

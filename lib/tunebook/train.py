@@ -306,7 +306,7 @@ def _hf_model(p: Params):
         kwargs["quantization_config"] = nf4_config(p.model.dtype, model_type(p.model.name))
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(p.model.name),
-        dtype=pick_dtype(p.model.dtype, model_type(p.model.name), training=True),
+        dtype=pick_dtype(p.model.dtype, model_type(p.model.name)),
         device_map="auto" if has_cuda() else None,
         **kwargs,
     )
@@ -327,7 +327,7 @@ def _unsloth_model(p: Params):
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=resolve_model(p.model.name),
         max_seq_length=p.model.max_seq_length,
-        dtype=pick_dtype(p.model.dtype, model_type(p.model.name), training=True),
+        dtype=pick_dtype(p.model.dtype, model_type(p.model.name)),
         load_in_4bit=p.model.load_in_4bit,
     )
     # Unsloth wants explicit names: "all-linear" is this architecture's own linear layers, read from the model.
@@ -354,7 +354,7 @@ def _total_steps(p: Params, n_train: int) -> int:
 def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, eval_ds, output_dir: Path, steps: int):
     from trl import SFTConfig, SFTTrainer
 
-    dtype = str(pick_dtype(p.model.dtype, model_type(p.model.name), training=True)).removeprefix("torch.")
+    dtype = str(pick_dtype(p.model.dtype, model_type(p.model.name))).removeprefix("torch.")
     batching = {
         # auto on Unsloth: leave padding_free unset, and Unsloth picks padding-free or padded per GPU and data.
         "auto": {} if backend == "unsloth" else {"padding_free": False},
