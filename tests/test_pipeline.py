@@ -1,12 +1,15 @@
 """The five notebooks, executed headless by papermill on params/smoke.yaml (conftest's smoke_run): every stage for
 real, on a few rows."""
 
+import ast
 import json
 import re
 import subprocess
 import sys
 
 import nbformat
+import papermill
+import pytest
 
 from conftest import ROOT
 from tunebook.runs import STAGES
@@ -14,6 +17,15 @@ from tunebook.runs import STAGES
 REQUIRED_METRIC_KEYS = {"model", "exact_match", "partial_match", "f1", "n", "seconds", "peak_memory_mb", "bits", "size_mb"}
 # params/smoke.yaml's quantized copies that run on a CPU; bnb_nf4 needs a GPU and is listed as skipped.
 VARIANTS = ["int8_weight_only", "gguf_q8_0", "gptq_w4a16"]
+
+
+@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_papermill_reads_every_name_of_the_parameters_cell(notebook):
+    """A value followed by a comment holding '=' is one papermill cannot read: it warns on every run and then calls
+    the name an unknown parameter."""
+    cell = next(c for c in nbformat.read(notebook, 4).cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
+    assert assigned and list(papermill.inspect_notebook(str(notebook))) == assigned
 
 
 def tunebook(*args):
