@@ -16,7 +16,10 @@ A method that cannot run here is listed as skipped with the reason, never droppe
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
+import re
 import subprocess
 import sys
 import tarfile
@@ -221,9 +224,20 @@ def _gguf(method: str):
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, GGUF_TYPES[method])
         tmp = target.with_name(target.name + ".tmp")
-        if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params) != 0:
-            raise TunebookError(f"llama.cpp could not quantize {f16} to {method}; its messages are above.")
+        # llama.cpp logs a few lines per tensor (over a thousand for SmolLM2) through llama-cpp-python's handler,
+        # which prints to sys.stderr: kept here, and shown only when the quantization fails.
+        log = io.StringIO()
+        with contextlib.redirect_stderr(log):
+            failed = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params) != 0
+        if failed:
+            raise TunebookError(f"llama.cpp could not quantize {f16} to {method}. Its last messages:\n" + "\n".join(log.getvalue().splitlines()[-20:]))
         tmp.replace(target)
+        fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", log.getvalue())
+        if fallback:
+            print(
+                f"{method}: llama.cpp stored {fallback[1]} of {fallback[2]} tensors in a wider type (q5_0, q6_K or q8_0): "
+                "k-quants need rows a multiple of 256 wide, so this copy is larger than its nominal bits per weight."
+            )
 
     return quantize_gguf
 
