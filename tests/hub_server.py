@@ -25,9 +25,11 @@ import hashlib
 import json
 import threading
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import yaml
+
+from servers import JsonHandler
 
 LFS_THRESHOLD = 10 * 2**20
 
@@ -45,11 +47,8 @@ class FakeHub:
         self.lock = threading.Lock()
         hub = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
 
             def pieces(self):
                 """The request body in pieces, as it arrives (Content-Length or chunked)."""
@@ -69,14 +68,6 @@ class FakeHub:
 
             def body(self) -> bytes:
                 return b"".join(self.pieces())
-
-            def reply(self, status: int, payload) -> None:
-                raw = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
 
             def authorized(self) -> bool:
                 auth = self.headers.get("Authorization", "")

@@ -177,15 +177,15 @@ def log_outputs(run: Run, stage: str) -> str | None:
     last step and its table. Where it went, or None when 02 recorded no tracker (report_to none, or not fine-tuned
     here). The stages call it once they are complete; a failure here loses none of their outputs, and calling this
     again (in a notebook cell) logs them."""
-    entry = run.manifest()["stages"].get("02_finetune", {})
-    if entry.get("status") != "complete" or not entry.get("outputs", {}).get("tracker"):
+    if run.status("02_finetune") != "complete" or not run.outputs_of("02_finetune").tracker:
         return None
     finetuned = run.outputs_of("02_finetune")
     record = finetuned.tracker
     prefix, title = LOGGED[stage]
     table, values = _recorded_table(run, stage)
-    if record["tracker"] != "tensorboard" and entry.get("reused_from"):
-        print(f"02 was copied from run {entry['reused_from']}: its {record['tracker']} run is that run's, so this run's {stage} is not logged to it.")
+    donor = run.manifest()["stages"]["02_finetune"].get("reused_from")  # a sweep copied 02 from another run
+    if record["tracker"] != "tensorboard" and donor:
+        print(f"02 was copied from run {donor}: its {record['tracker']} run is that run's, so this run's {stage} is not logged to it.")
         return None
     if missing_package(record["tracker"]):
         package = PACKAGES[record["tracker"]]
