@@ -16,6 +16,8 @@ TEST_WORKERS ?= 2
 CHROMIUM ?= /usr/bin/chromium
 # Japanese glyphs for the browser tests' screenshots of the JAQKET / livedoor reports.
 CJK_FONT ?= /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
+# Go's text/template, which renders the Ollama Modelfiles' chat templates in tests/test_ollama.py (as Ollama does).
+GO ?= /usr/bin/go
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 # llama-cpp-python compiles llama.cpp for this CPU (-march=native), here without AMX: some virtual machines list AMX
 # in cpuid without enabling its tile registers, and llama.cpp's q8_0 kernels then die with "Illegal instruction".
@@ -33,7 +35,7 @@ TOKENIZERS := $(foreach f,$(TOKENIZER_FAMILIES),$(TUNEBOOK_CACHE)/tokenizers/$(f
 run: setup model
 	$(PY) -m tunebook run $(PARAMS) --resume $(ARGS)
 
-test: setup model tokenizers $(CHROMIUM) $(CJK_FONT)
+test: setup model tokenizers $(CHROMIUM) $(CJK_FONT) $(GO)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
@@ -71,6 +73,10 @@ model: $(MODEL)
 $(CHROMIUM) $(CJK_FONT):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-noto-cjk
+
+$(GO):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq golang-go
 
 $(MODEL): | setup
 	$(PY) -m tunebook prepare-model

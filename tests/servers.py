@@ -20,6 +20,21 @@ import pytest
 MODEL_ALIAS = "smollm2-135m"  # without --model_alias the server names the model by its file path
 
 
+class JsonHandler(BaseHTTPRequestHandler):
+    """A quiet request handler that answers JSON: the base of the tests' fake endpoints."""
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status: int, payload) -> None:
+        raw = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -162,18 +177,7 @@ def failing_endpoint(model: str = "none"):
     """An OpenAI-compatible endpoint whose GET /v1/models lists `model` (so a preflight finds it up) and whose every
     chat completion is a 500: the /v1 URL while the block runs."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def reply(self, status: int, body: dict):
-            raw = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
+    class Handler(JsonHandler):
         def do_GET(self):
             self.reply(200, {"object": "list", "data": [{"id": model, "object": "model"}]})
 

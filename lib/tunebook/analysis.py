@@ -10,7 +10,7 @@ metrics.FAQ_RIGHT_ROUGE_L), checked in this order:
 - wrong: none of the above.
 Base vs fine-tuned: fixed / broken / still wrong / both right. Shown as tables and plots here, in the static
 report.html (tunebook.report, which also holds the category and change names and their meanings, shared with this
-module) and in the ipywidgets answer browser (tunebook.browser).
+module) and in the ipywidgets answer browser (tunebook.browser); the counts go to 02's tracker run too (tunebook.tracking).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from tunebook import tracking
 from tunebook.data import load_split
 from tunebook.metrics import SPAN_METRICS, loose_normalize
+from tunebook.model_card import write_cards
 from tunebook.report import CATEGORIES, CHANGES, confusion_column, gold_in_passages, gold_missing, report_html
 from tunebook.runs import Run, write_json_atomic
 from tunebook.stage_outputs import AnalysisOutputs
@@ -124,8 +126,16 @@ def analyze(run: Run) -> dict:
                 f"{missing['rows']} of {missing['of']} eval questions have no gold answer in their passages: their answers are flagged "
                 "'retrieval miss' (not the model's fault); the browser's and report's category filter 'retrieval miss' lists them."
             )
-        write_json_atomic(run.dir / "analysis.json", {"category_counts": counts, "base_vs_finetuned": compare, "confusion": confusion, "gold_missing": missing})
+        analysis = {"category_counts": counts, "base_vs_finetuned": compare, "confusion": confusion, "gold_missing": missing}
+        write_json_atomic(run.dir / "analysis.json", analysis)
+        # The Hugging Face model cards beside the adapter, the merged model and each copy, with these counts.
+        if run.status("02_finetune") == "complete":
+            cards = write_cards(run, analysis=analysis)
+            print(f"Model cards: {', '.join(str(c.relative_to(run.dir)) for c in cards)} (`python -m tunebook push` uploads them).")
+        else:
+            print("No model cards: the run has no fine-tuned model (02 is not complete).")
         outputs.update(AnalysisOutputs(report_html=str(report), analysis_json=str(run.dir / "analysis.json")).as_json())
+    tracking.log_outputs(run, "05_error_analysis")  # the counts to 02's tracker run, when it trained with one
     return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare, "labels": labels, "confusion": confusion}
 
 

@@ -8,6 +8,8 @@ params, cache a model.
     python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric METRIC]
     python -m tunebook params [--update-readme README.md]
     python -m tunebook prepare-model [NAME]
+    python -m tunebook card outputs/default [--license apache-2.0]
+    python -m tunebook push outputs/default --repo user/name [--what adapter,merged,gguf_q8_0] [--dry-run] [--public]
 """
 
 from __future__ import annotations
@@ -68,6 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     prepare = sub.add_parser("prepare-model", help="Materialize an embedded model in the cache (done on first use anyway).")
     prepare.add_argument("name", nargs="?", default=DEFAULT_MODEL)
 
+    card = sub.add_parser("card", help="(Re)write the Hugging Face model cards of a finished run (and a GGUF copy's Ollama Modelfile where it is missing).")
+    card.add_argument("run", help="A run folder, e.g. outputs/default")
+    card.add_argument("--license", help="License id for the cards' metadata (default: the base model's, else unknown)")
+
+    push = sub.add_parser("push", help="Upload a finished run's models to the Hugging Face Hub, one private repo each (token: HF_TOKEN).")
+    push.add_argument("run", help="A run folder, e.g. outputs/default")
+    push.add_argument("--repo", required=True, help="user/name: the merged model goes there, the adapter to user/name-adapter, a copy to user/name-<copy>")
+    push.add_argument("--what", help="Comma-separated: adapter, merged and/or quantized copies by name, e.g. adapter,gguf_q8_0 (default: all the run has)")
+    push.add_argument("--dry-run", action="store_true", help="List the repos, files and sizes that would be uploaded; upload nothing")
+    push.add_argument("--public", action="store_true", help="Create the repos public (default: private)")
+    push.add_argument("--license", help="License id for the cards' metadata (default: the base model's, else unknown)")
+
     args = parser.parse_args(argv)
     # Every error a user can cause ends here as one message and exit code 2, never a traceback: ours (TunebookError)
     # and the file system's (a folder that cannot be created, no permission, a full disk). A SIGTERM is handled like
@@ -116,9 +130,32 @@ def _command(args: argparse.Namespace) -> int:
             return update_readme_table(Path(args.update_readme))
         print(schema_markdown())
         return 0
+    if args.command == "card":
+        return write_cards_command(args.run, args.license)
+    if args.command == "push":
+        from tunebook.hub import push
+
+        what = [w.strip() for w in args.what.split(",") if w.strip()] if args.what is not None else None
+        push(args.run, args.repo, what, dry_run=args.dry_run, public=args.public, license=args.license)
+        return 0
     from tunebook.models import materialize_embedded
 
     print(materialize_embedded(args.name))
+    return 0
+
+
+def write_cards_command(run_dir: str, license: str | None) -> int:
+    from tunebook.model_card import artifacts, write_cards
+    from tunebook.ollama import modelfile_path, write_modelfile
+
+    if not (Path(run_dir) / "params.yaml").is_file():
+        raise TunebookError(f"{run_dir} is not a run folder (no params.yaml): give a folder like outputs/<run>.")
+    run = Run.load(run_dir)
+    for artifact in artifacts(run):
+        if artifact.library == "gguf" and not modelfile_path(artifact.path).exists():  # a run made before 03 wrote them
+            print(f"wrote {write_modelfile(run, artifact.path)}")
+    for path in write_cards(run, license=license):
+        print(f"wrote {path}")
     return 0
 
 

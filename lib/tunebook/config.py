@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from tunebook.chat_files import CHAT_FORMATS
 from tunebook.errors import TunebookError
 from tunebook.metrics import SCORERS
 
@@ -126,7 +127,14 @@ class RetrievalParams(Section):
     )
 
 
+DataFormat = Literal[("auto", "qa", *CHAT_FORMATS)]
+
+
 class DataParams(Section):
+    format: DataFormat = Field(
+        "auto",
+        description="The rows' shape: qa = question/passages/answers (the *_field keys), messages = OpenAI {messages: [{role, content}]}, sharegpt = {conversations: [{from, value}]}, alpaca = instruction/input/output; in the three chat formats the last assistant turn is the target and the turns before it the prompt. auto = from the first row's keys (qa when it has question_field and answers_field).",
+    )
     train_path: str | None = Field(
         None,
         description="Training data: a .jsonl, .json, .csv or .parquet file, or a Hugging Face hub dataset id; empty = rows written by a teacher from synthesize.documents_path.",
@@ -279,6 +287,13 @@ class TrainParams(Section):
         description="Steps between checkpoints (adapter, optimizer, scheduler, RNG and data position) in <run>/checkpoints/; an interrupted 02 (a lost Colab runtime) resumes from the last one.",
     )
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the oldest is deleted); all are removed once 02 has saved its adapter.")
+    report_to: Literal["none", "tensorboard", "trackio", "wandb", "mlflow"] = Field(
+        "none",
+        description="Experiment tracker for one run named run_name: the train and eval loss (02), then 04's metrics and 05's error counts: tensorboard (event files in <run>/tensorboard/), trackio, wandb or mlflow (pip install the one you pick; keys come from its own login or variables, never params). none = the run folder only.",
+    )
+    tracker_project: str = Field(
+        "tunebook", min_length=1, description="The wandb or trackio project, or the mlflow experiment, that the run is logged in (tensorboard: not used)."
+    )
 
     @field_validator("max_steps")
     @classmethod
@@ -666,6 +681,13 @@ class Params(Section):
             raise ValueError("with synthesize.documents_path the documents' chunks are the retrieval corpus: leave data.retrieval.corpus_path empty")
         return self
 
+    @model_validator(mode="after")
+    def _format_fits(self) -> "Params":
+        problems = format_conflicts(self, self.data.format)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _runs_on_drive(cls, raw: Any) -> Any:
@@ -678,6 +700,32 @@ class Params(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
+
+
+def format_conflicts(params: Params, fmt: str) -> list[str]:
+    """What the params ask of rows that rows of a chat format (messages, sharegpt, alpaca) cannot give: their prompt is
+    the conversation's own turns, with no passages and no template. Checked by the schema for an explicit data.format
+    and by 01 for what auto detects."""
+    if fmt not in CHAT_FORMATS:
+        return []
+    d, problems = params.data, []
+    if d.raft.enabled:
+        problems.append(f"data.raft builds prompts from each row's passages, and a {fmt} row has none (its turns are the prompt): set data.raft.enabled: false")
+    if d.retrieval.corpus_path:
+        problems.append(
+            f"data.retrieval puts retrieved passages into prompt.template's {{passages}}, and a {fmt} row's prompt is its own turns: leave data.retrieval.corpus_path empty"
+        )
+    if params.synthesize.documents_path:
+        problems.append(
+            "synthesize.documents_path has a teacher write question/answer rows (qa), and data.eval_path must match them: set data.format to auto or qa"
+        )
+    changed = [f"prompt.{k}" for k in ("template", "instruction") if getattr(params.prompt, k) != PromptParams.model_fields[k].default]
+    if changed:
+        problems.append(
+            f"{' and '.join(changed)} shape the user message of question/passages rows, and a {fmt} row's turns are its prompt verbatim: "
+            "leave them at their defaults (prompt.system still applies, to rows without a system turn)"
+        )
+    return [f"data.format {fmt}: {problem}" for problem in problems]
 
 
 # Keys whose relative values are paths: resolved against the params file's folder (values given with

@@ -1,19 +1,23 @@
 """Stage 01: load question/passages/answers rows, validate them, split, render chat prompts, save.
 
 Every row becomes one chat example: the user message holds the instruction, the numbered passages and the
-question; the assistant message (the training target) is the first gold answer and nothing else.
+question; the assistant message (the training target) is the first gold answer and nothing else. Rows of a chat
+format (data.format messages / sharegpt / alpaca: tunebook.chat_files) bring their own prompt, the turns before their
+last assistant turn, which is the target.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebook.config import DataParams, Params, PromptParams, RaftParams
+from tunebook.chat_files import conversation_examples, detect_format
+from tunebook.config import DataParams, Params, PromptParams, RaftParams, format_conflicts
 from tunebook.families import chat_format, training_tokens
 from tunebook.metrics import SPAN_METRICS, answer_in_passages, loose_normalize
 from tunebook.rows import DataError, field_value, read_jsonl, read_text, write_jsonl
@@ -49,7 +53,7 @@ def read_rows(path_or_id: str, split: str) -> list[dict]:
             if not isinstance(data, list):
                 raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}.")
             return data
-        return list(csv.DictReader(text.splitlines()))
+        return list(csv.DictReader(io.StringIO(text, newline="")))  # a quoted cell keeps its line breaks
     return _read_hub(path_or_id, split)
 
 
@@ -70,10 +74,49 @@ def document_fields(d: DataParams, chunks_path: Path) -> DataParams:
     return d.model_copy(update={"retrieval": d.retrieval.model_copy(update=corpus), "raft": RaftParams()})
 
 
+def row_format(rows: list[dict], fields: DataParams) -> str:
+    """data.format, or with auto the format the first row's keys name (chat_files.detect_format)."""
+    if fields.format != "auto":
+        return fields.format
+    return detect_format(rows[0], fields.question_field, fields.answers_field) if rows else "qa"
+
+
+def data_format(p: Params, train_rows: list[dict], eval_rows: list[dict]) -> str:
+    """The labelled rows' format (a teacher's rows are qa): the eval file must be in the same one, and the params must ask
+    nothing of it that it cannot give (config.format_conflicts)."""
+    fmt = "qa" if p.synthesize.documents_path else row_format(train_rows, p.data)
+    mismatch = eval_format_mismatch(p, fmt, eval_rows)
+    if mismatch:
+        raise DataError(mismatch)
+    problems = format_conflicts(p, fmt)
+    if problems:
+        raise DataError(f"{p.data.train_path}: " + "; ".join(problems) + ".")
+    return fmt
+
+
+def eval_format_mismatch(p: Params, fmt: str, eval_rows: list[dict]) -> str | None:
+    """Why the eval rows cannot be scored after training on rows of format `fmt`, or None: one is qa (prompts made by
+    prompt.template) and the other a chat format (prompts = the turns). Two chat formats prompt alike."""
+    d = p.data
+    eval_fmt = row_format(eval_rows, d) if eval_rows else fmt
+    if (eval_fmt == "qa") == (fmt == "qa"):
+        return None
+    train = "the teacher's rows (synthesize.documents_path)" if p.synthesize.documents_path else f"data.train_path's ({d.train_path})"
+    return (
+        f"data.eval_path ({d.eval_path}) holds {eval_fmt} rows, but {train} are {fmt} rows: the model would be scored on prompts "
+        "made another way than those it was trained on (prompt.template's, or a conversation's own turns). Write both files in one format"
+        + (", or set data.format to name it." if d.format == "auto" else ".")
+    )
+
+
 def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -> list[dict]:
-    """Validate rows and map them to {id, question, passages, answers, group}; names the first bad row."""
+    """Validate rows and map them to {id, question, passages, answers, group} (chat formats: plus context, the turns of
+    their prompt); names the first bad row."""
     if not rows:
         raise DataError(f"{source}: no rows.")
+    fmt = row_format(rows, fields)
+    if fmt != "qa":
+        return conversation_examples(rows, fmt, source, id_field=fields.id_field, group_field=fields.group_field, nfkc=nfkc)
     norm = (lambda s: unicodedata.normalize("NFKC", s)) if nfkc else (lambda s: s)
     retrieved = bool(fields.retrieval.corpus_path)  # passages come from the corpus, not from the row
     wanted = [fields.question_field, fields.answers_field]
@@ -83,6 +126,8 @@ def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -
     examples, seen = [], set()
     for number, row in enumerate(rows, start=1):
         where = f"{source} row {number}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with fields {wanted}, got {type(row).__name__} {row!r:.60}.")
         values = {f: field_value(row, f) for f in wanted}
         missing = [f for f, v in values.items() if v is None or (isinstance(v, str) and not v.strip())]
         if missing:
@@ -361,14 +406,18 @@ def user_message(example: dict, prompt: PromptParams, labels: list[str] = ()) ->
 
 
 def chat_prompt(example: dict, prompt: PromptParams, labels: list[str] = ()) -> list[dict]:
-    messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
-    return messages + [{"role": "user", "content": user_message(example, prompt, labels)}]
+    """The prompt messages: prompt.system (unless the turns bring their own), then a chat row's context turns verbatim,
+    or the user message prompt.template renders."""
+    turns = example.get("context") or [{"role": "user", "content": user_message(example, prompt, labels)}]
+    own_system = turns[0]["role"] == "system"
+    return ([{"role": "system", "content": prompt.system}] if prompt.system and not own_system else []) + turns
 
 
 def with_chat(example: dict, prompt: PromptParams, labels: list[str] = ()) -> dict:
-    """The example plus its prompt/completion messages (TRL's conversational prompt-completion format)."""
+    """The example plus its prompt/completion messages (TRL's conversational prompt-completion format); a chat row's
+    context turns are its prompt, kept there only."""
     return {
-        **example,
+        **{k: v for k, v in example.items() if k != "context"},
         "prompt": chat_prompt(example, prompt, labels),
         "completion": [{"role": "assistant", "content": example.get("target", example["answers"][0])}],
     }
@@ -433,7 +482,11 @@ def _labelled_splits(p: Params) -> tuple[list[dict], list[dict], dict, dict]:
     raw_eval = read_rows(d.eval_path, d.eval_split) if d.eval_path else []
     evaluation = to_examples(raw_eval, d, d.eval_path, d.nfkc) if d.eval_path else []
     raw_train = read_rows(d.train_path, d.train_split)
-    train, evaluation, relabeled = _splits(p, to_examples(raw_train, d, d.train_path, d.nfkc), evaluation)
+    examples = to_examples(raw_train, d, d.train_path, d.nfkc)
+    fmt = data_format(p, raw_train, raw_eval)
+    if d.format == "auto":
+        print(f"data.format auto: {d.train_path} holds {fmt} rows (from its first row's keys)")
+    train, evaluation, relabeled = _splits(p, examples, evaluation)
     # Ids compare the two files only when every row has its own (else some are row numbers, which any two files share);
     # in a split of one file they are unique already (to_examples refuses a duplicate).
     real_ids = bool(d.eval_path and d.id_field) and all(r.get(d.id_field) not in (None, "") for r in raw_train + raw_eval)
@@ -513,7 +566,9 @@ def _rows_from_documents(p: Params, tokenizer, tmp: Path):
     checked against the eval rows: (fields, synthetic, (train, eval, relabeled, overlap))."""
     fields = document_fields(p.data, tmp / "chunks.jsonl")
     # Eval rows first: a teacher's questions are decontaminated against them.
-    evaluation = to_examples(read_rows(p.data.eval_path, p.data.eval_split), fields, p.data.eval_path, p.data.nfkc) if p.data.eval_path else []
+    raw_eval = read_rows(p.data.eval_path, p.data.eval_split) if p.data.eval_path else []
+    evaluation = to_examples(raw_eval, fields, p.data.eval_path, p.data.nfkc) if p.data.eval_path else []
+    data_format(p, [], raw_eval)
     synthetic = synthesize(p, tokenizer, [e["question"] for e in evaluation])
     write_jsonl(tmp / "chunks.jsonl", [{**c, "passage": passage(c)} for c in synthetic.chunks])
     write_jsonl(tmp / "synthetic_pairs.jsonl", synthetic.pairs)
@@ -556,7 +611,8 @@ def _rendered(p: Params, splits: dict[str, list[dict]], labels: list[str], token
     """Each split as chat prompts and answers, their token counts (too long for model.max_seq_length: dropped and
     counted), and whether each gold answer is in its passages: (splits, table, gold_missing or None)."""
     rendered, table, gold_missing = {}, [], {}
-    spans = p.evaluate.metric in SPAN_METRICS  # a class label or a long FAQ answer is not expected in the passages
+    # A class label or a long FAQ answer is not expected in the passages; a chat row's answer has no passages.
+    spans = p.evaluate.metric in SPAN_METRICS and any(e["passages"] for rows in splits.values() for e in rows)
     for name, rows in splits.items():
         rows = [with_chat(e, p.prompt, labels) for e in rows]
         lengths = count_tokens(rows, tokenizer, fmt)

@@ -4,7 +4,7 @@ Models: base (the params' model), finetuned (the merged model of 02), each quant
 API baseline (an OpenAI-compatible endpoint). Each is loaded, run through the batched generator (GGUF files
 through llama.cpp, baselines through the API client), timed, measured for peak memory and freed before the
 next. Writes predictions/<model>.jsonl, metrics.json (a list of rows with bits and size on disk) and
-metrics.csv. The base and API rows do not depend on training: a sweep passes its other runs as `reuse_from`, and
+metrics.csv (and the table to 02's tracker run, tunebook.tracking). The base and API rows do not depend on training: a sweep passes its other runs as `reuse_from`, and
 a row one of them scored with the same data, prompt, model and evaluate params is copied, not generated again.
 """
 
@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunebook import tracking
 from tunebook.config import ApiBaselineParams
 from tunebook.data import load_split
 from tunebook.errors import TunebookError
@@ -213,6 +214,7 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
             reused=reused,
         )
         outputs.update(recorded.as_json())
+    tracking.log_outputs(run, "04_evaluate")  # to 02's tracker run, when it trained with one
     return table
 
 

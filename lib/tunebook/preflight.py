@@ -5,8 +5,8 @@ What is checked, for the stages about to run: the input files (there, UTF-8, the
 file over SAMPLE_BYTES is checked on its first rows, and the table says so), the eval split not overlapping the
 training rows, the model (a folder, the embedded model, or a hub id the hub or the local cache knows; a chat
 template; the backend possible on this machine), every API baseline and teacher endpoint (its key variable set,
-one cheap request answered within ENDPOINT_TIMEOUT seconds), the output folder writable, and the free disk
-space a run of this size needs. `python -m tunebook check PARAMS` runs it alone; `run`, `sweep` and the
+one cheap request answered within ENDPOINT_TIMEOUT seconds), the experiment tracker's package (train.report_to),
+the output folder writable, and the free disk space a run of this size needs. `python -m tunebook check PARAMS` runs it alone; `run`, `sweep` and the
 notebooks' first cell run it first.
 """
 
@@ -94,6 +94,8 @@ def preflight(params: Params, stages: list[str]) -> list[Check]:
         checks.append(timed("model.name", lambda: model_source(params.model.name), about=params.model.name))
     if "02_finetune" in later:
         checks.append(timed("model.backend", lambda: backend(params.model.backend, "model.backend")))
+    if params.train.report_to != "none" and later & {"02_finetune", "04_evaluate", "05_error_analysis"}:
+        checks.append(timed("train.report_to", lambda: tracker(params.train.report_to)))
     if "04_evaluate" in later:
         checks.append(timed("evaluate.backend", lambda: backend(params.evaluate.backend, "evaluate.backend")))
         for i, b in enumerate(params.evaluate.api_baselines):
@@ -152,7 +154,8 @@ def data_paths(params: Params) -> list[tuple[str, str]]:
 
 def data_file(params: Params, key: str, path_or_id: str):
     """There, readable and UTF-8, and every row holding the fields the params name (a sample of a large file)."""
-    from tunebook.data import FILE_FORMATS, corpus_documents, document_fields, read_relabels, read_rows, to_examples
+    from tunebook.config import format_conflicts
+    from tunebook.data import FILE_FORMATS, corpus_documents, document_fields, read_relabels, read_rows, row_format, to_examples
 
     path = Path(path_or_id)
     if key == "synthesize.documents_path":
@@ -167,6 +170,7 @@ def data_file(params: Params, key: str, path_or_id: str):
         raise PreflightError(f"{key}: {path} is a folder; name a {', '.join(FILE_FORMATS)} file.")
     size = path.stat().st_size
     sampled = size > SAMPLE_BYTES and path.suffix.lower() == ".jsonl"
+    shape = ""  # a chat format's name
     try:
         if key == "data.relabels_path":
             return f"{len(read_relabels(path))} marks, each with id, prediction and mark"
@@ -180,11 +184,16 @@ def data_file(params: Params, key: str, path_or_id: str):
             documents = params.synthesize.documents_path  # eval rows then take their passages from the documents' chunks
             fields = document_fields(params.data, Path("chunks.jsonl")) if documents else params.data
             to_examples(rows, fields, f"{key} {path}", params.data.nfkc)
+            fmt = row_format(rows, params.data)
+            if key == "data.train_path" and format_conflicts(params, fmt):
+                raise PreflightError(f"{key} {path}: " + "; ".join(format_conflicts(params, fmt)) + ".")
+            shape = "" if fmt == "qa" else f" {fmt}"
     except DataError as e:
         raise PreflightError(str(e)) from None
     except OSError as e:
         raise PreflightError(f"{key}: cannot read {path}: {e.strerror}.") from None
-    return f"{len(rows)} rows" + (f" checked (the first of a {size / 1e6:.0f} MB file)" if sampled else "") + ", fields present, UTF-8"
+    checked = f" checked (the first of a {size / 1e6:.0f} MB file)" if sampled else ""
+    return f"{len(rows)}{shape} rows{checked}, fields present, UTF-8"
 
 
 def hub_dataset(key: str, dataset_id: str):
@@ -204,7 +213,7 @@ def hub_dataset(key: str, dataset_id: str):
 
 def no_overlap(params: Params):
     """The eval file repeating no training row (data.eval_overlap, on samples of large files); 01 checks them whole."""
-    from tunebook.data import eval_overlap
+    from tunebook.data import eval_format_mismatch, eval_overlap, row_format
 
     d = params.data
     if Path(d.eval_path).resolve() == Path(d.train_path or "").resolve() and not d.allow_eval_overlap:
@@ -217,7 +226,13 @@ def no_overlap(params: Params):
         rows[key] = read_jsonl(path, SAMPLE_ROWS) if path.stat().st_size > SAMPLE_BYTES and path.suffix == ".jsonl" else read_rows_or_none(path)
         if rows[key] is None:
             return "warning", f"not checked here: data.{key}_path could not be read (see its own check)"
-    overlap = eval_overlap(rows["train"], rows["eval"], d.id_field, d.question_field, d.answers_field)
+    fmt = row_format(rows["train"], d)
+    mismatch = eval_format_mismatch(params, fmt, rows["eval"])
+    if mismatch:
+        raise PreflightError(mismatch)
+    overlap = chat_overlap(params, rows) if fmt != "qa" else None
+    if overlap is None:
+        overlap = eval_overlap(rows["train"], rows["eval"], d.id_field, d.question_field, d.answers_field)
     if overlap and not d.allow_eval_overlap:
         first = overlap[0]
         raise PreflightError(
@@ -229,6 +244,20 @@ def no_overlap(params: Params):
         if not overlap
         else ("warning", f"{len(overlap)} eval rows repeat training rows (allowed)")
     )
+
+
+def chat_overlap(params: Params, rows: dict[str, list[dict]]):
+    """eval_overlap of chat-format rows, compared as 01 compares them (their examples: the last user turn and the
+    target); [] when a file's rows do not convert (its own check says why)."""
+    from tunebook.data import eval_overlap, to_examples
+
+    d = params.data
+    try:
+        examples = {k: to_examples(v, d, k, d.nfkc) for k, v in rows.items()}
+    except DataError:
+        return []
+    own_ids = bool(d.id_field) and all(r.get(d.id_field) not in (None, "") for v in rows.values() for r in v if isinstance(r, dict))
+    return eval_overlap(examples["train"], examples["eval"], match_ids=own_ids)
 
 
 def read_rows_or_none(path: Path) -> list[dict] | None:
@@ -289,6 +318,21 @@ def backend(requested: str, key: str) -> str:
     if not has_unsloth():
         raise PreflightError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see README, Colab).")
     return "unsloth on a GPU"
+
+
+def tracker(report_to: str):
+    """The chosen experiment tracker's package installed (02 logs to it, 04 and 05 to the same run)."""
+    from tunebook.tracking import missing_package
+
+    problem = missing_package(report_to)
+    if problem:
+        raise PreflightError(problem)
+    if report_to == "wandb" and not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun"):
+        return "warning", (
+            "wandb is installed but WANDB_API_KEY is not set: fine after `wandb login` on this machine, else 02 stops asking for a key "
+            "(export WANDB_API_KEY, on Colab from google.colab.userdata, or set WANDB_MODE=offline)"
+        )
+    return f"{report_to} installed"
 
 
 def endpoint(base_url: str, model: str, api_key_env: str | None, key: str) -> str:

@@ -6,7 +6,8 @@ Methods (`quantize.methods`):
   quantizer (llama_model_quantize, through llama-cpp-python) makes the copy; 04 scores it with llama-cpp-python.
   The converter comes from llama-cpp-python's source distribution on PyPI, which carries llama.cpp: it is
   fetched once into the cache, so no git clone or download from GitHub is needed (Unsloth's
-  save_pretrained_gguf clones llama.cpp, which fails offline and behind many firewalls).
+  save_pretrained_gguf clones llama.cpp, which fails offline and behind many firewalls). Beside each GGUF copy goes
+  an Ollama Modelfile (`quantized/<copy>.Modelfile`, tunebook.ollama).
 - bnb_nf4, bnb_int8: bitsandbytes 4-bit NF4 with double quantization, or LLM.int8(), applied as the merged model
   loads and saved (CUDA GPU).
 - gptq_w4a16, awq_w4a16: 4-bit weights in groups of `quantize.group_size`, calibrated by llm-compressor on
@@ -30,6 +31,7 @@ from pathlib import Path
 from tunebook.config import QUANTIZE_METHODS
 from tunebook.errors import TunebookError
 from tunebook.models import dir_size_mb, saved_bits
+from tunebook.ollama import write_modelfile
 from tunebook.runs import Run, build_once, fresh_tmp_dir, replace_dir
 from tunebook.stage_outputs import QuantizedCopy, QuantizeOutputs
 
@@ -238,6 +240,10 @@ def _gguf(method: str):
                 f"{method}: llama.cpp stored {fallback[1]} of {fallback[2]} tensors in a wider type (q5_0, q6_K or q8_0): "
                 "k-quants need rows a multiple of 256 wide, so this copy is larger than its nominal bits per weight."
             )
+        try:  # `ollama create -f quantized/<copy>.Modelfile` then works as it is; a Modelfile is no reason to lose the copy
+            print(f"{method}: Ollama Modelfile {write_modelfile(run, target)}")
+        except Exception as e:
+            print(f"{method}: no Ollama Modelfile ({type(e).__name__}: {e}); `python -m tunebook card {run.dir}` tries again")
 
     return quantize_gguf
 

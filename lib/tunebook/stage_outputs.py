@@ -67,6 +67,9 @@ class FinetuneOutputs(Recorded):
     measured_steps: int | None = None
     checkpoints_written: int | None = None
     peak_gpu_memory_gb: float | None = None
+    # train.report_to's run, what 04 and 05 log to (tunebook.tracking): the tracker, run_name, and its log_dir
+    # (tensorboard), run_id (wandb, mlflow), project (wandb, trackio), tracking_uri without credentials (mlflow).
+    tracker: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Two backends, one recipe:
 - hf: transformers + PEFT + TRL, on CPU or GPU.
 Both train TRL's SFTTrainer on conversational prompt/completion rows with completion_only_loss, so only the
 completion (the answer) carries loss; a check refuses to train when that masking is not in place. Outputs:
-the LoRA adapter, a merged model, the log history, throughput and peak GPU memory, and a loss plot.
+the LoRA adapter, a merged model, the log history, throughput and peak GPU memory, and a loss plot; with
+train.report_to, the losses in an experiment tracker too (tunebook.tracking), whose run 04 and 05 log to.
 
 Checkpoints: every train.save_steps steps the Trainer saves the adapter, optimizer, scheduler, RNG states and its
 state in <run>/checkpoints/checkpoint-N, beside params_key.json (the stage key and the params it hashes). Re-running
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunebook import tracking
 from tunebook.config import Params
 from tunebook.errors import TunebookError
 from tunebook.families import ChatFormat, chat_format, linear_layer_names, training_tokens
@@ -54,7 +56,9 @@ def finetune(run: Run) -> TrainResult:
         trainer, backend = build_trainer(p, splits["train"], splits["eval"], checkpoints)
         checkpoints.mkdir(exist_ok=True)
         write_json_atomic(checkpoints / KEY_FILE, {"stage": STAGE, "key": stage_key(p, STAGE), "params": stage_values(p, STAGE)})
-        result, meter = train(trainer, p, resume_from)
+        # The tracker (train.report_to) gets the losses from the Trainer; what 04 and 05 need to reach its run is recorded.
+        with tracking.following(trainer, run.dir, p, checkpoint_step(resume_from) if resume_from else 0) as tracked:
+            result, meter = train(trainer, p, resume_from)
         adapter_dir, merged_dir = run.dir / "adapter", run.dir / "merged"
         _save(backend, trainer.model, trainer.processing_class, trainer.chat_format, adapter_dir, merged_dir)
         # Restored from the checkpoint on a resume, so it holds every logged step once.
@@ -78,6 +82,7 @@ def finetune(run: Run) -> TrainResult:
             train_examples=len(splits["train"]),
             train_seconds=round(meter.seconds, 1),
             train_loss=None if train_loss is None else round(train_loss, 4),
+            tracker=tracked or None,
             **meter.summary(),
         )
         outputs.update(recorded.as_json())
@@ -381,7 +386,7 @@ def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, e
         save_strategy="steps",
         save_steps=p.train.save_steps,
         save_total_limit=p.train.save_total_limit,
-        report_to="none",
+        **tracking.trainer_arguments(p),  # report_to, run_name, project
         seed=p.seed,
         data_seed=p.seed,
         max_length=p.model.max_seq_length,
