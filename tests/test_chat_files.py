@@ -55,7 +55,7 @@ def test_the_default_rows_as_messages_sharegpt_and_alpaca_build_the_same_dataset
     files = as_chat_files(rendered, tmp_path)
     build_dataset(open_run(DEFAULT, [f"output_dir={tmp_path / 'qa'}"]))
     expected = {split: built_rows(tmp_path / "qa" / "default", split) for split in ("train", "eval")}
-    assert len(expected["train"]) == 128 and len(expected["eval"]) == 100
+    assert len(expected["train"]) == p.data.max_train_examples and len(expected["eval"]) == p.data.eval_size
     for fmt, path in files.items():
         # alpaca explicitly, the other two detected (auto)
         chosen = [f"data.format={fmt}"] if fmt == "alpaca" else []

@@ -10,8 +10,10 @@ import sys
 import nbformat
 import papermill
 import pytest
+import torch
 
 from conftest import ROOT
+from tunebook.models import pick_dtype
 from tunebook.runs import STAGES
 
 REQUIRED_METRIC_KEYS = {"model", "exact_match", "partial_match", "f1", "n", "seconds", "peak_memory_mb", "bits", "size_mb"}
@@ -49,7 +51,8 @@ def test_metrics_table(smoke_run):
         assert REQUIRED_METRIC_KEYS <= row.keys()
         assert row["n"] == 8 and 0 <= row["exact_match"] <= row["partial_match"] <= 1
         assert row["seconds"] > 0 and row["peak_memory_mb"] > 0
-    assert [r["bits"] for r in rows] == [16, 32, 8, 8, 4]  # base bf16, merged in CPU training's fp32
+    trained_bits = torch.finfo(pick_dtype("auto")).bits  # model.dtype auto: the merged model keeps the training dtype
+    assert [r["bits"] for r in rows] == [16, trained_bits, 8, 8, 4]  # the base model is stored in bf16
     assert all(r["size_mb"] > 0 for r in rows)
     assert (run_dir / "metrics.csv").read_text().startswith("model,exact_match,partial_match,f1,n,")
     assert re.search(r"^\| base +\|", result.stdout, re.M)
