@@ -29,7 +29,7 @@ from http.server import ThreadingHTTPServer
 
 import yaml
 
-from servers import JsonHandler
+from servers import JsonHandler, answering
 
 LFS_THRESHOLD = 10 * 2**20
 
@@ -191,9 +191,5 @@ class FakeHub:
 def fake_hub(token: str):
     """A FakeHub answering on loopback while the block runs."""
     hub = FakeHub(token)
-    threading.Thread(target=hub.server.serve_forever, args=(0.05,), daemon=True).start()
-    try:
+    with answering(hub.server):
         yield hub
-    finally:
-        hub.server.shutdown()
-        hub.server.server_close()

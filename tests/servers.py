@@ -35,6 +35,17 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
 
+@contextmanager
+def answering(server: ThreadingHTTPServer):
+    """The server answering in a thread while the block runs, then shut down and closed."""
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,13 +174,11 @@ class FaultProxy:
 @contextmanager
 def serving(proxy: "FaultProxy"):
     """The proxy answering in a thread while the block runs."""
-    threading.Thread(target=proxy.server.serve_forever, args=(0.05,), daemon=True).start()
-    try:
-        yield proxy
-    finally:
-        proxy.server.shutdown()
-        proxy.server.server_close()
-        proxy.client.close()
+    with answering(proxy.server):
+        try:
+            yield proxy
+        finally:
+            proxy.client.close()
 
 
 @contextmanager
@@ -185,10 +194,5 @@ def failing_endpoint(model: str = "none"):
             self.rfile.read(int(self.headers["Content-Length"]))
             self.reply(500, {"error": {"message": "the model failed to load", "type": "server_error"}})
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    try:
+    with answering(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as server:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
