@@ -91,7 +91,10 @@ def _int8_weight_only(run: Run, merged_dir: str, target: Path) -> None:
     from tunebook.models import load_for_inference
 
     model, tokenizer = load_for_inference(
-        merged_dir, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()), enable_thinking=run.params.model.enable_thinking
+        merged_dir,
+        dtype=run.params.model.dtype,  # the layers torchao leaves unquantized (embeddings, norms) keep the run's dtype
+        quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()),
+        enable_thinking=run.params.model.enable_thinking,
     )
     tmp = fresh_tmp_dir(target)
     # torchao tensors are tensor subclasses that safetensors cannot hold; they save as a torch pickle.
