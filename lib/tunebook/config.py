@@ -7,6 +7,7 @@ table is generated from it), notebooks and the CLI read params only through `loa
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import string
 import sys
@@ -294,6 +295,33 @@ class TrainParams(Section):
     tracker_project: str = Field(
         "tunebook", min_length=1, description="The wandb or trackio project, or the mlflow experiment, that the run is logged in (tensorboard: not used)."
     )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Processes that train together through `accelerate launch`: one per GPU (DDP; FSDP or DeepSpeed with train.accelerate_config); on a machine without a GPU, CPU processes over gloo. The global batch stays batch_size x grad_accum: each process accumulates its share. 1 = in this process, no launcher.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        json_schema_extra=allowed("a path to an accelerate config YAML (relative to the params file), e.g. params/accelerate/fsdp.yaml"),
+        description="An accelerate config file for train.num_processes > 1 (FSDP or DeepSpeed ZeRO for a model one card cannot hold); empty = DDP.",
+    )
+
+    @model_validator(mode="after")
+    def _global_batch_splits(self) -> "TrainParams":
+        self.per_process_batch()
+        return self
+
+    def per_process_batch(self) -> tuple[int, int]:
+        """(batch_size, grad_accum) of each of the num_processes processes, so that together they take one optimizer step
+        over the same batch_size x grad_accum examples as one process: the accumulation is shared out first (4 x 2 on 2
+        processes: 4 x 1 each), then the batch (4 x 1 on 2: 2 x 1 each)."""
+        n, shared = self.num_processes, math.gcd(self.grad_accum, self.num_processes)
+        if self.batch_size % (n // shared):
+            raise ValueError(
+                f"train.batch_size x train.grad_accum ({self.batch_size} x {self.grad_accum}) cannot be shared out evenly over "
+                f"train.num_processes {n}: make grad_accum a multiple of {n}, or batch_size a multiple of {n // shared}"
+            )
+        return self.batch_size * shared // n, self.grad_accum // shared
 
     @field_validator("max_steps")
     @classmethod
@@ -498,6 +526,11 @@ class EvaluateParams(Section):
     )
     batch_size: int = Field(
         16, ge=1, description="Prompts generated together (sorted by length, left-padded); halved and retried when the GPU runs out of memory."
+    )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Processes that generate together through `accelerate launch` (one per GPU; CPU processes without one): the prompts, sorted by length, are cut into batches and each process takes every N-th batch, so the answers equal one process's. Models loaded by transformers; GGUF copies and API baselines run in this process. 1 = in this process.",
     )
     load_in_4bit: bool = Field(
         False,
@@ -739,8 +772,9 @@ PATH_KEYS = (
     "data.relabels_path",
     "data.retrieval.corpus_path",
     "model.name",
+    "train.accelerate_config",
 )
-ALWAYS_PATHS = ("output_dir", "synthesize.documents_path", "synthesize.teacher.cache_dir")
+ALWAYS_PATHS = ("output_dir", "synthesize.documents_path", "synthesize.teacher.cache_dir", "train.accelerate_config")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 

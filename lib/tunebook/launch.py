@@ -1,0 +1,84 @@
+"""Several processes through accelerate: `accelerate launch` runs a tunebook module on N processes (DDP over NCCL on
+GPUs, gloo on a CPU; FSDP or DeepSpeed through an accelerate config file), and its output is streamed line by line
+into the notebook cell or terminal that started it.
+
+The launched module ends an error of ours with one line `tunebook error: <message>` (worker_main) and exits 2; the
+caller raises that message, so a bad input in a worker reads as it would in one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+
+from tunebook.errors import TunebookError
+
+ERROR_PREFIX = "tunebook error: "
+
+
+def free_port() -> int:
+    """A free TCP port for the processes' rendezvous: two launches at once on one machine (a parallel sweep) would
+    both take accelerate's default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_command(module: str, args: list[str], num_processes: int, *, cuda: bool, config_file: str | None = None) -> list[str]:
+    """The `accelerate launch` command line: every value given, so accelerate prints no defaults it filled in."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+    if config_file:
+        command += ["--config_file", config_file]
+    else:
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if cuda:
+            command += ["--multi_gpu"] if num_processes > 1 else []
+        else:
+            command += ["--cpu", "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // num_processes))]
+    return command + ["-m", module, *args]
+
+
+def run_streaming(command: list[str], what: str) -> None:
+    """Run `command`, printing its output as it comes; a failure raises one TunebookError naming `what` (the worker's
+    own message when it printed one). Ctrl-C or SIGTERM here stops the processes first."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    tail: deque[str] = deque(maxlen=30)
+    try:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            tail.append(line.rstrip("\n"))
+        code = process.wait()
+    except BaseException:  # KeyboardInterrupt, errors.Terminated: the launcher and its processes go down with us
+        stop(process)
+        raise
+    if code:
+        ours = [line.split(ERROR_PREFIX, 1)[1] for line in tail if ERROR_PREFIX in line]
+        if ours:
+            raise TunebookError(ours[-1])
+        shown = "\n".join(tail)
+        raise TunebookError(f"{what} failed (exit code {code}) in `{' '.join(command)}`; its last lines:\n{shown}")
+
+
+def stop(process: subprocess.Popen, wait: float = 30.0) -> None:
+    """SIGINT to the launcher's process group (the workers stop as after Ctrl-C), then SIGKILL if they linger."""
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def worker_main(main) -> None:
+    """Run a launched module's `main()`: an error of ours becomes one line the caller reads (run_streaming), exit 2."""
+    try:
+        main()
+    except TunebookError as e:
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
+        sys.exit(2)
