@@ -66,7 +66,8 @@ class FinetuneOutputs(Recorded):
     tokens_per_second: float | None = None
     measured_steps: int | None = None
     checkpoints_written: int | None = None
-    peak_gpu_memory_gb: float | None = None
+    peak_gpu_memory_gb: float | None = None  # of the main process's GPU
+    num_processes: int = 1  # that trained together (train.num_processes); tokens_per_second is all of theirs
     # train.report_to's run, what 04 and 05 log to (tunebook.tracking): the tracker, run_name, and its log_dir
     # (tensorboard), run_id (wandb, mlflow), project (wandb, trackio), tracking_uri without credentials (mlflow).
     tracker: dict | None = None

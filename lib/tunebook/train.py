@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 import time
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebook import tracking
-from tunebook.config import Params
+from tunebook import launch, tracking
+from tunebook.config import Params, read_yaml
 from tunebook.errors import TunebookError
 from tunebook.families import ChatFormat, chat_format, linear_layer_names, training_tokens
 from tunebook.models import has_cuda, model_type, nf4_config, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
@@ -36,6 +39,7 @@ from tunebook.stage_outputs import FinetuneOutputs
 
 STAGE = "02_finetune"
 KEY_FILE = "params_key.json"  # in the checkpoints folder: which params its checkpoints were made with
+WORKER_RECORD = "02_launched_record.json"  # in the run folder while a launched training runs: the main process's record
 
 
 @dataclass
@@ -45,48 +49,127 @@ class TrainResult:
 
 
 def finetune(run: Run) -> TrainResult:
+    """Stage 02 on its run: in this process, or with train.num_processes > 1 on that many processes through
+    `accelerate launch` (train_on_processes). Either way the same steps train and save (train_and_save)."""
     p = run.params
-    dataset_dir = run.outputs_of("01_build_dataset").dataset_dir
-    from datasets import load_from_disk
-
     checkpoints = run.dir / "checkpoints"
     with run.stage(STAGE) as outputs:
         resume_from = resume_point(checkpoints, p)  # before loading anything: changed params stop here
-        splits = load_from_disk(dataset_dir)
-        trainer, backend = build_trainer(p, splits["train"], splits["eval"], checkpoints)
         checkpoints.mkdir(exist_ok=True)
         write_json_atomic(checkpoints / KEY_FILE, {"stage": STAGE, "key": stage_key(p, STAGE), "params": stage_values(p, STAGE)})
-        # The tracker (train.report_to) gets the losses from the Trainer; what 04 and 05 need to reach its run is recorded.
-        with tracking.following(trainer, run.dir, p, checkpoint_step(resume_from) if resume_from else 0) as tracked:
-            result, meter = train(trainer, p, resume_from)
-        adapter_dir, merged_dir = run.dir / "adapter", run.dir / "merged"
-        _save(backend, trainer.model, trainer.processing_class, trainer.chat_format, adapter_dir, merged_dir)
-        # Restored from the checkpoint on a resume, so it holds every logged step once.
-        history = trainer.state.log_history
-        (run.dir / "train_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+        result = train_on_processes(run, resume_from) if p.train.num_processes > 1 else train_and_save(run, resume_from)
         shutil.rmtree(checkpoints)  # the adapter is the result; checkpoints of a large model take gigabytes
-        # After a resume the Trainer's training_loss sums only this session's losses but divides by all the steps.
-        train_loss = result.training_loss if resume_from is None else mean_logged_loss(history)
-        recorded = FinetuneOutputs(
-            backend=backend,
-            family=trainer.chat_format.family,
-            stop_ids=list(trainer.chat_format.stop_ids),
-            trained_prompt=trainer.trained_prompt,
-            loss_example=trainer.loss_example,
-            batching=batching_in_use(trainer.args),
-            adapter_dir=str(adapter_dir),
-            merged_dir=str(merged_dir),
-            train_log=str(run.dir / "train_log.json"),
-            steps=result.global_step,
-            resumed_from_step=checkpoint_step(resume_from) if resume_from else 0,
-            train_examples=len(splits["train"]),
-            train_seconds=round(meter.seconds, 1),
-            train_loss=None if train_loss is None else round(train_loss, 4),
-            tracker=tracked or None,
-            **meter.summary(),
-        )
-        outputs.update(recorded.as_json())
+        outputs.update(result.summary.as_json())
+    return result
+
+
+def train_and_save(run: Run, resume_from: Path | None, main_process: bool = True) -> TrainResult | None:
+    """Train on the run's training split (from the checkpoint `resume_from`, if any), then save the adapter, the
+    merged model and the log, and return what 02 records. In a launched training every process calls this and trains
+    its share; only the main one tracks, saves and returns (the others return None)."""
+    from datasets import load_from_disk
+
+    p = run.params
+    splits = load_from_disk(run.outputs_of("01_build_dataset").dataset_dir)
+    trainer, backend = build_trainer(p, splits["train"], splits["eval"], run.dir / "checkpoints")
+    resume_step = checkpoint_step(resume_from) if resume_from else 0
+    # The tracker (train.report_to) gets the losses from the Trainer; what 04 and 05 need to reach its run is recorded.
+    # Its callbacks log from the main process only; the set-up (TensorBoard's folder, the env) is the main one's too.
+    with tracking.following(trainer, run.dir, p, resume_step) if main_process else nullcontext({}) as tracked:
+        result, meter = train(trainer, p, resume_from)
+    gathered = run.dir / "checkpoints" / "gathered"
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded:
+        # FSDP or DeepSpeed ZeRO (train.accelerate_config; not run by the tests: no GPUs): the weights lie in shards over
+        # the processes. The Trainer's own save gathers the adapter, every process taking part; the main process then
+        # merges it into the base model loaded on the CPU.
+        trainer.save_model(str(gathered))
+    if not main_process:
+        return None
+    model = _adapter_on_base(p, gathered) if sharded else trainer.model
+    adapter_dir, merged_dir = run.dir / "adapter", run.dir / "merged"
+    _save(backend, model, trainer.processing_class, trainer.chat_format, adapter_dir, merged_dir)
+    # Restored from the checkpoint on a resume, so it holds every logged step once.
+    history = trainer.state.log_history
+    (run.dir / "train_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    # After a resume the Trainer's training_loss sums only this session's losses but divides by all the steps.
+    train_loss = result.training_loss if resume_from is None else mean_logged_loss(history)
+    recorded = FinetuneOutputs(
+        backend=backend,
+        family=trainer.chat_format.family,
+        stop_ids=list(trainer.chat_format.stop_ids),
+        trained_prompt=trainer.trained_prompt,
+        loss_example=trainer.loss_example,
+        batching=batching_in_use(trainer.args),
+        adapter_dir=str(adapter_dir),
+        merged_dir=str(merged_dir),
+        train_log=str(run.dir / "train_log.json"),
+        steps=result.global_step,
+        resumed_from_step=resume_step,
+        train_examples=len(splits["train"]),
+        train_seconds=round(meter.seconds, 1),
+        train_loss=None if train_loss is None else round(train_loss, 4),
+        tracker=tracked or None,
+        num_processes=trainer.args.world_size,
+        **meter.summary(),
+    )
     return TrainResult(log_history=history, summary=recorded)
+
+
+def train_on_processes(run: Run, resume_from: Path | None) -> TrainResult:
+    """train_and_save on train.num_processes processes through `accelerate launch` (DDP, or the accelerate config's
+    FSDP or DeepSpeed), their output streamed here: `python -m tunebook.train` (main below) in each. The main process
+    saves the outputs and writes its record to a file that is read back here."""
+    p = run.params
+    n, cuda = p.train.num_processes, has_cuda()
+    config_file = checked_accelerate_config(p)
+    if cuda:
+        import torch
+
+        if torch.cuda.device_count() < n:
+            raise TunebookError(
+                f"train.num_processes is {n} but this machine has {torch.cuda.device_count()} GPU(s): one process per GPU. Lower train.num_processes."
+            )
+    result_file = run.dir / WORKER_RECORD
+    result_file.unlink(missing_ok=True)
+    args = [str(run.dir), str(result_file), str(resume_from or "")]
+    command = launch.accelerate_command("tunebook.train", args, n, cuda=cuda, config_file=config_file)
+    print(f"Training on {n} {'GPUs' if cuda else 'CPU processes'} through accelerate launch{f' ({config_file})' if config_file else ''}.", flush=True)
+    launch.run_streaming(command, f"Training on {n} processes")
+    recorded = FinetuneOutputs.from_json(json.loads(result_file.read_text(encoding="utf-8")), f"The record of the launched training ({result_file})")
+    result_file.unlink()
+    return TrainResult(log_history=json.loads(Path(recorded.train_log).read_text(encoding="utf-8")), summary=recorded)
+
+
+def checked_accelerate_config(p: Params) -> str | None:
+    """train.accelerate_config, once it is known to exist and to launch train.num_processes processes."""
+    path = p.train.accelerate_config
+    if not path:
+        return None
+    config = read_yaml(path, "accelerate config (train.accelerate_config)") or {}
+    if config.get("num_processes") != p.train.num_processes:
+        raise TunebookError(
+            f"train.accelerate_config {path} launches num_processes: {config.get('num_processes')}, but train.num_processes is "
+            f"{p.train.num_processes}: set both to the number of GPUs to train on."
+        )
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One process of a launched training (train_on_processes): RUN_DIR RECORD_FILE [CHECKPOINT]. The run is opened to
+    read its params and 01's outputs (the stage itself is the launching process's); the main process writes 02's
+    record to RECORD_FILE. The other processes print nothing: the cell or terminal shows one log."""
+    run_dir, record_file, checkpoint = argv if argv is not None else sys.argv[1:]
+    run = Run.load(run_dir)
+    if pick_backend(run.params.model.backend) == "unsloth":
+        import unsloth  # noqa: F401  (before transformers and trl, which PartialState does not import but training does)
+    from accelerate import PartialState
+
+    main_process = PartialState(cpu=not has_cuda()).is_main_process
+    with open(os.devnull, "w") as silent, redirect_stdout(sys.stdout if main_process else silent):
+        result = train_and_save(run, Path(checkpoint) if checkpoint else None, main_process)
+    if result is not None:
+        write_json_atomic(Path(record_file), result.summary.as_json())
 
 
 def build_trainer(p: Params, train_rows, eval_rows, output_dir: Path):
@@ -139,6 +222,10 @@ def train(trainer, p: Params, resume_from: Path | None = None):
     trainer.add_callback(meter)
     device = "cuda" if has_cuda() else "cpu"
     resuming = f", resuming at step {checkpoint_step(resume_from)} from {resume_from}" if resume_from else ""
+    args = trainer.args
+    if args.world_size > 1:
+        batch, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        print(f"{args.world_size} processes x batch {batch} x accumulation {accumulation} = global batch {args.world_size * batch * accumulation}.")
     print(
         f"Training, {len(trainer.train_dataset)} rows, {trainer.args.max_steps if trainer.args.max_steps > 0 else 'all'} steps, device {device}, batching {batching_in_use(trainer.args)}{resuming}."
     )
@@ -312,7 +399,7 @@ def _hf_model(p: Params):
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(p.model.name),
         dtype=pick_dtype(p.model.dtype, model_type(p.model.name)),
-        device_map="auto" if has_cuda() else None,
+        **({"device_map": "auto" if has_cuda() else None} | launched_placement(p, "hf")),
         **kwargs,
     )
     lora = LoraConfig(
@@ -326,6 +413,15 @@ def _hf_model(p: Params):
     return model, tokenizer, lora
 
 
+def _adapter_on_base(p: Params, adapter_dir: Path):
+    """A saved LoRA adapter on the base model, loaded on the CPU: what a sharded training leaves to save and merge."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(p.model.name), dtype=pick_dtype(p.model.dtype, model_type(p.model.name)))
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
 def _unsloth_model(p: Params):
     from unsloth import FastLanguageModel
 
@@ -334,6 +430,7 @@ def _unsloth_model(p: Params):
         max_seq_length=p.model.max_seq_length,
         dtype=pick_dtype(p.model.dtype, model_type(p.model.name)),
         load_in_4bit=p.model.load_in_4bit,
+        **launched_placement(p, "unsloth"),
     )
     # Unsloth wants explicit names: "all-linear" is this architecture's own linear layers, read from the model.
     targets = linear_layer_names(model) if p.train.target_modules == "all-linear" else p.train.target_modules
@@ -350,10 +447,26 @@ def _unsloth_model(p: Params):
     return model, prepare_tokenizer(tokenizer, p.model.name, p.model.chat_template, p.model.enable_thinking), None
 
 
+def launched_placement(p: Params, backend: str) -> dict:
+    """from_pretrained's device_map in a process of a launched training on GPUs: a whole copy of the model on the
+    process's own GPU (DDP, and Unsloth's DDP recipe), or for transformers with an accelerate config (FSDP, DeepSpeed)
+    none, the framework sharding it. Empty (the backend's own placement) in one process or on a CPU."""
+    if p.train.num_processes == 1 or not has_cuda():
+        return {}
+    if p.train.accelerate_config and backend == "hf":
+        return {"device_map": None}
+    from accelerate import PartialState
+
+    return {"device_map": {"": PartialState().local_process_index}}
+
+
 def _total_steps(p: Params, n_train: int) -> int:
+    """The optimizer steps of the training, as the Trainer counts them in one process: batches of batch_size per epoch,
+    grouped by grad_accum (a last, shorter group counts), times the epochs. Several processes take exactly as many."""
     if p.train.max_steps > 0:
         return p.train.max_steps
-    return max(1, math.ceil(math.ceil(n_train / p.train.batch_size) / p.train.grad_accum * p.train.epochs))
+    per_epoch = max(1, math.ceil(math.ceil(n_train / p.train.batch_size) / p.train.grad_accum))
+    return math.ceil(per_epoch * p.train.epochs)
 
 
 def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, eval_ds, output_dir: Path, steps: int):
@@ -367,13 +480,16 @@ def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, e
         "padding_free": {"padding_free": True},
         "packed": {"packing": True},
     }[p.train.batching]
+    # Several processes share out the global batch (batch_size x grad_accum) and take the steps one process would: the
+    # Trainer would count an epoch's steps from each process's share of the rows, rounding differently.
+    batch_size, grad_accum = p.train.per_process_batch()
     args = SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=p.train.epochs,
-        max_steps=p.train.max_steps,
-        per_device_train_batch_size=p.train.batch_size,
+        max_steps=steps if p.train.num_processes > 1 else p.train.max_steps,
+        per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=p.train.batch_size,
-        gradient_accumulation_steps=p.train.grad_accum,
+        gradient_accumulation_steps=grad_accum,
         learning_rate=p.train.learning_rate,
         lr_scheduler_type=p.train.lr_scheduler,
         warmup_steps=p.train.warmup_ratio,  # a float below 1 is a fraction of the steps
@@ -396,7 +512,10 @@ def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, e
         use_cpu=not has_cuda(),  # transformers refuses bf16 without it on a machine with no GPU
         # Recomputing activations saves GPU memory; on CPU it only costs time.
         gradient_checkpointing=has_cuda(),
+        # Gathered over the processes by the Trainer: the meter's tokens/s is the global rate.
         include_num_input_tokens_seen="non_padding",
+        # DDP: every LoRA weight gets a gradient, and the search for unused ones breaks gradient checkpointing.
+        ddp_find_unused_parameters=False,
         neftune_noise_alpha=p.train.neftune_noise_alpha,
         optim=p.train.optimizer,
         **batching,
@@ -415,7 +534,8 @@ def _progress_printer():
             self.started, self.first_step = time.time(), state.global_step  # a resumed run starts past step 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "train_loss" in logs:  # the end-of-training summary (every log carries train_runtime)
+            # The Trainer calls it in every process of a launched training: one prints.
+            if not logs or "train_loss" in logs or not state.is_world_process_zero:  # train_loss: the end-of-training summary
                 return
             elapsed = time.time() - self.started
             left = elapsed / max(state.global_step - self.first_step, 1) * (state.max_steps - state.global_step)
@@ -423,7 +543,8 @@ def _progress_printer():
             print(f"step {state.global_step}/{state.max_steps}  {values}  elapsed {elapsed:.0f}s  left ~{left:.0f}s", flush=True)
 
         def on_save(self, args, state, control, **kwargs):
-            print(f"checkpoint saved at step {state.global_step} in {args.output_dir}", flush=True)
+            if state.is_world_process_zero:
+                print(f"checkpoint saved at step {state.global_step} in {args.output_dir}", flush=True)
 
     return ProgressPrinter()
 
@@ -530,3 +651,7 @@ def plot_loss(log_history: list[dict]):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":
+    launch.worker_main(main)
