@@ -34,10 +34,13 @@ def accelerate_command(module: str, args: list[str], num_processes: int, *, cuda
         command += ["--config_file", config_file]
     else:
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if cuda:
-            command += ["--multi_gpu"] if num_processes > 1 else []
-        else:
-            command += ["--cpu", "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // num_processes))]
+        # --multi_gpu is accelerate's torchrun launcher: N processes, each on its GPU or, on a machine without one, on the
+        # CPU over gloo (the processes ask for the CPU themselves). `--cpu` would start ONE process whatever
+        # --num_processes says: accelerate launches several CPU processes only through mpirun.
+        if num_processes > 1:
+            command += ["--multi_gpu"]
+        elif not cuda:
+            command += ["--cpu"]
     return command + ["-m", module, *args]
 
 
@@ -47,18 +50,20 @@ def run_streaming(command: list[str], what: str) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     tail: deque[str] = deque(maxlen=30)
+    ours = None  # a worker's own message, kept apart: the launcher's report of the failed processes can bury it
     try:
         for line in process.stdout:
             print(line, end="", flush=True)
             tail.append(line.rstrip("\n"))
+            if ERROR_PREFIX in line:
+                ours = line.split(ERROR_PREFIX, 1)[1].rstrip("\n")
         code = process.wait()
     except BaseException:  # KeyboardInterrupt, errors.Terminated: the launcher and its processes go down with us
         stop(process)
         raise
     if code:
-        ours = [line.split(ERROR_PREFIX, 1)[1] for line in tail if ERROR_PREFIX in line]
         if ours:
-            raise TunebookError(ours[-1])
+            raise TunebookError(ours)
         shown = "\n".join(tail)
         raise TunebookError(f"{what} failed (exit code {code}) in `{' '.join(command)}`; its last lines:\n{shown}")
 

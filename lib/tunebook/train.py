@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunebook import launch, tracking
-from tunebook.config import Params, read_yaml
+from tunebook.config import Params, dump_params, load_params, read_yaml
 from tunebook.errors import TunebookError
 from tunebook.families import ChatFormat, chat_format, linear_layer_names, training_tokens
 from tunebook.models import has_cuda, model_type, nf4_config, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
@@ -39,7 +39,8 @@ from tunebook.stage_outputs import FinetuneOutputs
 
 STAGE = "02_finetune"
 KEY_FILE = "params_key.json"  # in the checkpoints folder: which params its checkpoints were made with
-WORKER_RECORD = "02_launched_record.json"  # in the run folder while a launched training runs: the main process's record
+# In the run folder while a launched training runs: the params its processes train with, and the main one's record.
+LAUNCHED_PARAMS, LAUNCHED_RECORD = "02_launched_params.yaml", "02_launched_record.json"
 
 
 @dataclass
@@ -130,14 +131,19 @@ def train_on_processes(run: Run, resume_from: Path | None) -> TrainResult:
             raise TunebookError(
                 f"train.num_processes is {n} but this machine has {torch.cuda.device_count()} GPU(s): one process per GPU. Lower train.num_processes."
             )
-    result_file = run.dir / WORKER_RECORD
-    result_file.unlink(missing_ok=True)
-    args = [str(run.dir), str(result_file), str(resume_from or "")]
+    # The processes read this run's params (which a notebook may hold changed from its params.yaml) and 01's outputs.
+    params_file, record_file = run.dir / LAUNCHED_PARAMS, run.dir / LAUNCHED_RECORD
+    params_file.write_text(dump_params(p), encoding="utf-8")
+    record_file.unlink(missing_ok=True)
+    args = [str(run.dir), str(params_file), str(record_file), str(resume_from or "")]
     command = launch.accelerate_command("tunebook.train", args, n, cuda=cuda, config_file=config_file)
     print(f"Training on {n} {'GPUs' if cuda else 'CPU processes'} through accelerate launch{f' ({config_file})' if config_file else ''}.", flush=True)
-    launch.run_streaming(command, f"Training on {n} processes")
-    recorded = FinetuneOutputs.from_json(json.loads(result_file.read_text(encoding="utf-8")), f"The record of the launched training ({result_file})")
-    result_file.unlink()
+    try:
+        launch.run_streaming(command, f"Training on {n} processes")
+        recorded = FinetuneOutputs.from_json(json.loads(record_file.read_text(encoding="utf-8")), f"The record of the launched training ({record_file})")
+    finally:
+        params_file.unlink(missing_ok=True)
+        record_file.unlink(missing_ok=True)
     return TrainResult(log_history=json.loads(Path(recorded.train_log).read_text(encoding="utf-8")), summary=recorded)
 
 
@@ -156,16 +162,23 @@ def checked_accelerate_config(p: Params) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """One process of a launched training (train_on_processes): RUN_DIR RECORD_FILE [CHECKPOINT]. The run is opened to
-    read its params and 01's outputs (the stage itself is the launching process's); the main process writes 02's
-    record to RECORD_FILE. The other processes print nothing: the cell or terminal shows one log."""
-    run_dir, record_file, checkpoint = argv if argv is not None else sys.argv[1:]
-    run = Run.load(run_dir)
+    """One process of a launched training (train_on_processes): RUN_DIR PARAMS_FILE RECORD_FILE CHECKPOINT (empty:
+    from step 0). The run is opened to read 01's outputs (the stage itself is the launching process's); the main process
+    writes 02's record to RECORD_FILE. The other processes print nothing: the cell or terminal shows one log."""
+    run_dir, params_file, record_file, checkpoint = argv if argv is not None else sys.argv[1:]
+    run = Run(params=load_params(params_file), dir=Path(run_dir))
     if pick_backend(run.params.model.backend) == "unsloth":
         import unsloth  # noqa: F401  (before transformers and trl, which PartialState does not import but training does)
     from accelerate import PartialState
 
     main_process = PartialState(cpu=not has_cuda()).is_main_process
+    if not main_process:  # the main process's progress bars and warnings say it all
+        from datasets.utils.logging import disable_progress_bar
+        from transformers.utils import logging as transformers_logging
+
+        disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
     with open(os.devnull, "w") as silent, redirect_stdout(sys.stdout if main_process else silent):
         result = train_and_save(run, Path(checkpoint) if checkpoint else None, main_process)
     if result is not None:
