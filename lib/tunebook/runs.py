@@ -216,16 +216,15 @@ def interruption_note(stage: str, entry: dict) -> str:
     return f"Stage {stage} was interrupted at {entry.get('interrupted') or 'an unknown time'} ({entry.get('reason', 'no reason recorded')})"
 
 
-def stop_stage(run_dir: Path, stage: str, interrupt: KeyboardInterrupt, wait: float = 15.0, seen: dict | None = None) -> None:
+def stop_stage(run_dir: Path, stage: str, interrupt: KeyboardInterrupt, wait: float = 15.0) -> None:
     """The command running a stage's notebook was interrupted: the stage runs on in the notebook's kernel, a process
     of its own session (Ctrl-C and a SIGTERM to the command's group do not reach it). Send it SIGTERM, which its stage
     context turns into an interruption it records; a kernel that does not record one in `wait` seconds is killed and
-    the stage is marked interrupted here. `seen`: the stage's entry when it was last seen running (a parallel sweep
-    looks before it cancels its tasks), else the manifest's now; either way the interruption is put down to `interrupt`."""
+    the stage is marked interrupted here."""
     for name in ("asyncio", "papermill"):  # papermill's abandoned tasks, finished at exit: the kernel's end, not news
         logging.getLogger(name).setLevel(logging.CRITICAL)
     manifest_path = Path(run_dir) / "manifest.json"
-    entry = seen or read_manifest(run_dir)["stages"].get(stage, {})
+    entry = read_manifest(run_dir)["stages"].get(stage, {})
     if entry.get("status") != "running":
         return
     if process_state(entry) == "alive":

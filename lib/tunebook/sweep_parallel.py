@@ -175,30 +175,34 @@ def outcome(ray, ref, stage: str, run: Run, record: dict) -> dict:
 
 
 def stop(ray, sweep: Sweep, todo: dict[str, list[str]], pending: dict, interrupt: KeyboardInterrupt) -> None:
-    """Ctrl-C or SIGTERM to the driver: cancel every task not done. A running one gets a KeyboardInterrupt, which
-    stops its notebook's kernel and records the stage interrupted (runs.execute_stage); here the record is put down
-    to the driver's signal, and a kernel on this machine still running is stopped. Results that came in meanwhile
-    are recorded; the runs left are interrupted."""
+    """Ctrl-C or SIGTERM to the driver: stop the notebooks' kernels on this machine (each records its stage
+    interrupted, put down to this signal), then cancel every task not done: Ray raises a KeyboardInterrupt in a
+    running one, which stops its kernel (on another node of a cluster) as execute_stage does. Stages that finished
+    meanwhile are recorded; the runs not done are interrupted."""
     if not pending:
         return
     names = list(dict.fromkeys(name for name, _ in pending.values()))
-    running = {
-        (name, stage): entry
-        for name in names
-        for stage, entry in sweep.members[name].manifest()["stages"].items()
-        if entry.get("status") == "running" and process_state(entry) != "elsewhere"  # another node's kernel: Ray's cancel alone
-    }
+    stop_kernels_here(sweep, names, interrupt)
     for ref in pending:
         ray.cancel(ref)
     ray.wait(list(pending), num_returns=len(pending), timeout=60)
-    for (name, stage), entry in running.items():
-        stop_stage(sweep.members[name].dir, stage, interrupt, seen=entry)
+    stop_kernels_here(sweep, names, interrupt)  # one started while the tasks were being cancelled
     for ref, (name, stage) in pending.items():
         try:
-            record_result(sweep, todo, name, stage, ray.get(ref, timeout=0))
+            result = ray.get(ref, timeout=0)
         except ray.exceptions.RayError:  # cancelled, or still stopping
-            pass
+            continue
+        if result["how"] in DONE:  # anything else is the interruption's doing: the manifest says so
+            record_result(sweep, todo, name, stage, result)
     for name in names:
         if sweep.record(name)["status"] == "running":
             sweep.record(name)["status"] = "interrupted"
     sweep.save()
+
+
+def stop_kernels_here(sweep: Sweep, names: list[str], interrupt: KeyboardInterrupt) -> None:
+    for name in names:
+        run = sweep.members[name]
+        for stage, entry in run.manifest()["stages"].items():
+            if entry.get("status") == "running" and process_state(entry) == "alive":
+                stop_stage(run.dir, stage, interrupt)
