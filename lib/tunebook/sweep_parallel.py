@@ -93,7 +93,10 @@ def start_ray(ray, sweep: Sweep, todo: dict[str, list[str]], parallel: int, addr
         raise TunebookError(f"A stage of this sweep launches {need} processes, one GPU each (train / evaluate.num_processes), and {where} has {gpus} GPUs.")
     if not address:
         # The tasks pass small records only: the object store needs little memory.
-        ray.init(num_cpus=cpus * parallel, num_gpus=min(gpus, need * parallel), include_dashboard=False, object_store_memory=100 * 2**20)
+        try:
+            ray.init(num_cpus=cpus * parallel, num_gpus=min(gpus, need * parallel), include_dashboard=False, object_store_memory=100 * 2**20)
+        except Exception as e:  # noqa: BLE001  (Ray raises a bare Exception when its processes start too slowly)
+            raise TunebookError(f"Ray could not start on this machine ({e}); nothing was run. Try again when the machine is less busy.") from None
         where += f", at most {min(parallel, gpus // need) if gpus else parallel} at once"
     print(f"\nOn Ray, {where}: each stage that executes gets {'a GPU per process and ' if gpus else ''}{cpus} CPU(s).", flush=True)
     return cpus, bool(gpus)
