@@ -73,7 +73,7 @@ def test_requirements_txt_holds_every_group():
     listed = {
         canonicalize_name(re.split(r"[<>=!\[ ]", line)[0]) for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")
     }
-    groups = ["core", "quantize", "gguf", "documents", "faq", "dev"]
+    groups = ["core", "quantize", "gguf", "documents", "faq", "scale", "dev"]
     wanted = {canonicalize_name(re.split(r"[<>=!\[ ]", r)[0]) for g in groups for r in colab.group(g)}
     assert wanted <= listed, f"in pyproject.toml but not requirements.txt: {sorted(wanted - listed)}"
 

@@ -13,7 +13,7 @@ from tunebook.config import ParamsError, validate_params
 from tunebook.errors import TunebookError
 from tunebook.evaluate import untrained_key
 from tunebook.runs import Run, adopt_stage, open_run, stage_key
-from tunebook.sweep import _run_one, expand
+from tunebook.sweep import expand, prepare_run
 
 BASE = "run_name: lora\noutput_dir: out\ndata:\n  train_path: rows.jsonl\n"
 
@@ -179,7 +179,7 @@ def test_a_finished_run_with_changed_params_is_left_as_it_is(write_params, tmp_p
     _, runs = expand(write_params(BASE + "train:\n  epochs: 3\nsweep:\n  stages: '01,02'\n  grid:\n    train.lora_r: [16]\n"))
     changed = Run(params=runs[0].params, dir=runs[0].params.run_dir)
     record = {"stages": {}}
-    _run_one(changed, ["01_build_dataset", "02_finetune"], record, {runs[0].name: changed}, rerun=False, save=lambda: None)
+    assert prepare_run(changed, ["01_build_dataset", "02_finetune"], record, rerun=False) == []
     assert record["status"] == "outdated" and "02_finetune finished with other params" in record["error"]
     assert finished.manifest_path.read_text() == before
 

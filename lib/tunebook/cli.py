@@ -3,7 +3,7 @@ params, cache a model.
 
     python -m tunebook run params/default.yaml [--stages 04,05] [--set train.max_steps=10] [--resume | --overwrite]
     python -m tunebook check params/default.yaml [--stages 04,05] [--set KEY=VALUE]
-    python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run]
+    python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run] [--parallel N] [--ray-address ADDRESS]
     python -m tunebook compare outputs/sweep_lora [outputs/default ...] [--model finetuned] [--sort f1] [--out DIR]
     python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric METRIC]
     python -m tunebook params [--update-readme README.md]
@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a params key of every run (repeatable)")
     sweep.add_argument("--rerun", action="store_true", help="Also re-run finished runs (their folders are moved aside, renamed, kept)")
     sweep.add_argument("--dry-run", action="store_true", help="List the runs and what each changes, run nothing")
+    sweep.add_argument(
+        "--parallel",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="Execute up to N stages at once on Ray, each on its own GPU or cores/N CPUs (default 1: one after the other)",
+    )
+    sweep.add_argument("--ray-address", metavar="ADDRESS", help="Run the sweep's stages on this Ray cluster (auto: the one this machine is part of)")
 
     compare = sub.add_parser("compare", help="One table of runs: the params that differ, metrics and losses, best marked; overlaid loss curves.")
     compare.add_argument("runs", nargs="+", help="Run folders, or folders of runs (a sweep's folder)")
@@ -102,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             return interrupted_code(e)
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def interrupted_code(interrupt: KeyboardInterrupt) -> int:
     return 143 if isinstance(interrupt, Terminated) else 130  # 128 + the signal's number, as a shell reports it
 
@@ -115,6 +129,10 @@ def _command(args: argparse.Namespace) -> int:
         check_or_stop(load_params(args.params, args.overrides), select_stages(args.stages), args.params)
         print("No problems found.")
         return 0
+    if args.command == "sweep" and (args.parallel > 1 or args.ray_address):
+        from tunebook.sweep_parallel import run_sweep_parallel
+
+        return run_sweep_parallel(args.params, args.overrides, parallel=args.parallel, ray_address=args.ray_address, rerun=args.rerun, dry_run=args.dry_run)
     if args.command == "sweep":
         from tunebook.sweep import run_sweep
 

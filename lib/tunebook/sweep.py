@@ -68,8 +68,29 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "empty"
 
 
-def run_sweep(params_path: str, overrides: list[str], *, rerun: bool = False, dry_run: bool = False) -> int:
-    """Execute every run of the sweep; 0 when all finished, 1 when some failed, 130 when interrupted."""
+@dataclass
+class Sweep:
+    """A sweep ready to run: its runs, their folders, and sweep.json's state (saved by `save`)."""
+
+    params: Params
+    runs: list[SweepRun]
+    folder: Path
+    state: dict
+    members: dict[str, Run]  # run name -> its run folder
+
+    @property
+    def stages(self) -> list[str]:
+        return self.params.sweep.stages
+
+    def record(self, name: str) -> dict:
+        return self.state["runs"][name]
+
+    def save(self) -> None:
+        write_json_atomic(self.folder / "sweep.json", self.state)
+
+
+def open_sweep(params_path: str, overrides: list[str], *, dry_run: bool = False) -> Sweep | None:
+    """The runs listed, checked (preflight) and their state read from sweep.json; None for --dry-run."""
     sweep_params, runs = expand(params_path, overrides)
     stages = sweep_params.sweep.stages
     folder = sweep_params.run_dir.resolve()
@@ -77,44 +98,74 @@ def run_sweep(params_path: str, overrides: list[str], *, rerun: bool = False, dr
     for r in runs:
         print(f"  {r.name}: " + ", ".join(f"{k}={v}" for k, v in r.changes.items()))
     if dry_run:
-        return 0
+        return None
     check_sweep({r.name: r.params for r in runs}, stages, params_path)
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "sweep.json"
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {"runs": {}}
     state.update(params_file=str(Path(params_path).resolve()), overrides=overrides, stages=stages, order=[r.name for r in runs])
-    members = {r.name: Run(params=r.params, dir=folder / r.name) for r in runs}
+    for r in runs:
+        state["runs"].setdefault(r.name, {"stages": {}})["changes"] = r.changes
+    return Sweep(sweep_params, runs, folder, state, {r.name: Run(params=r.params, dir=folder / r.name) for r in runs})
+
+
+def run_sweep(params_path: str, overrides: list[str], *, rerun: bool = False, dry_run: bool = False) -> int:
+    """Execute every run of the sweep, one after the other; 0 when all finished, 1 when some failed, 130 when interrupted."""
+    sweep = open_sweep(params_path, overrides, dry_run=dry_run)
+    if sweep is None:
+        return 0
     started = time.time()
     # A kill (SIGTERM) stops the sweep like Ctrl-C: the stage running is recorded interrupted and the state is saved.
     with sigterm_raises():
-        for number, r in enumerate(runs, start=1):
-            print(f"\n##### [{number}/{len(runs)}] {r.name}", flush=True)
-            record = state["runs"].setdefault(r.name, {"stages": {}})
-            record["changes"] = r.changes
+        for number, r in enumerate(sweep.runs, start=1):
+            print(f"\n##### [{number}/{len(sweep.runs)}] {r.name}", flush=True)
             try:
-                _run_one(members[r.name], stages, record, members, rerun, save=lambda: write_json_atomic(state_path, state))
+                _run_one(sweep.members[r.name], sweep, rerun)
             except KeyboardInterrupt:
-                record["status"] = "interrupted"
-                write_json_atomic(state_path, state)
+                sweep.record(r.name)["status"] = "interrupted"
+                sweep.save()
                 print(f"\nSweep interrupted during {r.name}. Run the same command again to finish the missing runs.")
                 return 130
+    return finish_sweep(sweep, started)
+
+
+def finish_sweep(sweep: Sweep, started: float) -> int:
+    """The stage table, the comparison of the finished runs and the failures; 1 when some run failed."""
+    state = sweep.state
     state["seconds_last_invocation"] = round(time.time() - started, 1)
-    write_json_atomic(state_path, state)
-    print(f"\nSweep {sweep_params.run_name} done in {time.time() - started:.0f}s: {state_path}")
+    sweep.save()
+    print(f"\nSweep {sweep.params.run_name} done in {time.time() - started:.0f}s: {sweep.folder / 'sweep.json'}")
     print(stage_table(state))
     failed = [name for name in state["order"] if state["runs"][name].get("status") == "failed"]
-    finished = [folder / name for name in state["order"] if state["runs"][name].get("status") == "finished"]
-    if finished and "04_evaluate" in stages:
+    finished = [sweep.folder / name for name in state["order"] if state["runs"][name].get("status") == "finished"]
+    if finished and "04_evaluate" in sweep.stages:
         from tunebook.compare import write_comparison
 
-        write_comparison(finished, folder)
+        write_comparison(finished, sweep.folder)
     for name in failed:
         print(f"FAILED {name}: {state['runs'][name]['error']}\n  executed notebook: {state['runs'][name]['notebook']}")
     return 1 if failed else 0
 
 
-def _run_one(run: Run, stages: list[str], record: dict, members: dict[str, Run], rerun: bool, save) -> None:
+def _run_one(run: Run, sweep: Sweep, rerun: bool) -> None:
     """Bring one run's stages to complete: skip finished ones, copy shared ones, execute the rest."""
+    record = sweep.record(run.dir.name)
+    todo = prepare_run(run, sweep.stages, record, rerun)
+    sweep.save()
+    for stage in todo:
+        result = bring_stage(run, stage, sweep.members)
+        record_stage(record, stage, result)
+        sweep.save()
+        if result["how"] == "failed":
+            return
+    if todo:
+        record["status"] = "finished"
+        sweep.save()
+
+
+def prepare_run(run: Run, stages: list[str], record: dict, rerun: bool) -> list[str]:
+    """The checks before a run's stages start (--rerun, outdated, running elsewhere, interrupted): its stages still
+    to do, in order, with its params saved; none when it is finished or outdated (so noted in its sweep.json record)."""
     if rerun and run.dir.exists() and all(run.status(s) == "complete" for s in stages):
         print(f"--rerun: moved the finished run to {move_aside(run.dir)}")
         record["stages"] = {}
@@ -125,8 +176,7 @@ def _run_one(run: Run, stages: list[str], record: dict, members: dict[str, Run],
             f"Skipped: {run.dir} finished {', '.join(changed)} with other params than the sweep file gives it now. "
             "Nothing was changed; --rerun moves it aside and runs it again, or give the sweep another run_name."
         )
-        save()
-        return
+        return []
     run.refuse_if_running()
     for stage, note in run.settle_interrupted().items():
         print(f"{note}; re-running it." if stage in stages else f"{note}.")
@@ -134,37 +184,52 @@ def _run_one(run: Run, stages: list[str], record: dict, members: dict[str, Run],
     if not todo:
         record["status"] = "finished"
         print("Already finished: skipped.")
-        save()
-        return
+        return []
     record.update(status="running", error=None, notebook=None)
-    params_file = save_params(run.params)
-    for stage in todo:
-        key = stage_key(run.params, stage)
-        donor = next((other for other in members.values() if other is not run and other.status(stage) == "complete" and other.key_of(stage) == key), None)
-        stage_started = time.time()
-        if donor:
-            adopt_stage(run, donor, stage)
-            record["stages"][stage] = {"how": "reused", "from": donor.dir.name, "seconds": round(time.time() - stage_started, 1)}
-            print(f"=== {stage}: reused from {donor.dir.name} (same params up to this stage)", flush=True)
-            save()
-            continue
-        print(f"=== {stage} → {run.dir / 'notebooks' / (stage + '.ipynb')}", flush=True)
-        others = [str(other.dir) for other in members.values() if other is not run]
-        try:
-            execute_stage(stage, params_file, run.dir, {"reuse_from": others} if stage == "04_evaluate" else None)
-        except Exception as e:  # noqa: BLE001  (a dead kernel too: the sweep records it and goes on)
-            notebook = getattr(e, "notebook", run.dir / "notebooks" / f"{stage}.ipynb")
-            error = str(e).split("\n")[0] if isinstance(e, StageFailed) else f"Stage {stage} failed: {type(e).__name__}: {e}"
-            record["stages"][stage] = {"how": "failed", "seconds": round(time.time() - stage_started, 1)}
-            record.update(status="failed", error=error, notebook=str(notebook))
-            print(f"=== {error}\n    executed notebook: {notebook}\n    the sweep goes on with the next run", flush=True)
-            save()
-            return
-        record["stages"][stage] = {"how": "ran", "seconds": round(time.time() - stage_started, 1)}
-        print(f"=== {stage} done in {time.time() - stage_started:.0f}s", flush=True)
-        save()
-    record["status"] = "finished"
-    save()
+    save_params(run.params)
+    return todo
+
+
+def find_donor(run: Run, stage: str, members: dict[str, Run]) -> Run | None:
+    """Another run of the sweep that finished `stage` with the same key: its outputs are this run's too."""
+    key = stage_key(run.params, stage)
+    return next((other for other in members.values() if other is not run and other.status(stage) == "complete" and other.key_of(stage) == key), None)
+
+
+def bring_stage(run: Run, stage: str, members: dict[str, Run]) -> dict:
+    """Copy `stage` from a donor, else execute its notebook: {how: reused|ran|failed, seconds, from | error, notebook}.
+    An interruption (KeyboardInterrupt) is raised, with the stage recorded interrupted in the run's manifest."""
+    donor = find_donor(run, stage, members)
+    return reuse_stage(run, donor, stage) if donor else execute(run, stage, members)
+
+
+def reuse_stage(run: Run, donor: Run, stage: str) -> dict:
+    started = time.time()
+    adopt_stage(run, donor, stage)
+    print(f"=== {run.dir.name} {stage}: reused from {donor.dir.name} (same params up to this stage)", flush=True)
+    return {"how": "reused", "from": donor.dir.name, "seconds": round(time.time() - started, 1)}
+
+
+def execute(run: Run, stage: str, members: dict[str, Run]) -> dict:
+    started = time.time()
+    print(f"=== {run.dir.name} {stage} → {run.dir / 'notebooks' / (stage + '.ipynb')}", flush=True)
+    others = [str(other.dir) for other in members.values() if other is not run]
+    try:
+        execute_stage(stage, run.dir / "params.yaml", run.dir, {"reuse_from": others} if stage == "04_evaluate" else None)
+    except Exception as e:  # noqa: BLE001  (a dead kernel too: the sweep records it and goes on)
+        notebook = getattr(e, "notebook", run.dir / "notebooks" / f"{stage}.ipynb")
+        error = str(e).split("\n")[0] if isinstance(e, StageFailed) else f"Stage {stage} failed: {type(e).__name__}: {e}"
+        print(f"=== {run.dir.name} {error}\n    executed notebook: {notebook}\n    the sweep goes on with the other runs", flush=True)
+        return {"how": "failed", "seconds": round(time.time() - started, 1), "error": error, "notebook": str(notebook)}
+    print(f"=== {run.dir.name} {stage} done in {time.time() - started:.0f}s", flush=True)
+    return {"how": "ran", "seconds": round(time.time() - started, 1)}
+
+
+def record_stage(record: dict, stage: str, result: dict) -> None:
+    """A stage's result into its run's record in sweep.json; a failed stage fails its run."""
+    record["stages"][stage] = {k: v for k, v in result.items() if k not in ("error", "notebook")}
+    if result["how"] == "failed":
+        record.update(status="failed", error=result["error"], notebook=result["notebook"])
 
 
 def stage_table(state: dict) -> str:
@@ -177,6 +242,8 @@ def stage_table(state: dict) -> str:
         row = {"run": name, "status": record.get("status", "pending")}
         for stage in state["stages"]:
             s = record["stages"].get(stage)
-            row[stage] = "" if not s else f"reused ← {s['from']}" if s["how"] == "reused" else f"{s['how']} {s['seconds']:.0f}s"
+            row[stage] = (
+                "" if not s else f"reused ← {s['from']}" if s["how"] == "reused" else s["how"] if s["how"] == "skipped" else f"{s['how']} {s['seconds']:.0f}s"
+            )
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False)
