@@ -34,10 +34,15 @@ def accelerate_command(module: str, args: list[str], num_processes: int, *, cuda
         command += ["--config_file", config_file]
     else:
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if cuda:
-            command += ["--multi_gpu"] if num_processes > 1 else []
-        else:
-            command += ["--cpu", "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // num_processes))]
+        # --multi_gpu is accelerate's only launcher of several local processes (torchrun), on a CPU too: its --cpu
+        # launcher starts one process, whatever --num_processes says. A CPU process then asks for the CPU itself
+        # (PartialState(cpu=True)): gloo.
+        if num_processes > 1:
+            command += ["--multi_gpu"]
+        elif not cuda:
+            command += ["--cpu"]
+        if not cuda:
+            command += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // num_processes))]
     return command + ["-m", module, *args]
 
 
@@ -47,16 +52,18 @@ def run_streaming(command: list[str], what: str) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     tail: deque[str] = deque(maxlen=30)
+    ours = []  # kept apart from the tail: torchrun's own failure report after them is longer than 30 lines
     try:
         for line in process.stdout:
             print(line, end="", flush=True)
             tail.append(line.rstrip("\n"))
+            if ERROR_PREFIX in line:
+                ours.append(line.rstrip("\n").split(ERROR_PREFIX, 1)[1])
         code = process.wait()
     except BaseException:  # KeyboardInterrupt, errors.Terminated: the launcher and its processes go down with us
         stop(process)
         raise
     if code:
-        ours = [line.split(ERROR_PREFIX, 1)[1] for line in tail if ERROR_PREFIX in line]
         if ours:
             raise TunebookError(ours[-1])
         shown = "\n".join(tail)
