@@ -27,7 +27,7 @@ from tunebook.data import load_split
 from tunebook.errors import TunebookError
 from tunebook.families import TemplateError, render_prompt, split_reasoning
 from tunebook.generate import Generation, answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, merge_shards, peak_memory
-from tunebook.launch import accelerate_command, run_streaming, worker_main
+from tunebook.launch import accelerate_command, refuse_more_processes_than_gpus, run_streaming, worker_main
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import dir_size_mb, has_cuda, load_for_inference, load_tokenizer, local_folder, pick_backend, saved_bits
 from tunebook.rows import read_jsonl, write_jsonl
@@ -185,6 +185,8 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
     # Base and fine-tuned models generate through transformers unless evaluate.backend asks for Unsloth; quantized
     # copies are saved in transformers' quantization formats (or GGUF) and load through transformers (llama.cpp).
     backend = "hf" if p.evaluate.backend == "auto" else pick_backend(p.evaluate.backend, "evaluate.backend")
+    if p.evaluate.num_processes > 1 and any(m.kind == "transformers" for m in models):
+        refuse_more_processes_than_gpus(p.evaluate.num_processes, "evaluate.num_processes")
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
         predictions_dir.mkdir(exist_ok=True)

@@ -46,6 +46,16 @@ def accelerate_command(module: str, args: list[str], num_processes: int, *, cuda
     return command + ["-m", module, *args]
 
 
+def refuse_more_processes_than_gpus(num_processes: int, key: str) -> None:
+    """One process per GPU: on a GPU machine, each process past the last GPU would stop with CUDA's "invalid device
+    ordinal" deep in a traceback; said here first, naming the knob."""
+    import torch
+
+    if torch.cuda.is_available() and num_processes > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise TunebookError(f"{key} is {num_processes}, but {gpus} GPU(s) are visible here and each process takes one: set {key} to {gpus} or fewer.")
+
+
 def run_streaming(command: list[str], what: str) -> None:
     """Run `command`, printing its output as it comes; a failure raises one TunebookError naming `what` (the worker's
     own message when it printed one). Ctrl-C or SIGTERM here stops the processes first."""
