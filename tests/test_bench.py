@@ -1,5 +1,5 @@
-"""The parts of the GPU benchmarks that run on CPU: bench/train_throughput.py's fixed-length rows and report, and
-bench/eval_throughput.py's prompts and report."""
+"""The parts of the GPU benchmarks that run on CPU: bench/train_throughput.py's fixed-length rows and report,
+bench/eval_throughput.py's prompts and report, and bench/eval_split.py's eval rows and report."""
 
 import importlib.util
 import sys
@@ -15,6 +15,9 @@ sys.modules["train_throughput"] = train_throughput  # eval_throughput imports it
 spec = importlib.util.spec_from_file_location("eval_throughput", ROOT / "bench" / "eval_throughput.py")
 eval_throughput = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(eval_throughput)
+spec = importlib.util.spec_from_file_location("eval_split", ROOT / "bench" / "eval_split.py")
+eval_split = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval_split)
 
 
 def test_fixed_length_rows_are_exactly_as_long_as_asked():
@@ -56,3 +59,21 @@ def test_eval_report_gives_ratios_within_a_run_and_shows_failures():
     text = eval_throughput.report({"gpu": {"setup": {"new_tokens": 32}, "cases": cases, "machine": {"gpu": "H200"}}})
     assert "| workbook_hf_256 | 0.025 | 25.0 | 40.0 | 20.00x | 1.25 | batch_size 256 |" in text
     assert "| hf_batched_64 | failed: ValueError: no pad token |" in text and "agreement 0.9 on 100 prompts" in text
+
+
+def test_split_bench_rows_are_all_different_past_the_data_and_its_report_says_what_was_measured():
+    rows = eval_split.eval_rows(1010)  # the data has 504 rows: two passes and two rows of a third
+    assert len({r["id"] for r in rows}) == 1010 and len({(r["question"], tuple(r["passages"])) for r in rows}) == 1010
+    assert sorted(rows[504]["passages"]) == sorted(rows[0]["passages"]) and rows[504]["question"] == rows[0]["question"]
+    case = {"seconds": 10.0, "examples_per_second": 1.6, "load_seconds": 2.0, "peak_memory_mb": 900.0, "stage_seconds": 14.0, "load_average_after": 0.5}
+    result = {
+        "setup": {"prompts": 16, "model": "m", "batch_size": 4, "new_tokens": 8},
+        "cases": {"processes_1": {"processes": 1, **case}, "processes_2": {"processes": 2, **case, "seconds": 5.5}},
+        "generation_ratio": 0.55,
+        "stage_ratio": 0.8,
+        "same_answers": True,
+        "machine": {"commit": "abc1234"},
+    }
+    text = eval_split.report({"cpu": result})
+    assert "| 2 | 5.5 | 1.6 | 2.0 | 14.0 | 900.0 | 0.5 |" in text
+    assert "Split / one process: 0.55x the generation time, 0.8x the stage's. Same answers: yes." in text

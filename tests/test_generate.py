@@ -7,7 +7,7 @@ from tunebook.config import DEFAULT_MODEL
 from tunebook.data import build_dataset, load_split
 from tunebook.errors import TunebookError
 from tunebook.evaluate import answer_budget
-from tunebook.generate import answer_token_budget, cut_at_stop, end_of_turn_ids, generate, peak_memory
+from tunebook.generate import Generation, answer_token_budget, cut_at_stop, end_of_turn_ids, generate, merge_shards, peak_memory, shard_rows
 from tunebook.models import load_for_inference, use_grouped_query_sdpa
 from tunebook.runs import open_run
 
@@ -31,6 +31,29 @@ def test_batched_equals_one_at_a_time_and_keeps_order(model_and_tokenizer):
     single = [generate(model, tokenizer, [c], batch_size=1, max_new_tokens=8).texts[0] for c in CONVERSATIONS]
     assert batched.texts == single
     assert all(batched.texts) and batched.examples_per_second > 0
+
+
+def test_shards_take_whole_batches_in_turn_and_merge_back_in_order():
+    """Several processes split the sorted rows by whole batches, dealt round: each batch holds what it holds in one process."""
+    by_length = [5, 2, 7, 0, 1, 6, 3, 4, 8]  # the rows, longest prompt first: batches of 2 are [5, 2] [7, 0] [1, 6] [3, 4] [8]
+    assert shard_rows(by_length, 2, (0, 1)) == by_length
+    assert shard_rows(by_length, 2, (0, 2)) == [5, 2, 1, 6, 8]
+    assert shard_rows(by_length, 2, (1, 2)) == [7, 0, 3, 4]
+    assert shard_rows(by_length, 2, (2, 3)) == [1, 6]
+    assert shard_rows(by_length[:2], 2, (1, 2)) == []  # more processes than batches: one has nothing to do
+    shards = [Generation(texts=[f"answer {r}" for r in sorted(rows)], seconds=1.0, rows=sorted(rows)) for rows in ([5, 2, 1, 6, 8], [7, 0, 3, 4])]
+    assert merge_shards(shards, 9) == [f"answer {r}" for r in range(9)]
+    with pytest.raises(ValueError, match=r"no shard generated rows \[0, 3, 4, 7\] of 9"):
+        merge_shards(shards[:1], 9)
+
+
+def test_a_shard_generates_its_rows_as_one_process_does(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    whole = generate(model, tokenizer, CONVERSATIONS, batch_size=1, max_new_tokens=8)
+    shards = [generate(model, tokenizer, CONVERSATIONS, batch_size=1, max_new_tokens=8, shard=(i, 2)) for i in range(2)]
+    assert [len(s.rows) for s in shards] == [2, 1] and whole.rows is None
+    assert [whole.texts[r] for r in shards[1].rows] == shards[1].texts
+    assert merge_shards(shards, len(CONVERSATIONS)) == whole.texts
 
 
 def test_grouped_query_sdpa_gives_the_same_answers(model_and_tokenizer):

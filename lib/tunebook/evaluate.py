@@ -3,8 +3,9 @@
 Models: base (the params' model), finetuned (the merged model of 02), each quantized variant of 03 and each
 API baseline (an OpenAI-compatible endpoint). Each is loaded, run through the batched generator (GGUF files
 through llama.cpp, baselines through the API client), timed, measured for peak memory and freed before the
-next. Writes predictions/<model>.jsonl, metrics.json (a list of rows with bits and size on disk) and
-metrics.csv (and the table to 02's tracker run, tunebook.tracking). The base and API rows do not depend on training: a sweep passes its other runs as `reuse_from`, and
+next; with evaluate.num_processes > 1 a transformers model generates in that many processes through `accelerate
+launch` (one per GPU; `python -m tunebook.evaluate` is one of them), each taking every N-th batch. Writes
+predictions/<model>.jsonl, metrics.json (a list of rows with bits and size on disk) and metrics.csv (and the table to 02's tracker run, tunebook.tracking). The base and API rows do not depend on training: a sweep passes its other runs as `reuse_from`, and
 a row one of them scored with the same data, prompt, model and evaluate params is copied, not generated again.
 """
 
@@ -14,23 +15,26 @@ import csv
 import gc
 import json
 import shutil
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tunebook import tracking
-from tunebook.config import ApiBaselineParams
+from tunebook.config import ApiBaselineParams, validate_params
 from tunebook.data import load_split
 from tunebook.errors import TunebookError
 from tunebook.families import TemplateError, render_prompt, split_reasoning
-from tunebook.generate import answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, peak_memory
+from tunebook.generate import Generation, answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, merge_shards, peak_memory
+from tunebook.launch import accelerate_command, refuse_more_processes_than_gpus, run_streaming, worker_main
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
-from tunebook.models import dir_size_mb, load_for_inference, load_tokenizer, local_folder, pick_backend, saved_bits
+from tunebook.models import dir_size_mb, has_cuda, load_for_inference, load_tokenizer, local_folder, pick_backend, saved_bits
 from tunebook.rows import read_jsonl, write_jsonl
 from tunebook.runs import Run, first_read_by, params_key, read_manifest, write_json_atomic
 from tunebook.stage_outputs import EvaluateOutputs
 
-TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "bits", "size_mb"]
+TIMING_COLUMNS = ["n", "seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "processes", "bits", "size_mb"]
 
 
 class EvaluationFailed(TunebookError):
@@ -181,6 +185,8 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
     # Base and fine-tuned models generate through transformers unless evaluate.backend asks for Unsloth; quantized
     # copies are saved in transformers' quantization formats (or GGUF) and load through transformers (llama.cpp).
     backend = "hf" if p.evaluate.backend == "auto" else pick_backend(p.evaluate.backend, "evaluate.backend")
+    if p.evaluate.num_processes > 1 and any(m.kind == "transformers" for m in models):
+        refuse_more_processes_than_gpus(p.evaluate.num_processes, "evaluate.num_processes")
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
         predictions_dir.mkdir(exist_ok=True)
@@ -222,18 +228,21 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
 class Generated:
     """A model's outputs on the eval split, split into reasoning and answer, with its timings."""
 
-    result: object  # generate.GenerationResult
+    result: Generation
     reasonings: tuple
     answers: list[str]
     load_seconds: float
     peak_memory_mb: float | None
+    processes: int = 1  # processes that generated it: evaluate.num_processes for a transformers model, else 1
 
 
 def generate_with(run: Run, m: EvalModel, examples: list[dict], labels: list[str], *, backend: str, max_new_tokens: int) -> Generated:
-    """Load the model, generate the eval split's answers in batches, free it; timed and memory-measured."""
+    """Load the model, generate the eval split's answers in batches, free it; timed and memory-measured. A transformers
+    model with evaluate.num_processes > 1 generates in that many launched processes (generate_launched)."""
     p = run.params
+    if m.kind == "transformers" and p.evaluate.num_processes > 1:
+        return generate_launched(run, m, labels, n=len(examples), backend=backend, max_new_tokens=max_new_tokens)
     conversations, stops = [e["prompt"] for e in examples], p.evaluate.stop_strings
-    constrain = labels if p.evaluate.metric == "classification" and p.evaluate.constrain_labels else None
     # llama.cpp from pip runs on the CPU even on a GPU machine: then its memory is the process's RSS.
     with peak_memory(gpu=m.kind != "gguf" or gguf_runs_on_gpu()) as peak:
         started = time.time()
@@ -248,35 +257,128 @@ def generate_with(run: Run, m: EvalModel, examples: list[dict], labels: list[str
             check_trained_prompt(run, tokenizer, m.label)
             model = load_gguf(m.path, n_ctx=p.model.max_seq_length + max_new_tokens)
             load_seconds = time.time() - started
+            constrain = constrained_labels(run, labels)
             result = generate_gguf(model, tokenizer, conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=m.label, labels=constrain)
         else:
-            model, tokenizer = load_for_inference(
-                m.path,
-                dtype=p.model.dtype,
-                chat_template=p.model.chat_template,
-                max_seq_length=p.model.max_seq_length,
-                backend=backend if m.full_precision else "hf",
-                load_in_4bit=p.evaluate.load_in_4bit and m.full_precision,
-                enable_thinking=p.model.enable_thinking,
-            )
-            check_trained_prompt(run, tokenizer, m.label)
+            model, tokenizer = load_to_generate(run, m, backend=backend)
             load_seconds = time.time() - started
-            result = generate(
-                model,
-                tokenizer,
-                conversations,
-                batch_size=p.evaluate.batch_size,
-                max_new_tokens=max_new_tokens,
-                stop_strings=stops,
-                desc=m.label,
-                labels=constrain,
-            )
+            result = generate_answers(run, model, tokenizer, examples, labels, max_new_tokens=max_new_tokens, desc=m.label)
     del model
     gc.collect()
-    # A reasoning block is never part of the answer: taken out before scoring, kept beside it.
+    return as_generated(run, result, load_seconds, peak["mb"] if m.kind != "api" else None)
+
+
+def constrained_labels(run: Run, labels: list[str]) -> list[str] | None:
+    """The labels decoding is held to (classification with evaluate.constrain_labels), else None: free generation."""
+    p = run.params.evaluate
+    return labels if p.metric == "classification" and p.constrain_labels else None
+
+
+def load_to_generate(run: Run, m: EvalModel, *, backend: str, device=None):
+    """A transformers-kind model and its tokenizer as 04 generates with them, checked against 02's training prompt.
+    `device`: the one device a launched process loads onto (None: load_for_inference's placement)."""
+    p = run.params
+    model, tokenizer = load_for_inference(
+        m.path,
+        dtype=p.model.dtype,
+        chat_template=p.model.chat_template,
+        max_seq_length=p.model.max_seq_length,
+        backend=backend if m.full_precision else "hf",
+        load_in_4bit=p.evaluate.load_in_4bit and m.full_precision,
+        enable_thinking=p.model.enable_thinking,
+        device=device,
+    )
+    check_trained_prompt(run, tokenizer, m.label)
+    return model, tokenizer
+
+
+def generate_answers(
+    run: Run, model, tokenizer, examples: list[dict], labels: list[str], *, max_new_tokens: int, desc: str, shard: tuple[int, int] = (0, 1)
+) -> Generation:
+    """The eval split's outputs from a loaded transformers model, in batches of evaluate.batch_size (`shard`: one
+    launched process's share, generate.shard_rows)."""
+    p = run.params
+    return generate(
+        model,
+        tokenizer,
+        [e["prompt"] for e in examples],
+        batch_size=p.evaluate.batch_size,
+        max_new_tokens=max_new_tokens,
+        stop_strings=p.evaluate.stop_strings,
+        desc=desc,
+        labels=constrained_labels(run, labels),
+        shard=shard,
+    )
+
+
+def as_generated(run: Run, result: Generation, load_seconds: float, peak_memory_mb: float | None, processes: int = 1) -> Generated:
+    """Outputs split into reasoning and scored answer: a reasoning block is never part of the answer (taken out
+    before scoring, kept beside it)."""
     reasonings, replies = zip(*map(split_reasoning, result.texts)) if result.texts else ((), ())
-    answers = [final_answer(reply.strip(), p.prompt.final_answer_prefix) for reply in replies]
-    return Generated(result, reasonings, answers, round(load_seconds, 2), round(peak["mb"], 1) if m.kind != "api" else None)
+    answers = [final_answer(reply.strip(), run.params.prompt.final_answer_prefix) for reply in replies]
+    peak = round(peak_memory_mb, 1) if peak_memory_mb is not None else None
+    return Generated(result, reasonings, answers, round(load_seconds, 2), peak, processes)
+
+
+def generate_launched(run: Run, m: EvalModel, labels: list[str], *, n: int, backend: str, max_new_tokens: int) -> Generated:
+    """A transformers model's outputs from evaluate.num_processes processes through `accelerate launch` (one per GPU):
+    each loads the model on its own device, generates its share of the batches (generate.shard_rows) and writes them
+    to a part file in a temporary folder of the run (generate_part); merged here in the eval split's order.
+
+    seconds: from the first process starting to generate (its model loaded) to the last one finishing, the launch's
+    generation wall time (start-up and loading left out, as one process's seconds leave out loading); load_seconds and
+    peak memory: the largest of the processes'."""
+    processes = run.params.evaluate.num_processes
+    with tempfile.TemporaryDirectory(prefix=f".04_evaluate-{m.label}-", dir=run.dir) as folder:
+        job = Path(folder)
+        request = {
+            "params": run.params.model_dump(mode="json"),  # this process's params, whatever the run folder's params.yaml says
+            "run_dir": str(run.dir),
+            "model": {k: v for k, v in asdict(m).items() if k != "baseline"},
+            "labels": labels,
+            "backend": backend,
+            "max_new_tokens": max_new_tokens,
+        }
+        write_json_atomic(job / "job.json", request)
+        launched = time.time()
+        command = accelerate_command("tunebook.evaluate", [str(job)], processes, cuda=has_cuda())
+        run_streaming(command, f"{m.label}: generating on {processes} processes")
+        launch_seconds = time.time() - launched
+        parts = [json.loads((job / f"part-{i}.json").read_text(encoding="utf-8")) for i in range(processes)]
+    shards = [Generation(texts=part["texts"], seconds=part["seconds"], rows=part["rows"]) for part in parts]
+    seconds = max(part["finished"] for part in parts) - min(part["started"] for part in parts)
+    result = Generation(texts=merge_shards(shards, n), seconds=seconds)
+    print(
+        f"{m.label}: {processes} processes generated {' + '.join(str(len(s.rows)) for s in shards)} rows in {seconds:.1f}s "
+        f"({launch_seconds:.1f}s with start-up and loading)"
+    )
+    load_seconds = max(part["load_seconds"] for part in parts)
+    return as_generated(run, result, load_seconds, max(part["peak_memory_mb"] for part in parts), processes)
+
+
+def generate_part(job: Path) -> None:
+    """One process of generate_launched (`python -m tunebook.evaluate JOB_FOLDER` under accelerate launch): the model
+    on this process's device, its share of the batches generated, written to JOB_FOLDER/part-<process index>.json."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not has_cuda())  # without a GPU, CPU processes over gloo (launch.accelerate_command)
+    try:
+        request = json.loads((job / "job.json").read_text(encoding="utf-8"))
+        run = Run(params=validate_params(request["params"], source=str(job / "job.json")), dir=Path(request["run_dir"]))
+        m = EvalModel(**request["model"])
+        shard = (state.process_index, state.num_processes)
+        examples = load_split(run, "eval")
+        with peak_memory() as peak:
+            started = time.time()
+            model, tokenizer = load_to_generate(run, m, backend=request["backend"], device=state.device)
+            loaded = time.time()
+            desc = f"{m.label} [process {shard[0] + 1}/{shard[1]}]"
+            result = generate_answers(run, model, tokenizer, examples, request["labels"], max_new_tokens=request["max_new_tokens"], desc=desc, shard=shard)
+            finished = time.time()
+        part = dict(rows=result.rows, texts=result.texts, seconds=result.seconds, load_seconds=loaded - started, started=loaded, finished=finished)
+        write_json_atomic(job / f"part-{state.process_index}.json", part | {"peak_memory_mb": peak["mb"]})
+    finally:
+        state.destroy_process_group()
 
 
 def set_aside_if_silent(m: EvalModel, examples: list[dict], generated: Generated, failed_path: Path) -> dict | None:
@@ -307,6 +409,7 @@ def set_aside_if_silent(m: EvalModel, examples: list[dict], generated: Generated
         "seconds": round(result.seconds, 2),
         "load_seconds": generated.load_seconds,
         "peak_memory_mb": generated.peak_memory_mb,
+        "processes": generated.processes,
     }
 
 
@@ -350,6 +453,7 @@ def score_and_write(run: Run, m: EvalModel, examples: list[dict], labels: list[s
         "examples_per_second": round(result.examples_per_second, 3),
         "load_seconds": generated.load_seconds,
         "peak_memory_mb": generated.peak_memory_mb,
+        "processes": generated.processes,
         "bits": m.bits,
         "size_mb": m.size_mb,
         **failed,
@@ -425,3 +529,7 @@ def plot_confusions(run: Run):
         ax.set_title(model)
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":  # one process of generate_launched
+    worker_main(lambda: generate_part(Path(sys.argv[1])))

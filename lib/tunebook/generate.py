@@ -2,7 +2,9 @@
 
 Sorting keeps the padding in each batch small; left padding lets every row's answer start right after its
 prompt; each row stops at end-of-turn or a stop string; a batch that runs the GPU out of memory is retried at
-half the size; results come back in the caller's order. GGUF models generate through llama.cpp, one at a time.
+half the size; results come back in the caller's order. Several processes share the work by whole batches of that
+one sorted list (`shard_rows`), so every batch is the batch one process would generate. GGUF models generate through
+llama.cpp, one at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Generation:
     texts: list[str]
     seconds: float
     requests: list[dict] | None = None  # API baselines: each row's request outcome (status, attempts, error)
+    rows: list[int] | None = None  # a shard's rows: the caller's index of each text, ascending; None = every row
 
     @property
     def examples_per_second(self) -> float:
@@ -63,6 +66,27 @@ def cut_at_stop(text: str, stop_strings) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+def shard_rows(order: list[int], batch_size: int, shard: tuple[int, int]) -> list[int]:
+    """The rows process `index` of `count` generates, in generation order: the sorted rows `order` cut into batches of
+    `batch_size`, and batches index, index + count, index + 2 * count, ... of them. Whole batches, so each batch holds
+    exactly the rows (and padding) it holds in one process; dealt round, so each process gets long and short prompts."""
+    index, count = shard
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return [row for batch in batches[index::count] for row in batch]
+
+
+def merge_shards(shards: list[Generation], n: int) -> list[str]:
+    """The texts of shards that together generated n rows, in the caller's order."""
+    texts: list[str | None] = [None] * n
+    for shard in shards:
+        for row, text in zip(shard.rows, shard.texts):
+            texts[row] = text
+    missing = [row for row, text in enumerate(texts) if text is None]
+    if missing:
+        raise ValueError(f"no shard generated rows {missing} of {n}")
+    return texts
+
+
 def generate(
     model,
     tokenizer,
@@ -74,9 +98,12 @@ def generate(
     desc: str = "generate",
     labels: list[str] | None = None,
     reply_start: str = "",
+    shard: tuple[int, int] = (0, 1),
 ) -> Generation:
     """Greedy answers in the callers' order; with `labels`, decoding is constrained to exactly one of them;
     `reply_start` is written as the start of every answer (not returned), e.g. a JSON reply's opening.
+    `shard` (index, count): generate only process index's share of count (`shard_rows`); `rows` then names the
+    caller's index of each text.
 
     Each row stops at end-of-turn or at a stop string (finished rows wait as padding while the rest of the
     batch goes on). When the GPU runs out of memory the batch size is halved and the batch retried."""
@@ -84,7 +111,8 @@ def generate(
 
     prompts = [p + reply_start for p in render_prompts(tokenizer, conversations)]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: memory trouble shows at once
+    by_length = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: memory trouble shows at once
+    order = shard_rows(by_length, batch_size, shard)
     texts: list[str] = [""] * len(prompts)
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
@@ -121,7 +149,11 @@ def generate(
         done += len(batch)
         # Plain prints, not a widget bar: they show in notebooks and in papermill's headless log alike.
         print(f"{desc}: {done}/{len(order)} examples, batch size {size}, {time.time() - started:.0f}s", flush=True)
-    return Generation(texts=texts, seconds=time.time() - started)
+    seconds = time.time() - started
+    if shard[1] == 1:
+        return Generation(texts=texts, seconds=seconds)
+    rows = sorted(order)
+    return Generation(texts=[texts[i] for i in rows], seconds=seconds, rows=rows)
 
 
 def end_of_turn_ids(model, tokenizer) -> list[int]:

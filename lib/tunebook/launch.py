@@ -34,14 +34,26 @@ def accelerate_command(module: str, args: list[str], num_processes: int, *, cuda
         command += ["--config_file", config_file]
     else:
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        # --multi_gpu is accelerate's torchrun launcher: N processes, each on its GPU or, on a machine without one, on the
-        # CPU over gloo (the processes ask for the CPU themselves). `--cpu` would start ONE process whatever
-        # --num_processes says: accelerate launches several CPU processes only through mpirun.
+        # --multi_gpu is accelerate's only launcher of several local processes (torchrun), on a CPU too: its --cpu
+        # launcher starts one process, whatever --num_processes says. A CPU process then asks for the CPU itself
+        # (PartialState(cpu=True)): gloo.
         if num_processes > 1:
             command += ["--multi_gpu"]
         elif not cuda:
             command += ["--cpu"]
+        if not cuda:
+            command += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // num_processes))]
     return command + ["-m", module, *args]
+
+
+def refuse_more_processes_than_gpus(num_processes: int, key: str) -> None:
+    """One process per GPU: on a GPU machine, each process past the last GPU would stop with CUDA's "invalid device
+    ordinal" deep in a traceback; said here first, naming the knob."""
+    import torch
+
+    if torch.cuda.is_available() and num_processes > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise TunebookError(f"{key} is {num_processes}, but {gpus} GPU(s) are visible here and each process takes one: set {key} to {gpus} or fewer.")
 
 
 def run_streaming(command: list[str], what: str) -> None:
@@ -50,20 +62,20 @@ def run_streaming(command: list[str], what: str) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     tail: deque[str] = deque(maxlen=30)
-    ours = None  # a worker's own message, kept apart: the launcher's report of the failed processes can bury it
+    ours = []  # kept apart from the tail: torchrun's own failure report after them is longer than 30 lines
     try:
         for line in process.stdout:
             print(line, end="", flush=True)
             tail.append(line.rstrip("\n"))
             if ERROR_PREFIX in line:
-                ours = line.split(ERROR_PREFIX, 1)[1].rstrip("\n")
+                ours.append(line.rstrip("\n").split(ERROR_PREFIX, 1)[1])
         code = process.wait()
     except BaseException:  # KeyboardInterrupt, errors.Terminated: the launcher and its processes go down with us
         stop(process)
         raise
     if code:
         if ours:
-            raise TunebookError(ours)
+            raise TunebookError(ours[-1])
         shown = "\n".join(tail)
         raise TunebookError(f"{what} failed (exit code {code}) in `{' '.join(command)}`; its last lines:\n{shown}")
 

@@ -279,13 +279,16 @@ def load_for_inference(
     load_in_4bit: bool = False,
     quantization_config=None,
     enable_thinking: bool = False,
+    device=None,
 ):
     """A model + tokenizer ready for batched generation (eval mode, left padding).
 
     backend "unsloth" loads through FastLanguageModel and switches on its fast inference (for_inference);
-    load_in_4bit (GPU only) quantizes the weights to bitsandbytes NF4 as they load."""
+    load_in_4bit (GPU only) quantizes the weights to bitsandbytes NF4 as they load. `device`: the one device to load
+    onto (a launched process's own GPU); None = spread over every visible GPU (device_map auto), else the CPU."""
     source = resolve_model(path)
     load_in_4bit = load_in_4bit and has_cuda()
+    device_map = {"": device} if device is not None else "auto" if has_cuda() else None
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -293,7 +296,11 @@ def load_for_inference(
             raise ValueError("load_for_inference with backend 'unsloth' needs max_seq_length (the params' model.max_seq_length)")
         try:
             model, tokenizer = FastLanguageModel.from_pretrained(
-                source, max_seq_length=max_seq_length, dtype=pick_dtype(dtype, model_type(path)), load_in_4bit=load_in_4bit
+                source,
+                max_seq_length=max_seq_length,
+                dtype=pick_dtype(dtype, model_type(path)),
+                load_in_4bit=load_in_4bit,
+                **({"device_map": device_map} if device is not None else {}),
             )
         except (OSError, ValueError) as e:
             raise _load_error(path, e) from None
@@ -308,7 +315,7 @@ def load_for_inference(
             quantization_config = nf4_config(dtype, model_type(path))
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, model_type(path)), device_map="auto" if has_cuda() else None, **extra)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, model_type(path)), device_map=device_map, **extra)
         except (OSError, ValueError) as e:
             raise _load_error(path, e) from None
         model.eval()

@@ -124,13 +124,7 @@ def train_on_processes(run: Run, resume_from: Path | None) -> TrainResult:
     p = run.params
     n, cuda = p.train.num_processes, has_cuda()
     config_file = checked_accelerate_config(p)
-    if cuda:
-        import torch
-
-        if torch.cuda.device_count() < n:
-            raise TunebookError(
-                f"train.num_processes is {n} but this machine has {torch.cuda.device_count()} GPU(s): one process per GPU. Lower train.num_processes."
-            )
+    launch.refuse_more_processes_than_gpus(n, "train.num_processes")
     # The processes read this run's params (which a notebook may hold changed from its params.yaml) and 01's outputs.
     params_file, record_file = run.dir / LAUNCHED_PARAMS, run.dir / LAUNCHED_RECORD
     params_file.write_text(dump_params(p), encoding="utf-8")
