@@ -43,6 +43,16 @@ def test_all_stages_complete_with_executed_notebooks(smoke_run):
         assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code"), stage
 
 
+def test_the_run_prints_no_library_noise(smoke_run):
+    """Start-up lines a user can do nothing about: the kernel's TCP warning (kernels run on local sockets), torchao's
+    kernel-loading failures and torch's pytree deprecation notes."""
+    _, result = smoke_run
+    printed = result.stdout + result.stderr
+    for noise in ("Kernel is running over TCP", "Failed to load", "pytree"):
+        assert noise not in printed, noise
+    assert "=== 05_error_analysis done" in printed  # the whole run's output was read
+
+
 def test_metrics_table(smoke_run):
     run_dir, result = smoke_run
     rows = json.loads((run_dir / "metrics.json").read_text())

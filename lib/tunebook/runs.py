@@ -352,6 +352,7 @@ def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict
     cell raises StageFailed; the executed notebook, saved either way, holds the full traceback."""
     import papermill as pm
     from nbclient.exceptions import DeadKernelError
+    from traitlets.config import Config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("papermill").setLevel(logging.INFO)
@@ -367,6 +368,8 @@ def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict
                 kernel_name=_kernel_name(),
                 log_output=True,
                 progress_bar=False,
+                # The kernel on local sockets: over TCP, ipykernel warns on every start that it is unencrypted.
+                config=Config({"KernelManager": {"transport": "ipc"}}),
             )
     except pm.PapermillExecutionError as e:
         if e.ename in ("KeyboardInterrupt", "Terminated"):  # a signal to the kernel itself (Jupyter's interrupt, a kill)
