@@ -352,14 +352,13 @@ def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict
     cell raises StageFailed; the executed notebook, saved either way, holds the full traceback."""
     import papermill as pm
     from nbclient.exceptions import DeadKernelError
-    from traitlets.config import Config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("papermill").setLevel(logging.INFO)
     executed = run_dir / "notebooks" / f"{stage}.ipynb"
     executed.parent.mkdir(exist_ok=True)
     try:
-        with _interrupts_stop_the_stage(run_dir, stage):
+        with _interrupts_stop_the_stage(run_dir, stage), tempfile.TemporaryDirectory(prefix="tunebook-kernel-") as sockets:
             pm.execute_notebook(
                 str(NOTEBOOKS / f"{stage}.ipynb"),
                 str(executed),
@@ -368,8 +367,7 @@ def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict
                 kernel_name=_kernel_name(),
                 log_output=True,
                 progress_bar=False,
-                # The kernel on local sockets: over TCP, ipykernel warns on every start that it is unencrypted.
-                config=Config({"KernelManager": {"transport": "ipc"}}),
+                config=local_kernel_sockets(sockets),
             )
     except pm.PapermillExecutionError as e:
         if e.ename in ("KeyboardInterrupt", "Terminated"):  # a signal to the kernel itself (Jupyter's interrupt, a kill)
@@ -393,6 +391,15 @@ def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict
             executed,
         ) from None
     return executed
+
+
+def local_kernel_sockets(folder: str):
+    """The kernel's sockets as files in `folder`, a folder of its own (kernels started at once, by a parallel sweep or
+    two tests, must never share a socket): over TCP, ipykernel warns at every start that its traffic is unencrypted.
+    TCP where there are no Unix sockets."""
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(Path(folder) / "kernel")}}) if os.name == "posix" else Config()
 
 
 @contextmanager
