@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tunebook import tracking
-from tunebook.config import ApiBaselineParams, validate_params
+from tunebook.config import ApiBaselineParams
 from tunebook.data import load_split
 from tunebook.errors import TunebookError
 from tunebook.families import TemplateError, render_prompt, split_reasoning
 from tunebook.generate import Generation, answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, merge_shards, peak_memory
-from tunebook.launch import accelerate_command, refuse_more_processes_than_gpus, run_streaming, worker_main
+from tunebook.launch import accelerate_command, hand_over, refuse_more_processes_than_gpus, run_streaming, take_over, worker_main
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import dir_size_mb, has_cuda, load_for_inference, load_tokenizer, local_folder, pick_backend, saved_bits
 from tunebook.rows import read_jsonl, write_jsonl
@@ -331,15 +331,8 @@ def generate_launched(run: Run, m: EvalModel, labels: list[str], *, n: int, back
     processes = run.params.evaluate.num_processes
     with tempfile.TemporaryDirectory(prefix=f".04_evaluate-{m.label}-", dir=run.dir) as folder:
         job = Path(folder)
-        request = {
-            "params": run.params.model_dump(mode="json"),  # this process's params, whatever the run folder's params.yaml says
-            "run_dir": str(run.dir),
-            "model": {k: v for k, v in asdict(m).items() if k != "baseline"},
-            "labels": labels,
-            "backend": backend,
-            "max_new_tokens": max_new_tokens,
-        }
-        write_json_atomic(job / "job.json", request)
+        model = {k: v for k, v in asdict(m).items() if k != "baseline"}
+        hand_over(run, job / "job.json", model=model, labels=labels, backend=backend, max_new_tokens=max_new_tokens)
         launched = time.time()
         command = accelerate_command("tunebook.evaluate", [str(job)], processes, cuda=has_cuda())
         run_streaming(command, f"{m.label}: generating on {processes} processes")
@@ -363,8 +356,7 @@ def generate_part(job: Path) -> None:
 
     state = PartialState(cpu=not has_cuda())  # without a GPU, CPU processes over gloo (launch.accelerate_command)
     try:
-        request = json.loads((job / "job.json").read_text(encoding="utf-8"))
-        run = Run(params=validate_params(request["params"], source=str(job / "job.json")), dir=Path(request["run_dir"]))
+        run, request = take_over(job / "job.json")
         m = EvalModel(**request["model"])
         shard = (state.process_index, state.num_processes)
         examples = load_split(run, "eval")

@@ -7,14 +7,18 @@ caller raises that message, so a bad input in a worker reads as it would in one 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 from collections import deque
+from pathlib import Path
 
+from tunebook.config import validate_params
 from tunebook.errors import TunebookError
+from tunebook.runs import Run, write_json_atomic
 
 ERROR_PREFIX = "tunebook error: "
 
@@ -90,6 +94,19 @@ def stop(process: subprocess.Popen, wait: float = 30.0) -> None:
         process.wait()
     except ProcessLookupError:
         pass
+
+
+def hand_over(run: Run, path: Path, **request) -> None:
+    """Write what launched processes need to open this run: its folder and the params this process holds (a notebook
+    may hold them changed from the folder's params.yaml), with the caller's `request`, as one JSON file."""
+    write_json_atomic(path, {"run_dir": str(run.dir), "params": run.params.model_dump(mode="json"), **request})
+
+
+def take_over(path: Path) -> tuple[Run, dict]:
+    """In a launched process: the run and the request that hand_over wrote to `path`."""
+    request = json.loads(path.read_text(encoding="utf-8"))
+    params = validate_params(request.pop("params"), source=str(path))
+    return Run(params=params, dir=Path(request.pop("run_dir"))), request
 
 
 def worker_main(main) -> None:

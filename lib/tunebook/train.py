@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunebook import launch, tracking
-from tunebook.config import Params, dump_params, load_params, read_yaml
+from tunebook.config import Params, read_yaml
 from tunebook.errors import TunebookError
 from tunebook.families import ChatFormat, chat_format, linear_layer_names, training_tokens
 from tunebook.models import has_cuda, model_type, nf4_config, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
@@ -39,8 +39,8 @@ from tunebook.stage_outputs import FinetuneOutputs
 
 STAGE = "02_finetune"
 KEY_FILE = "params_key.json"  # in the checkpoints folder: which params its checkpoints were made with
-# In the run folder while a launched training runs: the params its processes train with, and the main one's record.
-LAUNCHED_PARAMS, LAUNCHED_RECORD = "02_launched_params.yaml", "02_launched_record.json"
+# In the run folder while a launched training runs: the run its processes train (launch.hand_over), and the main one's record.
+LAUNCHED_RUN, LAUNCHED_RECORD = "02_launched_run.json", "02_launched_record.json"
 
 
 @dataclass
@@ -126,17 +126,16 @@ def train_on_processes(run: Run, resume_from: Path | None) -> TrainResult:
     config_file = checked_accelerate_config(p)
     launch.refuse_more_processes_than_gpus(n, "train.num_processes")
     # The processes read this run's params (which a notebook may hold changed from its params.yaml) and 01's outputs.
-    params_file, record_file = run.dir / LAUNCHED_PARAMS, run.dir / LAUNCHED_RECORD
-    params_file.write_text(dump_params(p), encoding="utf-8")
+    run_file, record_file = run.dir / LAUNCHED_RUN, run.dir / LAUNCHED_RECORD
+    launch.hand_over(run, run_file, record_file=str(record_file), resume_from=str(resume_from or ""))
     record_file.unlink(missing_ok=True)
-    args = [str(run.dir), str(params_file), str(record_file), str(resume_from or "")]
-    command = launch.accelerate_command("tunebook.train", args, n, cuda=cuda, config_file=config_file)
+    command = launch.accelerate_command("tunebook.train", [str(run_file)], n, cuda=cuda, config_file=config_file)
     print(f"Training on {n} {'GPUs' if cuda else 'CPU processes'} through accelerate launch{f' ({config_file})' if config_file else ''}.", flush=True)
     try:
         launch.run_streaming(command, f"Training on {n} processes")
         recorded = FinetuneOutputs.from_json(json.loads(record_file.read_text(encoding="utf-8")), f"The record of the launched training ({record_file})")
     finally:
-        params_file.unlink(missing_ok=True)
+        run_file.unlink(missing_ok=True)
         record_file.unlink(missing_ok=True)
     return TrainResult(log_history=json.loads(Path(recorded.train_log).read_text(encoding="utf-8")), summary=recorded)
 
@@ -156,11 +155,13 @@ def checked_accelerate_config(p: Params) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """One process of a launched training (train_on_processes): RUN_DIR PARAMS_FILE RECORD_FILE CHECKPOINT (empty:
-    from step 0). The run is opened to read 01's outputs (the stage itself is the launching process's); the main process
-    writes 02's record to RECORD_FILE. The other processes print nothing: the cell or terminal shows one log."""
-    run_dir, params_file, record_file, checkpoint = argv if argv is not None else sys.argv[1:]
-    run = Run(params=load_params(params_file), dir=Path(run_dir))
+    """One process of a launched training (train_on_processes), given the file launch.hand_over wrote: the run (opened
+    to read 01's outputs; the stage itself is the launching process's), the checkpoint to resume from (empty: step 0)
+    and the file the main process writes 02's record to. The other processes print nothing: the cell or terminal
+    shows one log."""
+    (run_file,) = argv if argv is not None else sys.argv[1:]
+    run, request = launch.take_over(Path(run_file))
+    record_file, checkpoint = request["record_file"], request["resume_from"]
     if pick_backend(run.params.model.backend) == "unsloth":
         import unsloth  # noqa: F401  (before transformers and trl, which PartialState does not import but training does)
     from accelerate import PartialState
