@@ -108,3 +108,37 @@ def test_neftune_trains_with_noisy_embeddings(tmp_path):
     trainer.train()
     assert seen and seen[0] == 5.0  # set by the Trainer while training
     assert not hasattr(embeddings, "neftune_noise_alpha")  # and removed after training (clean eval and saving)
+
+
+def test_on_a_cpu_the_fused_head_projects_only_the_loss_positions_with_the_same_loss_and_gradients(tiny_smollm2, monkeypatch):
+    """TRL projects every position through the LM head on a CPU; score_only_loss_positions has it project the answer
+    positions alone (a third faster on the default run, bench/cpu_lm_head.py) with the same loss and gradients."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    from tunebook.train import score_only_loss_positions
+
+    shipped = getattr(trl_utils._use_triton, "wrapped", trl_utils._use_triton)  # an earlier build_trainer may have set it
+    monkeypatch.setattr(trl_utils, "_use_triton", shipped)
+    projected, apply = [], trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", lambda hidden, *rest: projected.append(len(hidden)) or apply(hidden, *rest))
+    ids = torch.randint(10, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]  # the answer: the last three tokens of each row
+
+    def loss_and_gradients():
+        model = AutoModelForCausalLM.from_pretrained(tiny_smollm2, dtype=torch.float32)
+        trl_utils.add_fused_lm_head(model)
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    every_loss, every_grads = loss_and_gradients()
+    score_only_loss_positions()
+    assert trl_utils._use_triton(torch.device("cpu"))
+    loss, grads = loss_and_gradients()
+    assert projected == [2 * 23, 2 * 3]  # every shifted position, then the six that carry a loss
+    torch.testing.assert_close(loss, every_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, every_grads[name], msg=name)

@@ -384,6 +384,32 @@ def _check_trl(backend: str) -> None:
         )
 
 
+def score_only_loss_positions() -> None:
+    """Have TRL's fused LM head project only the positions that carry a loss on a CPU too, as it does on CUDA.
+
+    TRL 1.16 projects only those positions where it has Triton (CUDA, XPU) and every position elsewhere, so that
+    Neuron's compiler sees one shape. On a CPU that sends the whole prompt (99% of the default run's tokens) through
+    the 49k-word head and back for nothing: the default run's train steps took 1.5x as long (bench/cpu_lm_head.py).
+    The loss and the gradients are the same. Done only where that choice is the module's one use of `_use_triton`,
+    so another TRL keeps its own behaviour rather than being sent to Triton kernels on a CPU."""
+    import inspect
+
+    import trl.trainer.utils as trl_utils
+
+    decide = getattr(trl_utils, "_use_triton", None)
+    if decide is None or hasattr(decide, "wrapped"):  # not there, or done already
+        return
+    source = inspect.getsource(trl_utils)
+    if source.count("_use_triton(") != 1 or "compact = _use_triton(" not in source:
+        return
+
+    def compact_on_cpu_too(device) -> bool:
+        return device.type == "cpu" or decide(device)
+
+    compact_on_cpu_too.wrapped = decide
+    trl_utils._use_triton = compact_on_cpu_too
+
+
 def _check_gpu_only_knobs(p: Params, backend: str) -> None:
     if p.train.batching in ("padding_free", "packed") and backend != "unsloth":
         raise TunebookError(
@@ -528,6 +554,8 @@ def _trainer(p: Params, backend: str, model, tokenizer, peft_config, train_ds, e
         optim=p.train.optimizer,
         **batching,
     )
+    if backend == "hf":
+        score_only_loss_positions()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config)
     trainer.add_callback(_progress_printer())
     return trainer
