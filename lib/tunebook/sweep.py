@@ -200,7 +200,7 @@ def bring_stage(run: Run, stage: str, members: dict[str, Run]) -> dict:
     """Copy `stage` from a donor, else execute its notebook: {how: reused|ran|failed, seconds, from | error, notebook}.
     An interruption (KeyboardInterrupt) is raised, with the stage recorded interrupted in the run's manifest."""
     donor = find_donor(run, stage, members)
-    return reuse_stage(run, donor, stage) if donor else execute(run, stage, members)
+    return reuse_stage(run, donor, stage) if donor else run_stage_notebook(run, stage, members)
 
 
 def reuse_stage(run: Run, donor: Run, stage: str) -> dict:
@@ -210,7 +210,9 @@ def reuse_stage(run: Run, donor: Run, stage: str) -> dict:
     return {"how": "reused", "from": donor.dir.name, "seconds": round(time.time() - started, 1)}
 
 
-def execute(run: Run, stage: str, members: dict[str, Run]) -> dict:
+def run_stage_notebook(run: Run, stage: str, members: dict[str, Run]) -> dict:
+    """Execute `stage`'s notebook in `run` (runs.execute_stage; 04 may reuse the other members' untrained rows). A
+    failure is printed and returned for the sweep's record, and the sweep goes on."""
     started = time.time()
     print(f"=== {run.dir.name} {stage} → {run.dir / 'notebooks' / (stage + '.ipynb')}", flush=True)
     others = [str(other.dir) for other in members.values() if other is not run]
