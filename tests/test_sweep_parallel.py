@@ -41,6 +41,12 @@ def manifest(folder, run):
     return json.loads(path.read_text())["stages"] if path.exists() else {}
 
 
+def copies_recorded(folder):
+    path = folder / "sweep.json"
+    runs = state(folder)["runs"] if path.exists() else {}
+    return all("01_build_dataset" in runs.get(r, {}).get("stages", {}) for r in ("r8", "r16"))
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, tiny_smollm2):
     """The sweep killed while a run's 02 runs, then run again: (folder, first exit code, what the kill left, the
@@ -53,7 +59,8 @@ def sweep(tmp_path_factory, tiny_smollm2):
     with open(tmp / "first.log", "w") as log:
         first = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 900
-        while not any(manifest(folder, r).get("02_finetune", {}).get("status") == "running" for r in RUNS):
+        # Killed while a 02 trains, once the other runs' copies of r4's 01 are recorded: those copies race r4's 02 starting.
+        while not (copies_recorded(folder) and any(manifest(folder, r).get("02_finetune", {}).get("status") == "running" for r in RUNS)):
             assert first.poll() is None and time.monotonic() < deadline, (tmp / "first.log").read_text()[-3000:]
             time.sleep(0.5)
         started = [(p.pid, p.create_time()) for p in psutil.Process(first.pid).children(recursive=True)]  # Ray's and the kernels
