@@ -33,7 +33,8 @@ RUNS = ("r4", "r8", "r16")
 
 
 def state(folder):
-    return json.loads((folder / "sweep.json").read_text())
+    path = folder / "sweep.json"
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}}
 
 
 def manifest(folder, run):
@@ -42,8 +43,7 @@ def manifest(folder, run):
 
 
 def copies_recorded(folder):
-    path = folder / "sweep.json"
-    runs = state(folder)["runs"] if path.exists() else {}
+    runs = state(folder)["runs"]
     return all("01_build_dataset" in runs.get(r, {}).get("stages", {}) for r in ("r8", "r16"))
 
 

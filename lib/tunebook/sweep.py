@@ -235,17 +235,23 @@ def record_stage(record: dict, stage: str, result: dict) -> None:
 
 
 def stage_table(state: dict) -> str:
-    """Markdown: one row per run, one column per stage (ran Ns / reused from X / failed), and the run's status."""
+    """Markdown: one row per run, one column per stage (ran Ns / reused ← X / failed Ns / skipped), and the run's status."""
     import pandas as pd
 
     rows = []
     for name in state["order"]:
         record = state["runs"][name]
         row = {"run": name, "status": record.get("status", "pending")}
-        for stage in state["stages"]:
-            s = record["stages"].get(stage)
-            row[stage] = (
-                "" if not s else f"reused ← {s['from']}" if s["how"] == "reused" else s["how"] if s["how"] == "skipped" else f"{s['how']} {s['seconds']:.0f}s"
-            )
+        row |= {stage: stage_cell(record["stages"].get(stage)) for stage in state["stages"]}
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def stage_cell(result: dict | None) -> str:
+    if not result:
+        return ""
+    if result["how"] == "reused":
+        return f"reused ← {result['from']}"
+    if result["how"] == "skipped":  # the run's previous stage did not finish (a parallel sweep)
+        return "skipped"
+    return f"{result['how']} {result['seconds']:.0f}s"
