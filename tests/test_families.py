@@ -23,7 +23,9 @@ EXPECTED = {
     "qwen2_5": ("Qwen 2.5", "<|im_end|>"),
     "qwen3": ("Qwen3", "<|im_end|>"),
     "gemma3": ("Gemma", "<end_of_turn>"),
+    "deepseek_v3": ("DeepSeek V3 / R1", "<｜end▁of▁sentence｜>"),
 }
+SENTENCE = "Which plant disease destroyed Irish potato crops from 1845?"
 
 
 def original_tokenizer(name):
@@ -221,6 +223,84 @@ def test_family_matrix_01_to_05(name, tmp_path):
     if name != "smollm2":  # a tiny model trained 40 steps on the format; SmolLM2 gets too few steps for its size here
         assert row["finetuned_answers_in_format"] >= 0.75, row["finetuned_answers"]
         assert row["exact_match"]["finetuned"] > 0
+    assert row["training_text_has_spaces"] and row["byte_symbols_in_answers"] == 0, (row["training_text"], row["finetuned_answers"])
+    assert row["merged_tokenizer_round_trips"], row["merged_tokenizer_class"]
+
+
+def deepseek_model():
+    original_tokenizer("deepseek_v3")  # skips without the tokenizer
+    return family_matrix.tiny_model("deepseek_v3", family_matrix.cache_dir() / "tiny-models" / "deepseek_v3")
+
+
+def test_deepseek_tokenizer_keeps_its_spaces_from_load_to_the_training_text_01_writes(tmp_path, write_params, capsys):
+    """tokenizer_config.json names LlamaTokenizerFast over a byte-level tokenizer.json (DeepSeek V3 / R1, the
+    R1-Distill models): transformers 5's LlamaTokenizer replaced its pipeline and every space was lost."""
+    from transformers import AutoTokenizer
+
+    from tunebook.data import build_dataset, load_split
+    from tunebook.families import training_tokens
+    from tunebook.runs import open_run
+
+    model = deepseek_model()
+    shipped = AutoTokenizer.from_pretrained(model)  # what transformers builds from the files alone
+    tokenizer = load_tokenizer(str(model))
+    assert tokenizer.decode(tokenizer(SENTENCE, add_special_tokens=False)["input_ids"]) == SENTENCE
+    assert tokenizer.tokenize(SENTENCE)[:3] == ["Which", "Ġplant", "Ġdisease"]
+    assert "lost its spaces (transformers issue 45488); loading tokenizer.json as is" in capsys.readouterr().out
+    # Special tokens, template, end of turn and pad as the shipped files declare them.
+    assert tokenizer.bos_token == shipped.bos_token == "<｜begin▁of▁sentence｜>"
+    assert tokenizer.convert_tokens_to_ids("<｜Assistant｜>") == shipped.convert_tokens_to_ids("<｜Assistant｜>")
+    assert tokenizer.chat_template == shipped.chat_template and tokenizer.eos_token == "<｜end▁of▁sentence｜>" and tokenizer.pad_token == "<｜▁pad▁｜>"
+
+    rows = family_matrix.write_rows(tmp_path / "rows.jsonl", n=12)
+    run = open_run(write_params(f"output_dir: {tmp_path / 'out'}\nmodel: {{name: {model}}}\ndata: {{train_path: {rows}, eval_size: 4}}\n"))
+    build_dataset(run)
+    example = load_split(run, "train")[0]
+    prompt_ids, completion_ids = training_tokens(tokenizer, chat_format(tokenizer), example["prompt"], example["completion"])
+    trained = tokenizer.decode(prompt_ids + completion_ids)
+    assert example["question"] in trained and example["answers"][0] + "<｜end▁of▁sentence｜>" in trained, trained
+
+
+def test_a_tokenizer_that_does_not_give_the_text_back_stops_01_before_anything_is_written(tmp_path, tiny_smollm2, write_params):
+    """A byte-level tokenizer.json without its decoder decodes 'Ġ' for every space: the preflight and 01 stop, naming
+    the class, what went in, what came back and the fix; the run folder gets no dataset and no 01 entry."""
+    import shutil
+
+    from tunebook.data import build_dataset
+    from tunebook.preflight import PreflightError, check_or_stop
+    from tunebook.runs import open_run
+    from tunebook.tokenizer_check import TokenizerError
+
+    model = tmp_path / "no_decoder"
+    shutil.copytree(tiny_smollm2, model)
+    spec = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["decoder"] = None
+    (model / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    rows = family_matrix.write_rows(tmp_path / "rows.jsonl", n=12)
+    params = write_params(f"output_dir: {tmp_path / 'out'}\nmodel: {{name: {model}}}\ndata: {{train_path: {rows}, eval_size: 4}}\n")
+    message = r"(?s)The tokenizer of .*no_decoder \(TokenizersBackend\) does not give back the text it encodes.*went in: +'Answer the question.*came back: +'Answer Ġthe Ġquestion.*Fix: the tokenizer's decoder does not undo its pre-tokenizer"
+    with pytest.raises(PreflightError, match="tokenizer round trip"):
+        check_or_stop(load_params_of(params), ["01_build_dataset"], str(params))
+    run = open_run(params)
+    with pytest.raises(TokenizerError, match=message):
+        build_dataset(run)
+    assert not (run.dir / "dataset").exists() and "01_build_dataset" not in run.manifest()["stages"]
+
+
+def load_params_of(path):
+    from tunebook.config import load_params
+
+    return load_params(path)
+
+
+def test_a_declared_normalization_is_not_a_round_trip_failure():
+    """Qwen 2.5 declares NFC: decomposed text comes back composed, which is the tokenizer's own normalization."""
+    from tunebook.tokenizer_check import check_round_trip
+
+    tokenizer = tokenizer_of("qwen2_5")
+    decomposed = "Cafe\u0301 au lait, s'il vous plai\u0302t."
+    assert tokenizer.decode(tokenizer(decomposed, add_special_tokens=False)["input_ids"]) != decomposed
+    assert check_round_trip(tokenizer, [("train row 1", decomposed), ("train row 2", SENTENCE)], "qwen2_5") == 2
 
 
 def test_error_view_shows_the_reasoning_taken_out_of_an_answer():

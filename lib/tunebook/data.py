@@ -18,12 +18,14 @@ from pathlib import Path
 
 from tunebook.chat_files import conversation_examples, detect_format
 from tunebook.config import DataParams, Params, PromptParams, RaftParams, format_conflicts
+from tunebook.errors import TunebookError
 from tunebook.families import chat_format, training_tokens
 from tunebook.metrics import SPAN_METRICS, answer_in_passages, loose_normalize
 from tunebook.rows import DataError, field_value, read_jsonl, read_text, write_jsonl
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir
 from tunebook.stage_outputs import DatasetOutputs
 from tunebook.synthetic import passage, synthesize
+from tunebook.tokenizer_check import check_round_trip, row_texts
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -423,6 +425,12 @@ def with_chat(example: dict, prompt: PromptParams, labels: list[str] = ()) -> di
     }
 
 
+def sampled_texts(p: Params, train: list[dict], evaluation: list[dict]) -> list[tuple[str, str]]:
+    """The texts of a sample of each split's rows as 01 renders them (system prompt, user message, answer), for the
+    tokenizer's round-trip check."""
+    return [t for name, rows in (("train", train), ("eval", evaluation)) for t in row_texts([with_chat(e, p.prompt, p.data.labels or []) for e in rows], name)]
+
+
 def count_tokens(examples: list[dict], tokenizer, fmt) -> list[int]:
     """Each example's length as 02 trains it (families.training_tokens: this also runs the template checks in 01, so a
     template that would teach template text or never stop is refused before anything is trained)."""
@@ -501,7 +509,7 @@ def build_dataset(run: Run) -> BuiltDataset:
     # Labelled rows are read, validated and split before the stage starts: an eval split that repeats training rows
     # (EvalOverlapError) stops here and leaves the run folder as it was, with nothing marked failed or stale. Other bad
     # input is raised inside the stage, which records the failure.
-    labelled, bad_input = None, None
+    labelled, bad_input, tokenizer = None, None, None
     if not p.synthesize.documents_path:
         try:
             labelled = _labelled_splits(p)
@@ -509,12 +517,19 @@ def build_dataset(run: Run) -> BuiltDataset:
             raise
         except DataError as e:
             bad_input = e
+    if bad_input is None:
+        try:
+            tokenizer = load_tokenizer(p.model.name, p.model.chat_template, p.model.enable_thinking)
+        except TunebookError as e:
+            bad_input = e
+    if labelled and tokenizer:
+        # A tokenizer that does not give the rows' text back stops here too, with the run folder as it was.
+        check_round_trip(tokenizer, sampled_texts(p, labelled[0], labelled[1]), p.model.name)
     with run.stage("01_build_dataset") as outputs:
         if bad_input:
             raise bad_input
         final = run.dir / "dataset"
         tmp = fresh_tmp_dir(final)  # written whole, then swapped in: a failed build leaves the last dataset as it was
-        tokenizer = load_tokenizer(p.model.name, p.model.chat_template, p.model.enable_thinking)
         fmt = chat_format(tokenizer, enable_thinking=p.model.enable_thinking)
         print(
             f"Chat format: {fmt.family}; answers end with {fmt.end_of_turn!r}"
@@ -528,6 +543,8 @@ def build_dataset(run: Run) -> BuiltDataset:
         labels = class_labels(train, evaluation, p.data) if p.evaluate.metric == "classification" else []
         train, evaluation = _capped(p, train, evaluation)
         train, evaluation = _retrieved(train, evaluation, fields)
+        if synthetic or fields.retrieval.corpus_path:  # text the rows did not hold: the teacher's, the corpus's
+            check_round_trip(tokenizer, sampled_texts(p, train, evaluation), p.model.name)
         splits, table, gold_missing = _rendered(p, {"train": train, "eval": evaluation}, labels, tokenizer, fmt, fields, final)
         _save(splits, tmp, final)
         recorded = DatasetOutputs(

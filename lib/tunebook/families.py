@@ -55,7 +55,7 @@ FAMILIES = (
     Family("Gemma", ("<start_of_turn>",), "<end_of_turn>", ("<pad>",), "system message folded into the first user turn"),
     Family("Phi-3", ("<|assistant|>", "<|end|>"), "<|end|>", ("<|endoftext|>",), "end of turn is not the tokenizer's EOS"),
     Family("Mistral", ("[INST]",), "</s>", ("<pad>", "[control_8]")),
-    Family("DeepSeek-R1", ("<｜Assistant｜>",), "<｜end▁of▁sentence｜>", ("<｜▁pad▁｜>",), "always reasons"),
+    Family("DeepSeek V3 / R1", ("<｜Assistant｜>",), "<｜end▁of▁sentence｜>", ("<｜▁pad▁｜>",), "R1 templates open a reasoning block"),
 )
 
 

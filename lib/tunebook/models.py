@@ -216,22 +216,34 @@ def model_type(name: str) -> str | None:
 
 
 def load_tokenizer(name: str, chat_template: str | None = None, enable_thinking: bool = False):
+    """The model's tokenizer as every stage uses it (prepare_tokenizer)."""
+    return prepare_tokenizer(text_tokenizer(name), name, chat_template, enable_thinking)
+
+
+def text_tokenizer(name: str):
+    """The model's tokenizer as its files describe it, before any chat-template work: what the preflight's round-trip
+    check uses."""
     from transformers import AutoTokenizer
+
+    from tunebook.tokenizer_check import keep_file_pipeline
 
     source = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise _load_error(name, e) from None
-    return prepare_tokenizer(tokenizer, name, chat_template, enable_thinking)
+    return keep_file_pipeline(tokenizer)
 
 
 def prepare_tokenizer(tokenizer, name: str, chat_template: str | None, enable_thinking: bool = False):
     """The params' chat template (if one is named) with the run's variables pinned in it, the end-of-turn token as
     EOS (what generation, constrained labels and GGUF exports stop at) and a pad token; refuses models without a
-    chat template and templates whose answer turn never ends."""
+    chat template and templates whose answer turn never ends. A byte-level pipeline its class replaced is restored
+    first (tokenizer_check.keep_file_pipeline)."""
     from tunebook.families import chat_format, choose_pad_token, pin_template
+    from tunebook.tokenizer_check import keep_file_pipeline
 
+    tokenizer = keep_file_pipeline(tokenizer)  # Unsloth's loader too: it builds the class tokenizer_config.json names
     if chat_template:
         tokenizer = _unsloth_chat_template(tokenizer, chat_template)
     if tokenizer.chat_template is None:

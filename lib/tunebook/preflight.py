@@ -6,7 +6,8 @@ file over SAMPLE_BYTES is checked on its first rows, and the table says so), the
 training rows, the model (a folder, the embedded model, or a hub id the hub or the local cache knows; a chat
 template; the backend possible on this machine), every API baseline and teacher endpoint (its key variable set,
 one cheap request answered within ENDPOINT_TIMEOUT seconds), the experiment tracker's package (train.report_to),
-the output folder writable, and the free disk space a run of this size needs. `python -m tunebook check PARAMS` runs it alone; `run`, `sweep` and the
+the output folder writable, the free disk space a run of this size needs, and the model's tokenizer giving back a
+sample of the rows' text (where the tokenizer is on this disk). `python -m tunebook check PARAMS` runs it alone; `run`, `sweep` and the
 notebooks' first cell run it first.
 """
 
@@ -92,6 +93,8 @@ def preflight(params: Params, stages: list[str]) -> list[Check]:
             checks.append(timed("train/eval overlap", lambda: no_overlap(params)))
     if later & {"01_build_dataset", "02_finetune", "03_quantize", "04_evaluate"}:
         checks.append(timed("model.name", lambda: model_source(params.model.name), about=params.model.name))
+    if "01_build_dataset" in later and params.data.train_path and not params.synthesize.documents_path:
+        checks.append(timed("tokenizer round trip", lambda: round_trip(params)))
     if "02_finetune" in later:
         checks.append(timed("model.backend", lambda: backend(params.model.backend, "model.backend")))
     if params.train.report_to != "none" and later & {"02_finetune", "04_evaluate", "05_error_analysis"}:
@@ -291,6 +294,44 @@ def model_source(name: str):
     if not HUB_ID.match(name):
         raise PreflightError(f"{name!r} is neither a local folder, an embedded model ({', '.join(EMBEDDED)}) nor a hub id (org/name).")
     return hub_model(name)
+
+
+def round_trip(params: Params):
+    """The model's tokenizer gives back a sample of the rows' text (01 checks it again on the rows it renders); only
+    where the tokenizer is on this disk already, so the preflight downloads nothing."""
+    from tunebook.data import sampled_texts, to_examples
+    from tunebook.models import text_tokenizer
+    from tunebook.tokenizer_check import check_round_trip
+
+    name, d = params.model.name, params.data
+    if not tokenizer_on_disk(name):
+        return "checked in 01, once the tokenizer is downloaded"
+    splits = []
+    for path in (d.train_path, d.eval_path):
+        path = Path(path or "")
+        if not path.is_file():
+            splits.append([])
+            continue
+        rows = read_jsonl(path, SAMPLE_ROWS) if path.stat().st_size > SAMPLE_BYTES and path.suffix == ".jsonl" else read_rows_or_none(path)
+        try:
+            splits.append(to_examples(rows, d, str(path), d.nfkc) if rows else [])
+        except DataError:
+            return "not checked here: the rows do not convert (see their own check)"
+    if not any(splits):
+        return "checked in 01 (the rows are not a local file)"
+    texts = sampled_texts(params, *splits)
+    check_round_trip(text_tokenizer(name), texts, name)
+    return f"{len(texts)} texts of the rows come back from encode + decode"
+
+
+def tokenizer_on_disk(name: str) -> bool:
+    if name.startswith("embedded:"):
+        return materialized(name) is not None
+    if Path(name).is_dir():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    return HUB_ID.match(name) is not None and isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
 
 
 def materialized(name: str) -> Path | None:
