@@ -9,6 +9,8 @@ gets 1 without asking; a reply without a score leaves the answer unscored (None)
 
 from __future__ import annotations
 
+import json
+
 from tunebook.config import TeacherParams
 from tunebook.synthetic import JUDGE_START, parse_score
 
@@ -37,12 +39,16 @@ def judge_prompt(question: str, answer: str, rubric: str, golds: list[str] = (),
 
 def judge_answers(teacher, items: list[dict], rubric: str, desc: str = "judge") -> list[int | None]:
     """A score 1-5 (or None: the reply held none) for each item {question, answer, golds?, passages?}, in order."""
-    asked = [i for i, item in enumerate(items) if item["answer"].strip()]
-    conversations = [judge_prompt(items[i]["question"], items[i]["answer"], rubric, items[i].get("golds", ()), items[i].get("passages", ())) for i in asked]
-    replies = teacher.ask(conversations, json_start=JUDGE_START, desc=desc) if conversations else []
+    prompts = {}  # each distinct prompt asked once: a question's samples often give the same answer
+    for i, item in enumerate(items):
+        if item["answer"].strip():
+            conversation = judge_prompt(item["question"], item["answer"], rubric, item.get("golds", ()), item.get("passages", ()))
+            prompts.setdefault(json.dumps(conversation, ensure_ascii=False), (conversation, []))[1].append(i)
+    replies = teacher.ask([c for c, _ in prompts.values()], json_start=JUDGE_START, desc=desc) if prompts else []
     scores: list[int | None] = [1] * len(items)  # an empty answer is the worst one, without asking
-    for i, reply in zip(asked, replies):
-        scores[i] = parse_score(reply.text) if reply.text is not None else None
+    for (_, where), reply in zip(prompts.values(), replies):
+        for i in where:
+            scores[i] = parse_score(reply.text) if reply.text is not None else None
     return scores
 
 

@@ -39,7 +39,7 @@ from tunebook.config import Params, read_params, validate_params
 from tunebook.errors import TunebookError
 from tunebook.metrics import SCORERS, SUMMARY_KEYS, loose_normalize
 from tunebook.rows import read_jsonl, write_jsonl
-from tunebook.runs import Run, write_json_atomic
+from tunebook.runs import Run, save_params, write_json_atomic
 from tunebook.sweep import bring_stage, prepare_run, record_stage, stage_cell
 
 GROW = "grow"
@@ -255,6 +255,7 @@ def run_stages(rounds: Rounds, run: Run, notebooks: bool) -> None:
     name, stages = run.dir.name, rounds.params.rounds.stages
     record = rounds.record(name)
     todo = prepare_run(run, stages, record, rerun=False)
+    save_params(run.params)  # also for a finished round: its folder says what it is (compare, 05's picker)
     rounds.save()
     if record.get("status") == "outdated":
         raise RoundsError(
@@ -456,13 +457,14 @@ def ask_questions(rounds: Rounds, first: Run) -> list[dict]:
 
 
 def unlabelled_questions(rounds: Rounds, first: Run) -> list[dict]:
-    from tunebook.data import document_fields, read_rows, retrieve_passages, to_examples, with_chat
+    from tunebook.data import chat_prompt, document_fields, read_rows, retrieve_passages, to_examples
 
     p = rounds.params
     fields = p.data
     if p.synthesize.documents_path:  # round 0's documents' chunks are the corpus
         fields = document_fields(fields, first.dir / "dataset" / "chunks.jsonl")
-    fields = fields.model_copy(update={"retrieval": fields.retrieval.model_copy(update={"gold_id_field": None})})
+    # Questions to ask, not rows to split or score: no group, no gold document needed.
+    fields = fields.model_copy(update={"group_field": None, "retrieval": fields.retrieval.model_copy(update={"gold_id_field": None})})
     rows = to_examples(
         read_rows(p.rounds.questions_path, "train"), fields, f"rounds.questions_path {p.rounds.questions_path}", p.data.nfkc, answers_required=False
     )
@@ -471,7 +473,7 @@ def unlabelled_questions(rounds: Rounds, first: Run) -> list[dict]:
     if fields.retrieval.corpus_path:
         rows = retrieve_passages(rows, fields)
     labels = first.outputs_of("01_build_dataset").labels
-    return [with_chat({**e, "id": f"unlabelled-{e['id']}"}, p.prompt, labels) for e in rows]
+    return [{**e, "id": f"unlabelled-{e['id']}", "prompt": chat_prompt(e, p.prompt, labels)} for e in rows]
 
 
 def sample_answers(rounds: Rounds, previous: Run, questions: list[dict], partial: Path, number: int) -> dict[str, list[str]]:
@@ -632,7 +634,9 @@ def summarize(rounds: Rounds, say_stop: bool = True) -> None:
     from tunebook.compare import find_runs, write_comparison
 
     print(f"\nRounds in {rounds.folder}:\n{rounds_table(rounds.folder).to_markdown()}")
-    finished = [rounds.folder / n for n in rounds.state["order"] if (rounds.folder / n / "manifest.json").exists()]
+    finished = [
+        rounds.folder / n for n in rounds.state["order"] if (rounds.folder / n / "manifest.json").exists() and (rounds.folder / n / "params.yaml").exists()
+    ]
     scored = [f for f in finished if Run.load(f).status("04_evaluate") == "complete"]
     if scored:
         import matplotlib
