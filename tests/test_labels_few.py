@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import ROOT
 from servers import MODEL_ALIAS, FaultProxy, serving
 from tunebook import labelled
 from tunebook.analysis import analyze
@@ -183,3 +184,30 @@ evaluate: {{metric: faq, models: [base], judge: true, batch_size: 4, max_new_tok
 
     evaluate(run)  # scored again: every judge reply comes from the cache
     assert len(proxy.bodies) == asked
+
+
+def test_the_teachers_label_and_the_attributes_asked_for(write_params, tmp_path):
+    """How a classification reply is read (the label named, loosely; never a guess between two), and what each request
+    asks for (every value in turn, evenly)."""
+    labels = ["sports", "e-sports", "cooking"]
+    assert labelled.parse_label('{"label": "cooking"}', labels) == "cooking"
+    assert labelled.parse_label('{"label": "E-Sports."}', labels) == "e-sports"
+    assert labelled.parse_label("It is about e-sports, I think", labels) == "e-sports"  # the longest label it holds
+    assert labelled.parse_label('{"label": "sports or cooking"}', labels) is None
+    assert labelled.parse_label('{"title": "no label here"}', labels) is None
+    assert labelled.parse_example('{"title": "T", "body": {"text": "nested", "more": ["parts"]}}', "title", "body") == {
+        "question": "T",
+        "passage": "nested parts",
+    }
+    write_jsonl(tmp_path / "eval.jsonl", news_rows(EVAL))
+    p = open_run(labelled_params(write_params, tmp_path, "http://127.0.0.1:9/v1")).params
+    asked = [labelled.attributes(p, "cooking", k) for k in range(4)]
+    assert [a["length"] for a in asked] == ["short", "long"] * 2 and [a["subtopic"] for a in asked] == ["bread", "soup"] * 2
+    assert labelled.attributes(p, "sports", 0)["subtopic"] is None  # the teacher picks one and names it
+    from tunebook import colab
+    from tunebook.config import load_params
+
+    teacher_recipe = load_params(ROOT / "params" / "livedoor_teacher.yaml")
+    assert "synthesize.labelled" in colab.groups_for(teacher_recipe, "01_build_dataset")["documents"]
+    judged = teacher_recipe.model_copy(update={"evaluate": teacher_recipe.evaluate.model_copy(update={"metric": "faq", "judge": True})})
+    assert "evaluate.judge" in colab.groups_for(judged, "04_evaluate")["documents"]

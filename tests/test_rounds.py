@@ -136,7 +136,7 @@ def test_a_round_that_keeps_nothing_stops_with_one_message(killed_and_resumed, t
     assert code == 2 and "Traceback" not in printed.err
     error = [line for line in printed.err.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and error[0].startswith("error: round-1 kept no answer: none of the ")
-    assert "exact_match of at least 1.0 against the gold answers" in error[0] and "lower rounds.min_score" in error[0]
+    assert "has exact_match 1.0 or more against the gold answers" in error[0] and "lower rounds.min_score" in error[0]
     samples = read_jsonl(tmp_path / "outputs" / "strict" / "round-1" / "grow" / "samples.jsonl")
     assert samples and not any(x["kept"] for x in samples)
     assert state(tmp_path / "outputs" / "strict")["runs"]["round-1"]["status"] == "nothing kept"
@@ -170,3 +170,13 @@ def test_unlabelled_questions_are_kept_by_agreement_and_the_judge(killed_and_res
     added = [r for r in train if r["id"].startswith("unlabelled-")]
     number = {r["id"]: r["id"].split("~")[0].removeprefix("unlabelled-u") for r in added}
     assert len(added) == grown["kept"] and all(r["passages"] == [f"Item {number[r['id']]} is a small red box."] for r in added)
+
+
+def test_a_rounds_file_is_run_by_the_rounds_command(tmp_path, capsys):
+    """Run as one run, a rounds file would write into the folder that holds its rounds; `rounds` without rounds says so."""
+    assert cli.main(["run", str(ROOT / "params" / "squad_rag_rounds.yaml"), "--set", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "has rounds.count 2: run it with `python -m tunebook rounds" in err and "round-0/params.yaml" in err
+    assert not (tmp_path / "squad_rag_rounds").exists()
+    assert cli.main(["rounds", str(ROOT / "params" / "squad_rag.yaml"), "--set", f"output_dir={tmp_path}"]) == 2
+    assert "rounds.count is 0, so there is no round to run" in capsys.readouterr().err

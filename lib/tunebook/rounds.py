@@ -119,6 +119,8 @@ def round_params(rounds: Rounds, number: int) -> Params:
     raw = copy.deepcopy(rounds.raw)
     raw.pop("rounds", None)
     raw.update(run_name=round_name(number), output_dir=str(rounds.folder))
+    if "03_quantize" not in rounds.params.rounds.stages:  # no quantized copies are made, so none is scored
+        raw.setdefault("evaluate", {})["models"] = [m for m in rounds.params.evaluate.models if m != "quantized"]
     if number == 0:
         return validate_params(raw, source=f"{rounds.source} (round 0)")
     first = Run(params=round_params(rounds, 0), dir=rounds.folder / round_name(0))
@@ -238,7 +240,7 @@ def nothing_kept_message(rounds: Rounds, number: int, grown: dict) -> str:
         )
         fix = "lower rounds.judge_min_score or rounds.min_agreement"
     else:
-        rule = f"a {gold_score_key(rounds.params.evaluate.metric)} of at least {s.min_score} against the gold answers (rounds.min_score; the best was {grown['best_score']:.2f})"
+        rule = f"{gold_score_key(rounds.params.evaluate.metric)} {s.min_score} or more against the gold answers (rounds.min_score; the best was {grown['best_score']:.2f})"
         fix = "lower rounds.min_score"
     return (
         f"{round_name(number)} kept no answer: none of the {grown['samples']} answers {previous}'s model gave to {grown['questions']} questions "
