@@ -38,6 +38,7 @@ class TinyFamily:
     config: dict = field(default_factory=dict)
     eos_token_id: tuple[int, ...] = ()  # the real instruct checkpoint's generation_config.json
     end_of_turn: str = ""
+    steps: int = 40  # training steps that teach the tiny random model the answer format
 
 
 FAMILIES = {
@@ -51,7 +52,8 @@ FAMILIES = {
     # tokenizer_config.json declares as LlamaTokenizerFast (the class that drops its spaces under transformers 5).
     # Its tokenizer_config.json makes the end of sentence the pad token too; the real configs set no pad id (a pad id in
     # the config zeroes that embedding row, and LoRA never trains it: the model could never end a turn).
-    "deepseek_v3": TinyFamily("deepseek_v3", "LlamaForCausalLM", "llama", {"pad_token_id": None}, (1,), "<｜end▁of▁sentence｜>"),
+    # Its template runs the turns together with no separator; 40 steps left a quarter of the answers unformatted.
+    "deepseek_v3": TinyFamily("deepseek_v3", "LlamaForCausalLM", "llama", {"pad_token_id": None}, (1,), "<｜end▁of▁sentence｜>", steps=80),
 }
 PIPELINE = ("smollm2", "llama3_1", "qwen3", "gemma3", "deepseek_v3")  # 01 -> 05 for these; the others' templates are checked in tests
 
@@ -126,11 +128,11 @@ def write_rows(path: Path, n: int = 48) -> Path:
 
 
 def params_yaml(name: str, model: str, data: Path, out: Path, backend: str, quantize: bool = True) -> str:
-    # A high learning rate and 40 steps teach a tiny random model the format (r 16 on all linear layers, the
+    # A high learning rate and 40 steps (the family's own count) teach a tiny random model the format (r 16 on all linear layers, the
     # default); the real SmolLM2 gets a few steps at a learning rate it survives. GPTQ groups of 32 divide the tiny
     # widths (64, 128); SmolLM2's 576 needs 64. A tiny family's base model is random weights, which may write no answer
     # at all (04 then refuses to score it): only its fine-tuned model is scored.
-    steps, rate, group = (8, 5.0e-4, 64) if name == "smollm2" else (40, 1.0e-2, 32)
+    steps, rate, group = (8, 5.0e-4, 64) if name == "smollm2" else (FAMILIES[name].steps, 1.0e-2, 32)
     return f"""run_name: {name}
 output_dir: {out}
 seed: 0
