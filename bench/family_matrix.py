@@ -21,13 +21,14 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 RESULTS = ROOT / "bench" / "results"
 TOKENIZER_VERSION = "3.7.2"  # the Makefile's TOKENIZER_VERSION
+CONFIG_OVERRIDES: dict = {}  # --config: tiny-model config changes, which name the model's cache folder
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,8 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: bool = True
     work.mkdir(parents=True, exist_ok=True)
     # SmolLM2 is the real embedded model (on the GPU machine, the copy its set-up wrote: SMOLLM2_HF).
     smollm2 = os.environ.get("SMOLLM2_HF", "embedded:SmolLM2-135M-Instruct")
-    model = smollm2 if not family.package else str(tiny_model(name, cache_dir() / "tiny-models" / name))
+    folder = cache_dir() / "tiny-models" / (name + "".join(f"-{k}-{v}" for k, v in sorted(family.config.items()) if k in CONFIG_OVERRIDES))
+    model = smollm2 if not family.package else str(tiny_model(name, folder))
     params = work / f"{name}.yaml"
     params.write_text(params_yaml(name, model, write_rows(work / "rows.jsonl"), work / "outputs", backend, quantize), encoding="utf-8")
     run = open_run(params)
@@ -284,7 +286,13 @@ def main() -> None:
     parser.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "family_matrix")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="change the tiny models' config (a JSON value), e.g. sliding_window=4096")
     args = parser.parse_args()
+    for item in args.config:
+        key, value = item.split("=", 1)
+        CONFIG_OVERRIDES[key] = json.loads(value)
+    for name in args.families:
+        FAMILIES[name] = replace(FAMILIES[name], config={**FAMILIES[name].config, **CONFIG_OVERRIDES})
     rows = []
     for name in args.families:
         if FAMILIES[name].package and tokenizer_folder(name) is None:
