@@ -128,7 +128,10 @@ def write_rows(path: Path, n: int = 48) -> Path:
     return path
 
 
-def params_yaml(name: str, model: str, data: Path, out: Path, backend: str, quantize: bool = True) -> str:
+QUANTIZE = ("gguf_q8_0", "gptq_w4a16")  # 03's copies in the matrix
+
+
+def params_yaml(name: str, model: str, data: Path, out: Path, backend: str, quantize: tuple[str, ...] = QUANTIZE) -> str:
     # A high learning rate and 40 steps (the family's own count) teach a tiny random model the format (r 16 on all linear layers, the
     # default); the real SmolLM2 gets a few steps at a learning rate it survives. GPTQ groups of 32 divide the tiny
     # widths (64, 128); SmolLM2's 576 needs 64. A tiny family's base model is random weights, which may write no answer
@@ -141,13 +144,13 @@ model: {{name: {model}, backend: {backend}, max_seq_length: 256, load_in_4bit: f
 data: {{train_path: {data}, eval_size: 8}}
 prompt: {{system: "Answer with one word.", instruction: "Answer from the passage."}}
 train: {{max_steps: {steps}, batch_size: 4, learning_rate: {rate}, warmup_ratio: 0.0, lr_scheduler: constant, eval_loss_examples: 4, logging_steps: 12}}
-quantize: {{methods: {"[gguf_q8_0, gptq_w4a16]" if quantize else "[]"}, group_size: {group}, calibration_examples: 8}}
+quantize: {{methods: [{", ".join(quantize)}], group_size: {group}, calibration_examples: 8}}
 evaluate: {{batch_size: 8, max_new_tokens: 8, models: {"[base, finetuned]" if name == "smollm2" else "[finetuned]"}}}
 """
 
 
-def run_family(name: str, work: Path, backend: str = "hf", quantize: bool = True) -> dict:
-    """01 -> 05 for one family (03's GGUF and GPTQ copies unless quantize is false); the checks' findings as a row
+def run_family(name: str, work: Path, backend: str = "hf", quantize: tuple[str, ...] = QUANTIZE) -> dict:
+    """01 -> 05 for one family (03's copies: `quantize`, GGUF and GPTQ by default); the checks' findings as a row
     of the matrix (the test asserts them)."""
     from transformers import AutoTokenizer, GenerationConfig
 
