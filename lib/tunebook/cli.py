@@ -6,7 +6,7 @@ params, cache a model.
     python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run] [--parallel N] [--ray-address ADDRESS]
     python -m tunebook compare outputs/sweep_lora [outputs/default ...] [--model finetuned] [--sort f1] [--out DIR]
     python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric METRIC]
-    python -m tunebook params [--update-readme README.md]
+    python -m tunebook params [--update-docs [docs/params.md]]
     python -m tunebook prepare-model [NAME]
     python -m tunebook card outputs/default [--license apache-2.0]
     python -m tunebook push outputs/default --repo user/name [--what adapter,merged,gguf_q8_0] [--dry-run] [--public]
@@ -26,6 +26,8 @@ from tunebook.errors import Terminated, TunebookError, file_system_error, is_fil
 from tunebook.metrics import SCORERS
 from tunebook.rows import write_jsonl
 from tunebook.runs import Run, execute_stage, interruption_note, move_aside, refuse_sweep, save_params, stage_key, stage_values
+
+PARAMS_DOC = "docs/params.md"  # the params reference page, its table generated from the schema (a test checks it)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--metric", choices=list(SCORERS), default="squad", help="Scoring rules (default: squad)")
 
     params_cmd = sub.add_parser("params", help="List every params key with its default and meaning (markdown).")
-    params_cmd.add_argument("--update-readme", metavar="README", help="Rewrite the generated params table inside this file")
+    params_cmd.add_argument(
+        "--update-docs",
+        "--update-readme",
+        nargs="?",
+        const=PARAMS_DOC,
+        metavar="FILE",
+        help=f"Rewrite the generated params table inside this file (default: {PARAMS_DOC})",
+    )
 
     prepare = sub.add_parser("prepare-model", help="Materialize an embedded model in the cache (done on first use anyway).")
     prepare.add_argument("name", nargs="?", default=DEFAULT_MODEL)
@@ -144,8 +153,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "score":
         return score_file(args.file, args.jsonl_out, args.metric)
     if args.command == "params":
-        if args.update_readme:
-            return update_readme_table(Path(args.update_readme))
+        if args.update_docs:
+            return update_params_table(Path(args.update_docs))
         print(schema_markdown())
         return 0
     if args.command == "card":
@@ -283,22 +292,22 @@ def refuse_unwritable(run_dir: Path) -> None:
         ) from None
 
 
-README_MARKERS = ("<!-- params-table:start -->\n", "\n<!-- params-table:end -->")
+PARAMS_MARKERS = ("<!-- params-table:start -->\n", "\n<!-- params-table:end -->")
 
 
-def update_readme_table(readme: Path) -> int:
-    replace_section(readme, README_MARKERS, schema_markdown())
-    print(f"updated the params table in {readme}")
+def update_params_table(page: Path) -> int:
+    replace_section(page, PARAMS_MARKERS, schema_markdown())
+    print(f"updated the params table in {page}")
     return 0
 
 
 def replace_section(path: Path, markers: tuple[str, str], content: str) -> None:
-    """Replace the text between two marker lines of a file (the README's generated tables)."""
+    """Replace the text between two marker lines of a file (the generated tables of docs/params.md and bench/README.md)."""
     text = path.read_text(encoding="utf-8")
     start, end = markers
-    if start not in text or end not in text:
-        raise TunebookError(f"{path} has no {start.strip()} ... {end.strip()} markers.")
-    head, rest = text.split(start, 1)
+    head, _, rest = text.partition(start)
+    if not rest or end not in rest:
+        raise TunebookError(f"{path} has no {start.strip()} ... {end.strip()} markers (on lines of their own, in that order).")
     path.write_text(head + start + content + end + rest.split(end, 1)[1], encoding="utf-8")
 
 

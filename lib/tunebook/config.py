@@ -1,12 +1,13 @@
 """The params schema: every knob of a run, with its default and a one-line meaning.
 
-This file is the single source of truth. `python -m tunebook params` prints it as a table (the README's
-table is generated from it), notebooks and the CLI read params only through `load_params`.
+This file is the single source of truth. `python -m tunebook params` prints it as a table (the one in
+docs/params.md is generated from it), notebooks and the CLI read params only through `load_params`.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 import string
@@ -1028,7 +1029,7 @@ def stage_map(schema: type[BaseModel] | None = None) -> dict[str, str | None]:
 
 
 def schema_rows() -> list[tuple[str, str, str]]:
-    """(key, default, meaning) for every knob, in schema order: what `tunebook params` and the README show."""
+    """(key, default, meaning) for every knob, in schema order: what `tunebook params` and docs/params.md show."""
     rows = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -1042,15 +1043,18 @@ def schema_rows() -> list[tuple[str, str, str]]:
                 rows.append((key, "[]", field.description or ""))
                 walk(section, key + "[].")
                 continue
-            default = (
-                "(required)"
-                if field.is_required()
-                else yaml.safe_dump(field.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()
-            )
+            default = "(required)" if field.is_required() else inline_yaml(field.get_default(call_default_factory=True))
             rows.append((key, default, field.description or ""))
 
     walk(Params, "")
     return rows
+
+
+def inline_yaml(value: Any) -> str:
+    """A default as YAML on one line (a table cell): never wrapped, and a text with line breaks double-quoted with
+    escapes (JSON, which YAML reads as the same value)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip().removesuffix("...").strip()
+    return json.dumps(value, ensure_ascii=False) if "\n" in text else text
 
 
 def schema_markdown() -> str:

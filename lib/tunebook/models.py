@@ -162,7 +162,7 @@ def pick_backend(requested: str, key: str = "model.backend") -> str:
         if not has_cuda():
             raise TunebookError(f"{key} is 'unsloth' but no CUDA GPU is visible: Unsloth needs a GPU. Use {key}: auto or hf on CPU.")
         if not has_unsloth():
-            raise TunebookError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see README, Colab).")
+            raise TunebookError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see docs/gpu.md; the Colab set-up cell installs it).")
         return "unsloth"
     if requested == "hf":
         return "hf"
@@ -195,7 +195,7 @@ def pick_dtype(requested: str, model_type: str | None = None):
     if requested != "auto":
         return getattr(torch, requested)
     if not has_cuda():
-        # The default run trained and scored the same in bfloat16 as in float32, faster (README, "bfloat16 on a CPU").
+        # The default run trained and scored the same in bfloat16 as in float32, faster (bench/README.md, "bfloat16 on a CPU").
         return torch.bfloat16 if cpu_computes_bfloat16() else torch.float32
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16

@@ -357,7 +357,7 @@ def backend(requested: str, key: str) -> str:
     if not torch.cuda.is_available():
         raise PreflightError(f"{key} is 'unsloth' but no CUDA GPU is visible: Unsloth needs a GPU. Use {key}: auto or hf on a CPU.")
     if not has_unsloth():
-        raise PreflightError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see README, Colab).")
+        raise PreflightError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see docs/gpu.md; the Colab set-up cell installs it).")
     return "unsloth on a GPU"
 
 
