@@ -263,13 +263,13 @@ class Runtime:
             "params_path",
             "../params/smoke.yaml",
             "-y",
-            f"overrides: [{', '.join(overrides)}]",
+            f"overrides: {json.dumps(overrides)}",
         ]
 
     def run(self, notebook: str, overrides: list[str]) -> str:
         done = subprocess.run(self.papermill(notebook, overrides), env=self.env, capture_output=True, text=True)
         cells = json.loads((self.root / notebook).read_text())["cells"] if (self.root / notebook).exists() else []
-        shown = "".join(o.get("text", "") + "".join(o.get("traceback", [])) for c in cells for o in c.get("outputs", []))
+        shown = "".join(text(o.get("text", "")) + "\n".join(o.get("traceback", [])) for c in cells for o in c.get("outputs", []))
         assert done.returncode == 0, f"runtime {self.name}, {notebook}:\n{shown[-4000:]}\n{done.stderr[-2000:]}"
         return shown
 
@@ -363,6 +363,10 @@ def test_a_run_lives_across_colab_runtimes(tmp_path, tiny_smollm2):
     ):
         assert any(name.endswith(f"smoke/{expected}") for name, _ in listing), expected
     assert (c.content / "tunebook-weights" / "MyDrive" / "tunebook" / "smoke" / "quantized" / "int8_weight_only").is_dir()
+
+
+def text(value) -> str:
+    return "".join(value) if isinstance(value, list) else value
 
 
 def kernel_pids(run_dir: Path) -> list[int]:

@@ -44,7 +44,15 @@ def hub_model(name: str) -> str:
             model_info(name, timeout=HUB_TIMEOUT)
             return "on the hub"
         except GatedRepoError:
-            raise TunebookError(f"{name} is gated on the hub: accept its license on the model page and log in (huggingface-cli login, or HF_TOKEN).") from None
+            from tunebook.config import on_colab
+
+            login = (
+                "on Colab, add the secret HF_TOKEN (the key icon in the left bar; a read token from huggingface.co/settings/tokens) "
+                "with notebook access on, and run the notebook again"
+                if on_colab()
+                else "log in (hf auth login), or set HF_TOKEN"
+            )
+            raise TunebookError(f"{name} is gated on the hub: accept its license on https://huggingface.co/{name} with your account, then {login}.") from None
         except RepositoryNotFoundError:
             raise TunebookError(f"the hub has no model {name!r} (check the spelling; a private model needs a token).") from None
         except Exception:  # the hub did not answer: many exception types, one answer

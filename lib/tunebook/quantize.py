@@ -268,9 +268,10 @@ def _gguf(method: str):
     return quantize_gguf
 
 
-def write_f16_gguf(model_dir: str | Path, out: Path) -> None:
-    """llama.cpp's convert_hf_to_gguf.py, run on a Hugging Face model folder."""
-    converter = llama_cpp_converter()
+def write_f16_gguf(model_dir: str | Path, out: Path, converter: Path | None = None) -> None:
+    """llama.cpp's convert_hf_to_gguf.py (`converter`: this one, else the cached one), run on a Hugging Face model
+    folder. It reads the model's tensors lazily, one at a time (bench/merge_ram.py measures its memory)."""
+    converter = converter or llama_cpp_converter()
     tmp = out.with_name(out.name + ".tmp")
     result = subprocess.run([sys.executable, str(converter), str(model_dir), "--outfile", str(tmp), "--outtype", "f16"], capture_output=True, text=True)
     if result.returncode != 0:

@@ -2,11 +2,12 @@
 
 Two backends, one recipe:
 - unsloth: FastLanguageModel (4-bit or 16-bit loading, use_gradient_checkpointing="unsloth", padding-free
-  or packed batches) on a CUDA GPU, saved with save_pretrained_merged;
+  or packed batches) on a CUDA GPU;
 - hf: transformers + PEFT + TRL, on CPU or GPU.
 Both train TRL's SFTTrainer on conversational prompt/completion rows with completion_only_loss, so only the
 completion (the answer) carries loss; a check refuses to train when that masking is not in place. Outputs:
-the LoRA adapter, a merged model, the log history, throughput and peak GPU memory, and a loss plot; with
+the LoRA adapter, a merged model (the adapter added to the base model's weights shard by shard, tunebook.merge, into the
+run's weights folder: on Colab the runtime's own disk), the log history, throughput and peak GPU memory, and a loss plot; with
 train.report_to, the losses in an experiment tracker too (tunebook.tracking), whose run 04 and 05 log to.
 
 Checkpoints: every train.save_steps steps the Trainer saves the adapter, optimizer, scheduler, RNG states and its
