@@ -12,7 +12,8 @@ B, no training), then runs, each in a process of its own:
 Each case's peak is the largest resident memory of its process and every process under it (sampled every 0.1 s by
 psutil, and the kernel's ru_maxrss of each), written with the limit to bench/results/merge_ram.json.
 
-    python bench/merge_ram.py                 # 8B shape: about 50 GB of disk under --work, minutes per case
+    python bench/merge_ram.py                 # 8B shape: about 53 GB of disk under --work, minutes per case
+    python bench/merge_ram.py --cases merge --keep; ... --cases gguf_f16 --keep; ... --cases gguf_q4_k_m   (in parts)
     python bench/merge_ram.py --tiny          # SmolLM2's shape, hidden 64 (seconds): proves the script end to end
 """
 
@@ -177,7 +178,7 @@ def case(name: str, args) -> None:
 def measure(name: str, args, work: Path) -> dict:
     """Run one case in a child process; its peak resident memory, the child and every process under it together. This
     process imports no torch: Linux carries the forking process's peak into the child's ru_maxrss, so it stays small."""
-    keep = [a for a in sys.argv[1:] if a not in ("--keep",)]
+    keep = [a for a in sys.argv[1:] if a != "--keep"]
     command = [sys.executable, __file__, *keep, "--case", name, "--work", str(work)]
     started = time.time()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -216,7 +217,8 @@ def main() -> None:
     parser.add_argument("--converter", help="llama.cpp's convert_hf_to_gguf.py (default: the one tunebook caches from llama-cpp-python's sdist)")
     parser.add_argument("--work", default=str(ROOT / ".cache" / "merge_ram"), help="Folder for the model, adapter and outputs (8B: about 50 GB)")
     parser.add_argument("--out", help="Results JSON (default bench/results/merge_ram.json, or merge_ram_tiny.json with --tiny)")
-    parser.add_argument("--keep", action="store_true", help="Keep --work afterwards")
+    parser.add_argument("--keep", action="store_true", help="Keep --work afterwards (to run the cases in several calls)")
+    parser.add_argument("--cases", help="Comma-separated: merge, gguf_f16, gguf_q4_k_m (default all; each needs the one before it in --work)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # a case, in the process `measure` started: --work is its folder
@@ -224,12 +226,13 @@ def main() -> None:
     work = Path(args.work) / ("tiny" if args.tiny else Path(args.config).stem)
     work.mkdir(parents=True, exist_ok=True)
     built = measure("build", args, work)
-    cases = ["merge", "gguf_f16"]
-    if importlib.util.find_spec("llama_cpp") is not None:
-        cases.append("gguf_q4_k_m")
-    else:
+    cases = args.cases.split(",") if args.cases else ["merge", "gguf_f16", "gguf_q4_k_m"]
+    if "gguf_q4_k_m" in cases and importlib.util.find_spec("llama_cpp") is None:
+        cases.remove("gguf_q4_k_m")
         print("gguf_q4_k_m: skipped (llama-cpp-python is not installed)")
-    results = []
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("merge_ram_tiny.json" if args.tiny else "merge_ram.json")
+    earlier = json.loads(out.read_text())["results"] if args.cases and out.exists() else []  # a run in parts: the other cases kept
+    results = [r for r in earlier if r["case"] not in cases]
     for name in cases:
         results.append(measure(name, args, work))
         print(json.dumps(results[-1]), flush=True)
@@ -242,7 +245,6 @@ def main() -> None:
         "machine": f"{platform.node()}: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 1e9:.0f} GB RAM; torch {built['torch']}",
         "results": results,
     }
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("merge_ram_tiny.json" if args.tiny else "merge_ram.json")
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     if not args.keep:
