@@ -70,3 +70,19 @@ def test_a_4bit_hub_model_is_merged_from_its_16bit_weights():
     assert sixteen_bit_name("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit") == "unsloth/Meta-Llama-3.1-8B-Instruct"
     assert sixteen_bit_name("unsloth/Llama-3.2-3B-Instruct-unsloth-bnb-4bit") == "unsloth/Llama-3.2-3B-Instruct"
     assert sixteen_bit_name("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B"
+
+
+def test_the_base_model_with_the_adapter_loads_as_the_merged_model(tiny_smollm2, tmp_path):
+    """04 in a runtime without a merged copy scores the base model with the adapter on it: the same model."""
+    from tunebook.models import load_for_inference
+
+    random_adapter(tiny_smollm2, tmp_path / "adapter", seed=4)
+    for file in tiny_smollm2.iterdir():  # 02 saves the tokenizer with the adapter
+        if file.name.startswith("tokenizer") or file.name == "chat_template.jinja":
+            shutil.copy2(file, tmp_path / "adapter" / file.name)
+    merge_adapter(tiny_smollm2, tmp_path / "adapter", tmp_path / "merged", "float32")
+    merged, _ = load_for_inference(str(tmp_path / "merged"), dtype="float32")
+    with_adapter, tokenizer = load_for_inference(str(tiny_smollm2), adapter=str(tmp_path / "adapter"), dtype="float32")
+    ids = tokenizer("What is the capital of France?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)

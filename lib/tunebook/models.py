@@ -68,7 +68,7 @@ def resolve_model(name: str) -> str:
     if name.startswith("embedded:"):
         return str(materialize_embedded(name))
     if Path(name).is_dir():
-        if not (Path(name) / "config.json").exists():
+        if not (Path(name) / "config.json").exists() and not (Path(name) / "adapter_config.json").exists():  # an adapter: its tokenizer
             raise TunebookError(f"Model folder {name} has no config.json: point model.name at a saved Hugging Face model folder.")
         return name
     if Path(name).exists() or name.startswith((".", "/", "~")):
