@@ -10,6 +10,7 @@ params, cache a model.
     python -m tunebook prepare-model [NAME]
     python -m tunebook card outputs/default [--license apache-2.0]
     python -m tunebook push outputs/default --repo user/name [--what adapter,merged,gguf_q8_0] [--dry-run] [--public]
+    python -m tunebook home [--write]
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--public", action="store_true", help="Create the repos public (default: private)")
     push.add_argument("--license", help="License id for the cards' metadata (default: the base model's, else unknown)")
 
+    home_cmd = sub.add_parser(
+        "home", help="Print the repository tunebook.home names; --write rewrites the Colab badges and links, the set-up cells and [project.urls] from it."
+    )
+    home_cmd.add_argument(
+        "--write", action="store_true", help="Rewrite the notebooks, README.md, docs/ and pyproject.toml (for a fork, after editing lib/tunebook/home.py)"
+    )
+
     args = parser.parse_args(argv)
     # Every error a user can cause ends here as one message and exit code 2, never a traceback: ours (TunebookError)
     # and the file system's (a folder that cannot be created, no permission, a full disk). A SIGTERM is handled like
@@ -164,6 +172,14 @@ def _command(args: argparse.Namespace) -> int:
 
         what = [w.strip() for w in args.what.split(",") if w.strip()] if args.what is not None else None
         push(args.run, args.repo, what, dry_run=args.dry_run, public=args.public, license=args.license)
+        return 0
+    if args.command == "home":
+        from tunebook import home
+        from tunebook.colab import write_home
+
+        print(f"{home.URL} (branch {home.BRANCH})")
+        for path in write_home() if args.write else []:
+            print(f"rewrote {path}")
         return 0
     from tunebook.models import materialize_embedded
 
