@@ -189,3 +189,20 @@ def test_check_says_in_one_line_when_the_hub_is_unreachable_and_nothing_is_cache
         "Fit on colab-t4: not predicted (unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit: the hub could not be reached and its "
         "config.json is not in the local hub cache)."
     )
+
+
+def test_once_01_has_run_the_check_uses_the_longest_rows_it_built(tmp_path):
+    from tunebook.data import build_dataset
+    from tunebook.runs import open_run
+
+    run = open_run(ROOT / "params" / "default.yaml", [f"output_dir={tmp_path}", "data.max_train_examples=40", "data.eval_size=20"])
+    build_dataset(run)
+    lengths = run.outputs_of("01_build_dataset").lengths
+    cpu = Machine("a CPU", None, None, False, 64 * GIB, 100 * GIB, None, 2, has_unsloth=False)
+    after = check_fit(run.params, ["02_finetune", "04_evaluate"], cpu)
+    assert (after.lengths.train, after.lengths.prompt) == (max(lengths["train"]), max(lengths["eval"]))
+    assert after.lengths.source == "the longest rows 01 built" and after.lengths.train < run.params.model.max_seq_length
+    again = check_fit(run.params, ["01_build_dataset", "02_finetune"], cpu)  # 01 about to run again: the params' bound
+    assert again.lengths.train == run.params.model.max_seq_length
+    train = {r.need.key: r.need.bytes for r in after.rows}[("02", "train", "RAM")]
+    assert train < {r.need.key: r.need.bytes for r in again.rows}[("02", "train", "RAM")]

@@ -568,7 +568,7 @@ def train_needs(p: Params, shape: Shape, setup: Setup, lengths: Lengths) -> list
     # PEFT casts each adapted layer's input to the adapter's dtype (a copy wherever the two differ; Unsloth's own
     # kernels do not go through PEFT's forward)
     adapted = LINEARS if p.train.target_modules == "all-linear" else tuple(t for t in p.train.target_modules if t in LINEARS)
-    cast = adapted if lora_b != act else ()
+    cast = adapted if ("bfloat16" if lora_b == 2 else "float32") != setup.dtype else ()
     answer_rows = batch * lengths.answer
     loss = min(answer_rows, LOSS_TILE_TOKENS) * min(shape.vocab, LOSS_TILE_WORDS) * 4 + answer_rows * shape.hidden * (act + 4)
     head = 2 * tokens * shape.hidden * act + loss  # the final hidden states and their gradient, the fused head's tiles
@@ -869,7 +869,8 @@ def check_fit(p: Params, stages, machine: Machine, lengths: Lengths | None = Non
         shape = shape or model_shape(p.model.name)
     except FitUnknown as e:
         return FitReport(machine, None, None, None, unknown=str(e))
-    lengths = lengths or measured_lengths(p) or bound_lengths(p)
+    # 01's measured rows, unless 01 is about to run again (with params that may differ from those it ran with)
+    lengths = lengths or (None if "01_build_dataset" in stages else measured_lengths(p)) or bound_lengths(p)
     report = FitReport(machine, shape, setup_for(p, shape, machine), lengths)
     for need in predict(p, shape, machine, stages, lengths):
         limit = limit_of(machine, need.resource)
@@ -885,19 +886,21 @@ def check_fit(p: Params, stages, machine: Machine, lengths: Lengths | None = Non
 
 
 def find_fix(p: Params, shape: Shape, machine: Machine, stages, lengths: Lengths, need: Need, limit: float) -> str:
-    """The first knob, in the need's order, whose values (searched with the same predictor) bring it under the limit."""
-    for knob in need.knobs:
-        for value, extra in candidates(p, knob):
-            try:
-                changed = with_values(p, {knob: value, **extra})
-            except (ValueError, TunebookError):
-                continue
-            shorter = replace(lengths, train=min(lengths.train, value), prompt=min(lengths.prompt, value)) if knob == "model.max_seq_length" else lengths
-            again = {n.key: n for n in predict(changed, shape, machine, stages, shorter)}.get(need.key)
-            if again is None or again.bytes <= limit:
-                fits = "removed" if again is None else f"fits in {_gib(again.bytes)} GiB"
-                also = "".join(f", {k} {_value(p, k)} → {_shown(v)}" for k, v in extra.items())
-                return f"{knob} {_value(p, knob)} → {_shown(value)}{also} {fits}"
+    """The first knob, in the need's order, whose values (searched with the same predictor) bring it under the limit
+    with room to spare (below the warning line), else just under it."""
+    for ceiling in ((1 - WARN_WITHIN) * limit, limit):
+        for knob in need.knobs:
+            for value, extra in candidates(p, knob):
+                try:
+                    changed = with_values(p, {knob: value, **extra})
+                except (ValueError, TunebookError):
+                    continue
+                shorter = replace(lengths, train=min(lengths.train, value), prompt=min(lengths.prompt, value)) if knob == "model.max_seq_length" else lengths
+                again = {n.key: n for n in predict(changed, shape, machine, stages, shorter)}.get(need.key)
+                if again is None or again.bytes <= ceiling:
+                    fits = f": nothing goes to {need.resource}" if again is None else f" fits in {_gib(again.bytes)} GiB"
+                    also = "".join(f", {k} {_value(p, k)} → {_shown(v)}" for k, v in extra.items())
+                    return f"{knob} {_value(p, knob)} → {_shown(value)}{also}{fits}"
     if need.knobs == ("quantize.methods",) or need.stage == "03":
         return f"leave {need.what} out of quantize.methods, or use a larger machine"
     return "no knob of these params makes it fit: a larger machine" + (" (more RAM)" if need.resource == "RAM" else "") + ", or a smaller model"
@@ -911,6 +914,8 @@ def _value(p: Params, key: str):
 
 
 def _shown(value) -> str:
+    if value is None:
+        return "empty"
     return str(value).lower() if isinstance(value, bool) else str(value) if not isinstance(value, list) else "[" + ", ".join(value) + "]"
 
 
@@ -968,7 +973,7 @@ def fit_command(p: Params, stages, machine_name: str | None) -> int:
     """`check PARAMS [--machine NAME]`: the fit table for that machine (this one by default); what does not fit stops
     with its fix."""
     machine = machine_named(machine_name, p.output_dir)
-    report = check_fit(p, [s for s in stages if s in ("02_finetune", "03_quantize", "04_evaluate")], machine)
+    report = check_fit(p, stages, machine)
     print(report.table())
     if report.problems:
         raise TunebookError(f"{len(report.problems)} figure(s) do not fit {machine.name}: {report.summary()}")
@@ -979,7 +984,6 @@ def fit_here(p: Params, stages) -> str | tuple[str, str]:
     """The preflight's check on this machine: problems raise (the table printed first), figures within 10% of a limit
     warn, and a model whose config cannot be read here is a warning. The run's files against the disk are the
     preflight's own disk check; here GPU memory and RAM."""
-    stages = [s for s in stages if s in ("02_finetune", "03_quantize", "04_evaluate")]
     report = check_fit(p, stages, this_machine(p.output_dir))
     report.rows = [r for r in report.rows if r.need.resource in ("GPU", "RAM")]
     if report.unknown:
