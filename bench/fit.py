@@ -64,6 +64,24 @@ SHAPES = {
     "gemma3-1b": ("unsloth--gemma-3-1b-it", "gemma3"),
     "gemma3-4b": ("unsloth--gemma-3-4b-it", "gemma3"),
 }
+# A vision-language checkpoint's processor files, as the public repository has them (gemma-3-4b-it): Unsloth loads its
+# processor (image processor + tokenizer) with the model.
+GEMMA3_IMAGE = {
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_processor_type": "Gemma3ImageProcessor",
+    "image_seq_length": 256,
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Gemma3Processor",
+    "resample": 2,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"height": 896, "width": 896},
+}
+EXTRA_FILES = {
+    "gemma3-4b": {"preprocessor_config.json": GEMMA3_IMAGE, "processor_config.json": {"image_seq_length": 256, "processor_class": "Gemma3Processor"}}
+}
 TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
 
@@ -150,6 +168,8 @@ def make_models(models: Path, tokenizers: Path, shapes: list[str], tiny: bool) -
         source = tokenizers / f"{SHAPES[name][1]}-{TOKENIZER_VERSION}"
         for file in source.iterdir():  # the tokenizer files as the family ships them
             shutil.copy2(file, tmp / file.name)
+        for file, content in EXTRA_FILES.get(name, {}).items():
+            (tmp / file).write_text(json.dumps(content, indent=2))
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -512,11 +532,18 @@ def report(results: dict) -> str:
             lines += ["", f"GPU: {sum(e <= 0.15 for e in errors)} of {len(errors)} predictions within 15% (largest error {max(errors):.0%})."]
         if merges:
             lines += [f"Merge RAM: {sum(e <= 0.20 for e in merges)} of {len(merges)} within 20% (largest error {max(merges):.0%})."]
-        machines = {json.dumps(c.get("machine"), sort_keys=True) for c in cases.values() if c.get("machine")}
-        for m in map(json.loads, sorted(machines)):
+        machines: dict[str, list[str]] = {}  # one line per machine and versions, with the commits its cases ran at
+        for c in cases.values():
+            m = dict(c.get("machine") or {})
+            if m:
+                commit = m.pop("commit", None)
+                machines.setdefault(json.dumps(m, sort_keys=True), []).append(str(commit))
+        for text, commits in sorted(machines.items()):
+            m = json.loads(text)
             lines += [
                 "",
-                f"{m.get('gpu') or 'CPU'}; torch {m.get('torch')}, transformers {m.get('transformers')}, TRL {m.get('trl')}, unsloth {m.get('unsloth')}, bitsandbytes {m.get('bitsandbytes')}, commit {m.get('commit')}.",
+                f"{m.get('gpu') or 'CPU'}; torch {m.get('torch')}, transformers {m.get('transformers')}, TRL {m.get('trl')}, unsloth {m.get('unsloth')}, "
+                f"bitsandbytes {m.get('bitsandbytes')}; commit {', '.join(sorted(set(commits)))}.",
             ]
         lines.append("")
     return "\n".join(lines) + "\n"
