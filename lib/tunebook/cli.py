@@ -138,9 +138,12 @@ def _command(args: argparse.Namespace) -> int:
         from tunebook.preflight import check_or_stop
 
         params = load_params(args.params, args.overrides)
-        check_or_stop(params, select_stages(args.stages), args.params)
-        print("No problems found.\n")
-        return fit_command(params, select_stages(args.stages), None)
+        checks = check_or_stop(params, select_stages(args.stages), args.params)
+        print("No problems found.")
+        if any(c.what == "fits this machine" and c.result == "ok" for c in checks):  # a warning printed its table already
+            print()
+            return fit_command(params, select_stages(args.stages), None)
+        return 0
     if args.command == "sweep" and (args.parallel > 1 or args.ray_address):
         from tunebook.sweep_parallel import run_sweep_parallel
 
