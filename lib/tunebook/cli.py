@@ -2,7 +2,7 @@
 params, cache a model.
 
     python -m tunebook run params/default.yaml [--stages 04,05] [--set train.max_steps=10] [--resume | --overwrite]
-    python -m tunebook check params/default.yaml [--stages 04,05] [--set KEY=VALUE]
+    python -m tunebook check params/default.yaml [--stages 04,05] [--set KEY=VALUE] [--machine colab-t4]
     python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run] [--parallel N] [--ray-address ADDRESS]
     python -m tunebook compare outputs/sweep_lora [outputs/default ...] [--model finetuned] [--sort f1] [--out DIR]
     python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric METRIC]
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
 from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
+from tunebook.fit import MACHINE_NAMES
 from tunebook.metrics import SCORERS
 from tunebook.rows import write_jsonl
 from tunebook.runs import Run, execute_stage, interruption_note, move_aside, refuse_sweep, save_params, stage_key, stage_values
@@ -47,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("params", help="A params YAML, e.g. params/default.yaml")
     check.add_argument("--stages", help="Check for these stages only, e.g. 04,05 (default: all)")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a params key (repeatable)")
+    check.add_argument(
+        "--machine",
+        choices=MACHINE_NAMES,
+        help="Only the fit check, for this machine instead of the one it runs on: each stage's predicted GPU memory, RAM and disk against its limits (docs/fit.md)",
+    )
 
     sweep = sub.add_parser("sweep", help="Expand a params file's sweep section into runs and execute them (stages shared across runs run once).")
     sweep.add_argument("params", help="A params YAML with a sweep: section, e.g. params/sweep_lora.yaml")
@@ -140,11 +146,20 @@ def interrupted_code(interrupt: KeyboardInterrupt) -> int:
 def _command(args: argparse.Namespace) -> int:
     if args.command == "run":
         return run_pipeline(args.params, args.overrides, args.stages, resume=args.resume, overwrite=args.overwrite)
+    if args.command == "check" and args.machine:
+        from tunebook.fit import fit_command
+
+        return fit_command(load_params(args.params, args.overrides), select_stages(args.stages), args.machine)
     if args.command == "check":
+        from tunebook.fit import fit_command
         from tunebook.preflight import check_or_stop
 
-        check_or_stop(load_params(args.params, args.overrides), select_stages(args.stages), args.params)
+        params = load_params(args.params, args.overrides)
+        checks = check_or_stop(params, select_stages(args.stages), args.params)
         print("No problems found.")
+        if any(c.what == "fits this machine" and c.result == "ok" for c in checks):  # a warning printed its table already
+            print()
+            return fit_command(params, select_stages(args.stages), None)
         return 0
     if args.command == "sweep" and (args.parallel > 1 or args.ray_address):
         from tunebook.sweep_parallel import run_sweep_parallel

@@ -6,8 +6,9 @@ file over SAMPLE_BYTES is checked on its first rows, and the table says so), the
 training rows, the model (a folder, the embedded model, or a hub id the hub or the local cache knows; a chat
 template; the backend possible on this machine), every API baseline and teacher endpoint (its key variable set,
 one cheap request answered within ENDPOINT_TIMEOUT seconds), the experiment tracker's package (train.report_to),
-the output folder writable, the free disk space a run of this size needs, and the model's tokenizer giving back a
-sample of the rows' text (where the tokenizer is on this disk). `python -m tunebook check PARAMS` runs it alone; `run`, `sweep` and the
+the output folder writable, the free disk space a run of this size needs, the model's tokenizer giving back a
+sample of the rows' text (where the tokenizer is on this disk), and the run fitting this machine's GPU memory and RAM
+(tunebook.fit: predicted from the model's config; within 10% of a limit is a warning). `python -m tunebook check PARAMS` runs it alone; `run`, `sweep` and the
 notebooks' first cell run it first.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from tunebook.config import QUANTIZE_METHODS, STAGES, Params, load_params, on_colab
 from tunebook.errors import TunebookError
+from tunebook.fit import fit_here
 from tunebook.models import EMBEDDED, HUB_ID, MATERIALIZED_VERSION, cache_dir, has_unsloth, hub_model
 from tunebook.rows import DataError, read_jsonl
 
@@ -115,6 +117,8 @@ def preflight(params: Params, stages: list[str]) -> list[Check]:
         checks.append(timed("merge source", lambda: merge_source(params.model.name)))
     if on_colab() and params.colab.drive_dir:
         checks.append(timed("Drive space", lambda: drive_space(params, later)))
+    if later & {"02_finetune", "03_quantize", "04_evaluate"}:
+        checks.append(timed("fits this machine", lambda: fit_here(params, later)))
     return checks
 
 
