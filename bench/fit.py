@@ -5,6 +5,7 @@ on random-weight models of real shapes, each case in its own process.
     python bench/fit.py run --models DIR [--tiny] [--only CASE ...] [--results FILE] [--copy-to DIR]
     python bench/fit.py seed-hub-cache DIR     # bench/configs/*.json as a hub cache, for `check --machine` offline
     python bench/fit.py params-table --machine colab-t4   # every params/*.yaml against a machine, one row each
+    python bench/fit.py docs                              # docs/fit.md's tables: that, and each Colab file on its machine
 
 Models: the public architectures' config.json written from their published hyperparameters (bench/configs/, one per
 hub id), filled with random bfloat16 weights (built on the GPU when there is one) and saved with the family's real
@@ -190,11 +191,19 @@ def seed_hub_cache(cache: Path) -> None:
     print(f"{len(list(CONFIGS.glob('*.json')))} configs in {cache}: HF_HUB_CACHE={cache} python -m tunebook check PARAMS --machine NAME")
 
 
+def offline_hub_cache() -> Path:
+    """bench/configs as the hub cache of this process (HF_HUB_CACHE, set before huggingface_hub is imported: it reads
+    the variable once), so the shipped params' hub models are predicted offline; the same cache for later calls."""
+    if "TUNEBOOK_BENCH_HUB_CACHE" not in os.environ:
+        cache = Path(tempfile.mkdtemp())
+        seed_hub_cache(cache)
+        os.environ["HF_HUB_CACHE"] = os.environ["TUNEBOOK_BENCH_HUB_CACHE"] = str(cache)
+    return Path(os.environ["TUNEBOOK_BENCH_HUB_CACHE"])
+
+
 def params_table(machine_name: str) -> str:
     """`check --machine` over every shipped params file, one markdown row each (hub models' configs from bench/configs)."""
-    cache = Path(tempfile.mkdtemp())
-    seed_hub_cache(cache)
-    os.environ["HF_HUB_CACHE"] = str(cache)  # before huggingface_hub is imported (it reads the variable once)
+    offline_hub_cache()
     from tunebook.config import STAGES, load_params
     from tunebook.fit import check_fit, machine_named
 
@@ -221,8 +230,47 @@ def params_table(machine_name: str) -> str:
             for r in bad
         )
         lines.append(f"| {path.name} | {p.model.name} | {peak('GPU')} | {peak('RAM')} | {peak('disk')} | {verdict or 'fits'} |")
-    shutil.rmtree(cache, ignore_errors=True)
     return "\n".join(lines)
+
+
+# Each Colab params file and the machine it is made for (its header says which).
+COLAB_MACHINES = {
+    "colab_t4.yaml": "colab-t4",
+    "colab_qwen3.yaml": "colab-t4",
+    "colab_chat.yaml": "colab-t4",
+    "colab_my_data.yaml": "colab-t4",
+    "colab_l4.yaml": "colab-l4",
+    "colab_gemma3.yaml": "colab-l4",
+}
+DOCS = ROOT / "docs" / "fit.md"
+PARAMS_MARKERS = ("<!-- fit-params-table:start -->\n", "\n<!-- fit-params-table:end -->")
+COLAB_MARKERS = ("<!-- fit-colab-tables:start -->\n", "\n<!-- fit-colab-tables:end -->")
+
+
+def colab_tables() -> str:
+    """`check PARAMS --machine M` for each Colab params file on its own machine (hub models' configs from bench/configs)."""
+    offline_hub_cache()
+    from tunebook.config import STAGES, load_params
+    from tunebook.fit import check_fit, machine_named
+
+    shipped = sorted(p.name for p in (ROOT / "params").glob("colab_*.yaml"))
+    unknown = sorted(set(shipped) - set(COLAB_MACHINES))
+    if unknown:
+        raise SystemExit(f"bench/fit.py COLAB_MACHINES does not name the machine of {unknown}")
+    parts = []
+    for name in shipped:
+        report = check_fit(load_params(ROOT / "params" / name), list(STAGES), machine_named(COLAB_MACHINES[name]))
+        parts.append(f"`python -m tunebook check params/{name} --machine {COLAB_MACHINES[name]}`:\n\n{report.table()}")
+    return "\n\n".join(parts)
+
+
+def update_docs() -> None:
+    """docs/fit.md's two generated parts: every params file on a Colab T4, and each Colab file on its machine."""
+    from tunebook.cli import replace_section
+
+    replace_section(DOCS, PARAMS_MARKERS, params_table("colab-t4"))
+    replace_section(DOCS, COLAB_MARKERS, colab_tables())
+    print(f"updated {DOCS}")
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -570,6 +618,7 @@ def main() -> None:
     seed.add_argument("cache", type=Path)
     table = sub.add_parser("params-table", help="every params/*.yaml against a machine (markdown)")
     table.add_argument("--machine", default="colab-t4")
+    sub.add_parser("docs", help="write docs/fit.md's generated tables (every params file on a T4, each Colab file on its machine)")
     one = sub.add_parser("one", help="run one case in this process (used by run)")
     one.add_argument("name", choices=list(CASES))
     one.add_argument("--models", type=Path, required=True)
@@ -590,6 +639,8 @@ def main() -> None:
         seed_hub_cache(args.cache)
     elif args.command == "params-table":
         print(params_table(args.machine))
+    elif args.command == "docs":
+        update_docs()
     else:
         args.out.write_text(json.dumps(run_case(args.name, args.models, args.out.parent), indent=1, ensure_ascii=False))
 

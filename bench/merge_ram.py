@@ -1,7 +1,7 @@
 """Peak system RAM of 02's merge and 03's GGUF export, for a model of a real shape with random weights.
 
 A free Colab runtime has about 12.7 GB of RAM; an 8B model is 16 GB in 16-bit. This builds a random-weight model from a
-config (default bench/configs/llama3_8b.json, Llama-3.1-8B's shape, in 5 GB safetensors shards as the hub has it) and a
+config (default bench/configs/unsloth--Meta-Llama-3.1-8B-Instruct.json, Llama-3.1-8B's shape, in 5 GB safetensors shards as the hub has it) and a
 LoRA adapter with the params' rank and targets (default params/colab_t4.yaml: r 64 on every linear layer; random A and
 B, no training), then runs, each in a process of its own:
 
@@ -210,7 +210,7 @@ def measure(name: str, args, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="SmolLM2's architecture at hidden 64 with its tokenizer: the script end to end in seconds")
-    parser.add_argument("--config", default=str(ROOT / "bench" / "configs" / "llama3_8b.json"))
+    parser.add_argument("--config", default=str(ROOT / "bench" / "configs" / "unsloth--Meta-Llama-3.1-8B-Instruct.json"))
     parser.add_argument("--tokenizer", help="Folder with the model's tokenizer files (default: Llama 3.1's from `make tokenizers`)")
     parser.add_argument("--params", default=str(ROOT / "params" / "colab_t4.yaml"), help="LoRA rank, alpha and targets come from here")
     parser.add_argument("--dtype", default="float16", help="The merged model's dtype (a T4: float16)")

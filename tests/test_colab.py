@@ -181,19 +181,28 @@ def test_on_colab_the_run_is_on_drive_by_default_and_its_weights_on_the_runtime(
 
 def test_the_preflight_counts_what_a_run_writes_to_drive(tmp_path):
     """params/colab_t4.yaml on Llama-3.1-8B's shape: LoRA r64 on every linear layer is 168M weights; the adapter and
-    three checkpoints at once (8-bit optimizer state) come to about 3.5 GiB; a Drive with less free stops the run."""
-    from tunebook.preflight import GIB, PreflightError, drive_need, drive_space
+    three checkpoints at once (8-bit optimizer state) come to about 3.5 GiB on Drive, while the merged model stays on
+    the runtime's disk; a Drive with less free stops the run, naming the knob that makes it fit."""
+    from dataclasses import replace
 
-    shutil.copy(ROOT / "bench" / "configs" / "llama3_8b.json", tmp_path / "config.json")
+    from tunebook.fit import GIB, MACHINES, check_fit, model_shape
+
+    shutil.copy(ROOT / "bench" / "configs" / "unsloth--Meta-Llama-3.1-8B-Instruct.json", tmp_path / "config.json")
     params = load_params(ROOT / "params/colab_t4.yaml", [f"model.name={tmp_path}"])
-    stages = {"01_build_dataset", "02_finetune", "03_quantize", "04_evaluate", "05_error_analysis"}
-    need, detail = drive_need(params, stages)
-    assert "adapter 0.6 GiB" in detail and "3 checkpoints 2.8 GiB" in detail and 3.4 * GIB < need < 3.8 * GIB
-    assert drive_space(params, stages, free=10 * GIB).startswith(f"this run writes about {need / GIB:.1f} GiB to Drive")
-    with pytest.raises(PreflightError, match="lower train.save_total_limit or train.lora_r"):
-        drive_space(params, stages, free=2 * GIB)
+    shape = model_shape(str(tmp_path))
+    stages = ["01_build_dataset", "02_finetune", "03_quantize", "04_evaluate", "05_error_analysis"]
+
+    def drive_row(p, free):
+        report = check_fit(p, stages, replace(MACHINES["colab-t4"], drive=free), shape=shape)
+        return next(r for r in report.rows if r.need.resource == "Drive")
+
+    row = drive_row(params, 10 * GIB)
+    assert "adapter 0.6" in row.need.parts and "checkpoints 2.8" in row.need.parts and "merged" not in row.need.parts, row.need.parts
+    assert 3.4 * GIB < row.need.bytes < 3.8 * GIB and row.verdict == "fits"
+    short = drive_row(params, 3 * GIB)
+    assert short.verdict == "does not fit" and short.fix.startswith("train.save_total_limit 2 → 1"), short.fix
     merged_too = load_params(ROOT / "params/colab_t4.yaml", [f"model.name={tmp_path}", "colab.weights_to_drive=true"])
-    assert "merged model and copies" in drive_need(merged_too, stages)[1]
+    assert "merged 15.0" in drive_row(merged_too, 100 * GIB).need.parts
 
 
 def drive_listing(drive: Path) -> list[tuple[str, int]]:

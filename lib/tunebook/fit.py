@@ -65,16 +65,12 @@ PROCESS_RAM = {"cpu": 1.0 * GIB, "cuda": 3.0 * GIB}
 # llama.cpp's converter and quantizer (03's GGUF copies) convert one tensor at a time: float32 (4 bytes) and float16 (2)
 # copies of the largest tensor, in a python process of its own (torch and numpy imported).
 GGUF_BYTES_PER_PARAM, GGUF_PROCESS = 6, 0.5 * GIB
-# Shards: Unsloth's merged save writes 5 GB shards (save_pretrained_merged's max_shard_size "5GB", 5e9 bytes as
-# transformers reads it), and on a machine with two CPUs or fewer switches to torch's per-tensor pickling; transformers 5
-# writes one 50 GB shard by default; a shard is copied whole to the CPU before it is written (safetensors' _flatten_as_ptr).
-UNSLOTH_SHARD, HF_SHARD = 5 * 10**9, 50 * 10**9
-# Issue 32 makes 02's merge write shard by shard within Colab's free-tier RAM: then the merge's peak RAM is one shard
-# (MERGE_SHARD) plus the process. False: the merge as the code does it today (merge_ram).
-MERGE_SHARD_BY_SHARD = False
-MERGE_SHARD = 2 * GIB
-# What colab.drive_dir keeps on Drive today: the run folder and the model downloads (colab.use_drive sets HF_HOME there).
-DRIVE_KEEPS_DOWNLOADS = True
+# 02's merge (tunebook.merge) reads the base model a tensor at a time and writes shards of merge.MAX_SHARD_BYTES: about
+# two shards are held at once, with the adapter's deltas, whatever the model's size.
+MERGE_SHARDS_HELD = 2
+# What a run writes to Drive besides the adapter and checkpoints (dataset, predictions, reports, cards): the data
+# files about three times over, and a little more.
+DRIVE_DATA_COPIES, DRIVE_EXTRA = 3, 100 * 2**20
 WARN_WITHIN = 0.10  # a figure within 10% of its limit is a warning
 NEW_TOKENS_UNKNOWN = 64  # evaluate.max_new_tokens empty and 01 not run: new tokens per answer assumed
 
@@ -619,43 +615,30 @@ def train_needs(p: Params, shape: Shape, setup: Setup, lengths: Lengths) -> list
                 ("train.batch_size", "model.max_seq_length", "train.lora_r"),
             )
         )
-    needs.append(Need("02", "merge", "RAM", merge_ram(shape, setup, lora), merge_parts(shape, setup)))
+    # the merge runs once the trainer is released: the saved adapter is all of training it holds
+    needs.append(Need("02", "merge", "RAM", merge_ram(shape, setup, n_lora * lora_b), merge_parts(shape, setup)))
     return needs
 
 
 def merged_bytes(shape: Shape, setup: Setup) -> float:
-    """02's merged model on disk: Unsloth's merged_16bit, or transformers' merge of the model as trained (a 4-bit base
-    stays 4-bit: PEFT re-quantizes the merged weights)."""
-    if setup.backend == "hf" and setup.train_4bit:
-        return weight_bytes(shape, setup, True)
+    """02's merged model on disk: the base model's weights plus the adapter, in the run's dtype (16-bit on a GPU, also
+    for a 4-bit base, which is merged from its 16-bit original)."""
     return shape.params * (2.0 if setup.gpu else setup.weight_bytes)
 
 
 def merge_ram(shape: Shape, setup: Setup, lora: float = 0.0) -> float:
-    """Peak RAM of 02's save (adapter and merged model). Unsloth merges layer by layer on the GPU and writes 5 GB
-    shards, each copied to the CPU (torch's per-tensor pickling on two CPUs or fewer); transformers writes its one
-    50 GB shard from the GPU, the whole merged model in RAM at once; on a CPU the model is in RAM already.
-    MERGE_SHARD_BY_SHARD: issue 32's shard-by-shard merge."""
-    merged = merged_bytes(shape, setup)
-    largest = shape.largest_tensor * 2
-    if not setup.gpu:
-        return PROCESS_RAM["cpu"] + shape.params * setup.weight_bytes + lora + largest
-    if MERGE_SHARD_BY_SHARD:
-        return PROCESS_RAM["cuda"] + min(MERGE_SHARD, merged) + largest
-    if setup.backend == "unsloth":
-        return PROCESS_RAM["cuda"] + (largest if setup.machine.cpus <= 2 else min(UNSLOTH_SHARD, merged))
-    return PROCESS_RAM["cuda"] + min(HF_SHARD, merged)
+    """Peak RAM of 02's merge (tunebook.merge, after the trained model is released): the process, about two output
+    shards, the adapter, and one tensor's float32 delta."""
+    from tunebook.merge import MAX_SHARD_BYTES
+
+    process = PROCESS_RAM["cuda" if setup.gpu else "cpu"]
+    return process + min(MERGE_SHARDS_HELD * MAX_SHARD_BYTES, merged_bytes(shape, setup)) + lora + shape.largest_tensor * 4
 
 
 def merge_parts(shape: Shape, setup: Setup) -> str:
-    merged = merged_bytes(shape, setup)
-    if not setup.gpu:
-        return f"the model in RAM, merged in place ({_gib(merged)} GiB saved)"
-    if MERGE_SHARD_BY_SHARD:
-        return f"one {_gib(min(MERGE_SHARD, merged))} GiB shard at a time"
-    if setup.backend == "unsloth":
-        return "per tensor (two CPUs)" if setup.machine.cpus <= 2 else f"{_gib(min(UNSLOTH_SHARD, merged))} GiB shards"
-    return f"the whole {_gib(merged)} GiB merged model as one shard"
+    from tunebook.merge import MAX_SHARD_BYTES
+
+    return f"shard by shard: about {MERGE_SHARDS_HELD} shards of {_gib(MAX_SHARD_BYTES)} GiB held, of {_gib(merged_bytes(shape, setup))} GiB merged"
 
 
 def quantize_needs(p: Params, shape: Shape, setup: Setup, lengths: Lengths) -> list[Need]:
@@ -752,21 +735,25 @@ def eval_need(p: Params, shape: Shape, setup: Setup, lengths: Lengths, model: st
 
 
 def storage_needs(p: Params, shape: Shape, setup: Setup, stages) -> list[Need]:
-    """The run's files at their peak on the local disk (the base model's download, 02's checkpoints, adapter and merged
-    model, 03's copies and the GGUF copies' float16 intermediate), and on Drive when colab.drive_dir keeps runs there."""
+    """The run's files at their peak on the local disk where the weights go, and on Drive when colab.drive_dir keeps
+    the run there (Colab): the dataset and reports, the adapter and checkpoints; the base model's download, the merged
+    model and 03's copies stay on the local disk unless colab.weights_to_drive."""
     files = disk_items(p, shape, setup, stages)
-    needs = []
-    if files:
-        total = sum(files.values())
-        needs.append(Need("02-03", "run files", "disk", total, _parts(**files), ("quantize.methods",)))
     drive_on = bool(p.colab.drive_dir) and setup.machine.drive is not None
-    if drive_on and files:
-        kept = {k: v for k, v in files.items() if DRIVE_KEEPS_DOWNLOADS or k != "download"}
-        needs.append(Need("02-03", "run files", "Drive", sum(kept.values()), _parts(**kept), ("colab.drive_dir", "quantize.methods")))
+    on_drive = {"data, predictions, reports", "adapter", "checkpoints"} | ({"merged", "quantized_copies"} if p.colab.weights_to_drive else set())
+    local = {k: v for k, v in files.items() if not (drive_on and k in on_drive) and k != "data, predictions, reports"}
+    needs = []
+    if local:
+        needs.append(Need("02-03", "run files", "disk", sum(local.values()), _parts(**local), ("quantize.methods",)))
+    if drive_on:
+        kept = {k: v for k, v in files.items() if k in on_drive}
+        knobs = ("train.save_total_limit", "colab.weights_to_drive", "train.lora_r", "colab.drive_dir")
+        needs.append(Need("01-05", "run files", "Drive", sum(kept.values()), _parts(**kept), knobs))
     return needs
 
 
 def disk_items(p: Params, shape: Shape, setup: Setup, stages) -> dict[str, float]:
+    """What the run writes, by kind (bytes at its peak)."""
     items: dict[str, float] = {}
     later = set(stages)
     from tunebook.models import HUB_ID
@@ -782,12 +769,16 @@ def disk_items(p: Params, shape: Shape, setup: Setup, stages) -> dict[str, float
             items["download"] = (
                 (shape.linear_params - kept) * NF4_BYTES + (kept + shape.other_params) * 2 if shape.prequantized else shape.params * shape.checkpoint_bytes
             )
+    data = [Path(f) for f in (p.data.train_path, p.data.eval_path) if f and Path(f).is_file()]
+    items["data, predictions, reports"] = DRIVE_DATA_COPIES * sum(f.stat().st_size for f in data) + DRIVE_EXTRA
     if "02_finetune" in later:
         n_lora = lora_params(shape, p.train.lora_r, p.train.target_modules)
         lora_b = 2.0 if (setup.backend == "hf" and setup.train_4bit) else 4.0
         states = 2.0 if p.train.optimizer != "adamw_torch" else 2 * lora_b
         items["checkpoints"] = (p.train.save_total_limit + 1) * n_lora * (lora_b + states)  # one more while the oldest goes
         items["adapter"] = n_lora * lora_b
+        if shape.prequantized:  # merged from the 16-bit original (tunebook.merge), downloaded for it
+            items["16-bit original"] = shape.params * 2.0
         items["merged"] = merged_bytes(shape, setup)
     if "03_quantize" in later:
         sixteen = shape.params * 2.0
@@ -952,8 +943,15 @@ def candidates(p: Params, knob: str):
         while n > 16:
             n //= 2
             yield n, {}
+    elif knob == "train.save_total_limit":
+        n = p.train.save_total_limit
+        while n > 1:
+            n //= 2
+            yield n, {}
+    elif knob == "colab.weights_to_drive" and p.colab.weights_to_drive:
+        yield False, {}
     elif knob == "colab.drive_dir" and p.colab.drive_dir:
-        yield None, {}
+        yield "", {}
 
 
 def with_values(p: Params, values: dict) -> Params:
@@ -981,11 +979,10 @@ def fit_command(p: Params, stages, machine_name: str | None) -> int:
 
 
 def fit_here(p: Params, stages) -> str | tuple[str, str]:
-    """The preflight's check on this machine: problems raise (the table printed first), figures within 10% of a limit
-    warn, and a model whose config cannot be read here is a warning. The run's files against the disk are the
-    preflight's own disk check; here GPU memory and RAM."""
-    report = check_fit(p, stages, this_machine(p.output_dir))
-    report.rows = [r for r in report.rows if r.need.resource in ("GPU", "RAM")]
+    """The preflight's check on this machine: GPU memory, RAM, the local disk where the weights go and, on Colab,
+    Drive. Problems raise (the table printed first), figures within 10% of a limit warn, and a model whose config cannot
+    be read here is a warning."""
+    report = check_fit(p, stages, this_machine(str(p.weights_dir)))
     if report.unknown:
         return "warning", f"not predicted: {report.unknown}"
     if report.problems or report.warnings:

@@ -6,22 +6,21 @@ file over SAMPLE_BYTES is checked on its first rows, and the table says so), the
 training rows, the model (a folder, the embedded model, or a hub id the hub or the local cache knows; a chat
 template; the backend possible on this machine), every API baseline and teacher endpoint (its key variable set,
 one cheap request answered within ENDPOINT_TIMEOUT seconds), the experiment tracker's package (train.report_to),
-the output folder writable, the free disk space a run of this size needs, the model's tokenizer giving back a
-sample of the rows' text (where the tokenizer is on this disk), and the run fitting this machine's GPU memory and RAM
-(tunebook.fit: predicted from the model's config; within 10% of a limit is a warning). `python -m tunebook check PARAMS` runs it alone; `run`, `sweep` and the
-notebooks' first cell run it first.
+the output folder writable, the model's tokenizer giving back a sample of the rows' text (where the tokenizer is on
+this disk), and the run fitting this machine: GPU memory, RAM, the local disk and, on Colab, Drive (tunebook.fit:
+predicted from the model's config; within 10% of a limit is a warning). `python -m tunebook check PARAMS` runs it
+alone; `run`, `sweep` and the notebooks' first cell run it first.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebook.config import QUANTIZE_METHODS, STAGES, Params, load_params, on_colab
+from tunebook.config import STAGES, Params, load_params
 from tunebook.errors import TunebookError
 from tunebook.fit import fit_here
 from tunebook.models import EMBEDDED, HUB_ID, MATERIALIZED_VERSION, cache_dir, has_unsloth, hub_model
@@ -111,13 +110,10 @@ def preflight(params: Params, stages: list[str]) -> list[Check]:
             checks.append(timed("synthesize.teacher", lambda: endpoint(teacher.base_url, teacher.model, teacher.api_key_env, "synthesize.teacher")))
         else:
             checks.append(timed("synthesize.teacher", lambda: model_source(teacher.model), about=teacher.model))
-    if later & {"02_finetune", "03_quantize"}:
-        checks.append(timed("free disk space", lambda: disk_space(params, later)))
     if "02_finetune" in later:
         checks.append(timed("merge source", lambda: merge_source(params.model.name)))
-    if on_colab() and params.colab.drive_dir:
-        checks.append(timed("Drive space", lambda: drive_space(params, later)))
-    if later & {"02_finetune", "03_quantize", "04_evaluate"}:
+    if later & {"01_build_dataset", "02_finetune", "03_quantize", "04_evaluate"}:
+        # GPU memory, RAM, the local disk and (on Colab) Drive, each stage's peak against this machine's limits
         checks.append(timed("fits this machine", lambda: fit_here(params, later)))
     return checks
 
@@ -427,43 +423,6 @@ def listed_models(base_url: str, api_key: str) -> list[str]:
     return answer
 
 
-def disk_space(params: Params, stages: set[str]):
-    """Free space for the merged 16-bit model, 03's copies, and the checkpoints, against the model's size."""
-    size = model_bytes(params.model.name)
-    if size is None:
-        return "warning", "the model's size is unknown here (a hub id the hub did not describe): not checked"
-    copies = params.quantize.methods if "03_quantize" in stages else []
-    need = size * (1 + sum(QUANTIZE_METHODS[m].disk_share for m in copies)) + GIB
-    existing = params.weights_dir  # the run folder, or on Colab with the run on Drive the runtime's own disk
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    detail = f"{free / GIB:.1f} GiB free in {existing}, about {need / GIB:.1f} GiB needed (merged model{' and quantized copies' if copies else ''})"
-    if free < need:
-        raise PreflightError(detail + ": free some space or set output_dir to a larger disk.")
-    return detail
-
-
-def model_bytes(name: str) -> int | None:
-    """The model's 16-bit size in bytes, from its weight files (a 4-bit checkpoint counts 3.6 times)."""
-    if name.startswith("embedded:"):
-        folder = materialized(name)
-        return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder else 300_000_000  # SmolLM2-135M in 16-bit
-    folder = Path(name)
-    if folder.is_dir():
-        weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(f.stat().st_size for f in folder.glob("*.bin"))
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
-        return int(weights * (3.6 if config.get("quantization_config", {}).get("load_in_4bit") else 1))
-    try:
-        from huggingface_hub import model_info
-
-        info = model_info(name, timeout=ENDPOINT_TIMEOUT, files_metadata=True)
-    except Exception:  # unreachable hub
-        return None
-    weights = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith((".safetensors", ".bin")))
-    return int(weights * (3.6 if "4bit" in name.lower() else 1)) or None
-
-
 def merge_source(name: str) -> str:
     """The merged model (02) is made from the base model's 16-bit weights: a folder holding only quantized ones has none."""
     from tunebook.merge import sixteen_bit_name
@@ -478,59 +437,3 @@ def merge_source(name: str) -> str:
             )
     source = sixteen_bit_name(name)
     return f"merged from {source}'s 16-bit weights, shard by shard" if source != name else "merged shard by shard"
-
-
-def lora_parameters(params: Params) -> int | None:
-    """The LoRA weights this run trains, counted on the model's architecture built without weights (meta device);
-    None when the model's config cannot be read here."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tunebook.families import linear_layer_names
-    from tunebook.models import resolve_model
-
-    try:
-        config = AutoConfig.from_pretrained(resolve_model(params.model.name))
-    except (OSError, ValueError, TunebookError):
-        return None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    targets = linear_layer_names(model) if params.train.target_modules == "all-linear" else params.train.target_modules
-    layers = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
-    return sum(params.train.lora_r * (m.in_features + m.out_features) for m in layers)
-
-
-def drive_need(params: Params, stages: set[str]) -> tuple[int, str]:
-    """Bytes this run writes to Drive (colab.drive_dir) at most, and what they are: the dataset, the adapter, up to
-    train.save_total_limit + 1 checkpoints at once (adapter and optimizer state), predictions, reports and cards; with
-    colab.weights_to_drive the merged model and 03's copies too."""
-    parts = {"dataset, predictions, reports": 3 * sum(Path(p).stat().st_size for _, p in data_paths(params) if Path(p).is_file()) + 100 * 2**20}
-    if "02_finetune" in stages:
-        lora = lora_parameters(params)
-        if lora is not None:
-            optimizer = 8 if params.train.optimizer == "adamw_torch" else 2  # two moments in float32, or in 8 bits
-            parts["adapter"] = 4 * lora
-            parts[f"{params.train.save_total_limit + 1} checkpoints"] = (params.train.save_total_limit + 1) * lora * (4 + optimizer)
-    if params.colab.weights_to_drive and stages & {"02_finetune", "03_quantize"}:
-        size = model_bytes(params.model.name) or 0
-        copies = params.quantize.methods if "03_quantize" in stages else []
-        parts["merged model and copies (colab.weights_to_drive)"] = int(size * (1 + sum(QUANTIZE_METHODS[m].disk_share for m in copies)))
-    return sum(parts.values()), ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in parts.items())
-
-
-def drive_space(params: Params, stages: set[str], free: int | None = None):
-    """What this run will write to Drive, against the free space there (`free`: Drive's, from the mount)."""
-    from tunebook.config import DRIVE_MOUNT
-
-    need, detail = drive_need(params, stages)
-    if free is None:
-        free = shutil.disk_usage(DRIVE_MOUNT).free
-    said = f"this run writes about {need / GIB:.1f} GiB to Drive ({detail}); {free / GIB:.1f} GiB free there"
-    if need > free:
-        raise PreflightError(
-            f"{said}. Free space on Drive, lower train.save_total_limit or train.lora_r, set colab.weights_to_drive: false, "
-            "or set colab.drive_dir: '' to keep the run on this runtime's disk (lost with it)."
-        )
-    return said
