@@ -33,6 +33,7 @@ cases) and fit.md beside it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -434,8 +435,9 @@ def train_case(p, path: Path, scratch: Path, c: Case, result: dict) -> dict:
     from datasets import Dataset
 
     from tunebook.families import chat_format
+    from tunebook.merge import merge_for_run
     from tunebook.models import load_tokenizer
-    from tunebook.train import _save, build_trainer, train  # _save: what 02 runs to write the adapter and merged model
+    from tunebook.train import build_trainer, save_adapter, train
 
     tokenizer = load_tokenizer(str(path), p.model.chat_template, p.model.enable_thinking)
     batch, accumulation = p.train.per_process_batch()
@@ -458,11 +460,14 @@ def train_case(p, path: Path, scratch: Path, c: Case, result: dict) -> dict:
         **gpu_figures(),  # the training's peaks, before the save
         "peak_rss_gib": round(status("VmHWM") / GIB, 3),
     }
-    if c.merge:
+    if c.merge:  # as 02 saves (train.train_and_save): the adapter, the trainer let go, then the merge
+        save_adapter(trainer.model, trainer.model, trainer.processing_class, trainer.chat_format, scratch / "adapter")
+        del trainer
+        gc.collect()
         out["rss_before_merge_gib"] = round(status("VmRSS") / GIB, 3)
         with RamPeak() as ram:
             started = time.time()
-            _save(backend, trainer.model, trainer.processing_class, trainer.chat_format, scratch / "adapter", scratch / "merged")
+            merge_for_run(p, scratch / "adapter", scratch / "merged")
         out.update(
             merge_seconds=round(time.time() - started, 1),
             merge_peak_rss_gib=round(ram.peak_rss / GIB, 3),
