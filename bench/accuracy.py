@@ -3,12 +3,12 @@
 Each recipe runs through the real pipeline (`python -m tunebook run params/<recipe>.yaml`, all five notebooks)
 with the CPU caps below (training rows, one epoch, eval rows) so that the whole benchmark fits a stated budget
 of about 80 minutes on a 2-core CPU with the embedded SmolLM2-135M-Instruct. Train and eval rows are disjoint
-(each recipe's own seeded split). The uncapped recipes are for a GPU; their results are in the README.
+(each recipe's own seeded split). The uncapped recipes are for a GPU; their results are in bench/README.md.
 
-    python bench/accuracy.py [--only livedoor_genre ...] [--readme README.md]
+    python bench/accuracy.py [--only livedoor_genre ...] [--readme [bench/README.md]]
 
 Writes bench/results/accuracy.json (every metric, timings, the exact overrides) and accuracy.md (the table
-the README shows; --readme refreshes it there, between the accuracy-table markers).
+bench/README.md shows; --readme refreshes it there, between the accuracy-table markers).
 """
 
 from __future__ import annotations
@@ -132,7 +132,9 @@ def markdown(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="Run only these (default: all)")
-    parser.add_argument("--readme", type=Path, help="Refresh the accuracy table in this README")
+    parser.add_argument(
+        "--readme", type=Path, nargs="?", const=ROOT / "bench" / "README.md", help="Refresh the accuracy table in this file (default: bench/README.md)"
+    )
     args = parser.parse_args()
     import torch
 

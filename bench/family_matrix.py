@@ -21,13 +21,14 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 RESULTS = ROOT / "bench" / "results"
 TOKENIZER_VERSION = "3.7.2"  # the Makefile's TOKENIZER_VERSION
+CONFIG_OVERRIDES: dict = {}  # --config: tiny-model config changes, which name the model's cache folder
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class TinyFamily:
     config: dict = field(default_factory=dict)
     eos_token_id: tuple[int, ...] = ()  # the real instruct checkpoint's generation_config.json
     end_of_turn: str = ""
+    steps: int = 40  # training steps that teach the tiny random model the answer format
 
 
 FAMILIES = {
@@ -51,7 +53,8 @@ FAMILIES = {
     # tokenizer_config.json declares as LlamaTokenizerFast (the class that drops its spaces under transformers 5).
     # Its tokenizer_config.json makes the end of sentence the pad token too; the real configs set no pad id (a pad id in
     # the config zeroes that embedding row, and LoRA never trains it: the model could never end a turn).
-    "deepseek_v3": TinyFamily("deepseek_v3", "LlamaForCausalLM", "llama", {"pad_token_id": None}, (1,), "<｜end▁of▁sentence｜>"),
+    # Its template runs the turns together with no separator; 40 steps left a quarter of the answers unformatted.
+    "deepseek_v3": TinyFamily("deepseek_v3", "LlamaForCausalLM", "llama", {"pad_token_id": None}, (1,), "<｜end▁of▁sentence｜>", steps=80),
 }
 PIPELINE = ("smollm2", "llama3_1", "qwen3", "gemma3", "deepseek_v3")  # 01 -> 05 for these; the others' templates are checked in tests
 
@@ -125,12 +128,15 @@ def write_rows(path: Path, n: int = 48) -> Path:
     return path
 
 
-def params_yaml(name: str, model: str, data: Path, out: Path, backend: str, quantize: bool = True) -> str:
-    # A high learning rate and 40 steps teach a tiny random model the format (r 16 on all linear layers, the
+QUANTIZE = ("gguf_q8_0", "gptq_w4a16")  # 03's copies in the matrix
+
+
+def params_yaml(name: str, model: str, data: Path, out: Path, backend: str, quantize: tuple[str, ...] = QUANTIZE) -> str:
+    # A high learning rate and 40 steps (the family's own count) teach a tiny random model the format (r 16 on all linear layers, the
     # default); the real SmolLM2 gets a few steps at a learning rate it survives. GPTQ groups of 32 divide the tiny
     # widths (64, 128); SmolLM2's 576 needs 64. A tiny family's base model is random weights, which may write no answer
     # at all (04 then refuses to score it): only its fine-tuned model is scored.
-    steps, rate, group = (8, 5.0e-4, 64) if name == "smollm2" else (40, 1.0e-2, 32)
+    steps, rate, group = (8, 5.0e-4, 64) if name == "smollm2" else (FAMILIES[name].steps, 1.0e-2, 32)
     return f"""run_name: {name}
 output_dir: {out}
 seed: 0
@@ -138,13 +144,13 @@ model: {{name: {model}, backend: {backend}, max_seq_length: 256, load_in_4bit: f
 data: {{train_path: {data}, eval_size: 8}}
 prompt: {{system: "Answer with one word.", instruction: "Answer from the passage."}}
 train: {{max_steps: {steps}, batch_size: 4, learning_rate: {rate}, warmup_ratio: 0.0, lr_scheduler: constant, eval_loss_examples: 4, logging_steps: 12}}
-quantize: {{methods: {"[gguf_q8_0, gptq_w4a16]" if quantize else "[]"}, group_size: {group}, calibration_examples: 8}}
+quantize: {{methods: [{", ".join(quantize)}], group_size: {group}, calibration_examples: 8}}
 evaluate: {{batch_size: 8, max_new_tokens: 8, models: {"[base, finetuned]" if name == "smollm2" else "[finetuned]"}}}
 """
 
 
-def run_family(name: str, work: Path, backend: str = "hf", quantize: bool = True) -> dict:
-    """01 -> 05 for one family (03's GGUF and GPTQ copies unless quantize is false); the checks' findings as a row
+def run_family(name: str, work: Path, backend: str = "hf", quantize: tuple[str, ...] = QUANTIZE) -> dict:
+    """01 -> 05 for one family (03's copies: `quantize`, GGUF and GPTQ by default); the checks' findings as a row
     of the matrix (the test asserts them)."""
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -158,7 +164,8 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: bool = True
     work.mkdir(parents=True, exist_ok=True)
     # SmolLM2 is the real embedded model (on the GPU machine, the copy its set-up wrote: SMOLLM2_HF).
     smollm2 = os.environ.get("SMOLLM2_HF", "embedded:SmolLM2-135M-Instruct")
-    model = smollm2 if not family.package else str(tiny_model(name, cache_dir() / "tiny-models" / name))
+    folder = cache_dir() / "tiny-models" / (name + "".join(f"-{k}-{v}" for k, v in sorted(family.config.items()) if k in CONFIG_OVERRIDES))
+    model = smollm2 if not family.package else str(tiny_model(name, folder))
     params = work / f"{name}.yaml"
     params.write_text(params_yaml(name, model, write_rows(work / "rows.jsonl"), work / "outputs", backend, quantize), encoding="utf-8")
     run = open_run(params)
@@ -282,7 +289,13 @@ def main() -> None:
     parser.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "family_matrix")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="change the tiny models' config (a JSON value), e.g. sliding_window=4096")
     args = parser.parse_args()
+    for item in args.config:
+        key, value = item.split("=", 1)
+        CONFIG_OVERRIDES[key] = json.loads(value)
+    for name in args.families:
+        FAMILIES[name] = replace(FAMILIES[name], config={**FAMILIES[name].config, **CONFIG_OVERRIDES})
     rows = []
     for name in args.families:
         if FAMILIES[name].package and tokenizer_folder(name) is None:

@@ -1,7 +1,7 @@
 """When labels are few, measured: teacher-written rows for classification, and self-improvement rounds.
 
     python bench/labels_few.py [--tiny] [--only livedoor_real livedoor_teacher livedoor_teacher_no_check squad_rounds]
-                               [--datasets DIR] [--out DIR]
+                               [--model NAME] [--datasets DIR] [--out DIR] [--results DIR]
 
 The embedded SmolLM2-135M-Instruct is the student and, run locally through transformers (tunebook.teacher's local
 path, no server), the teacher. Training uses Unsloth where it is installed with a GPU (model.backend auto), else
@@ -16,8 +16,10 @@ The three livedoor cases are scored on the same 90 real eval rows (the same file
 ids' hash must match), and every squad round on round 0's 300 eval rows. GPU sizes (about 8 minutes on one H100):
 livedoor as the recipes say (360 real training rows or 40 teacher rows per genre, 5 epochs); squad with its training
 rows capped at 300 and 2 epochs a round, 4 samples per question. --tiny: a few rows and steps, to run end to end on a
-CPU. Writes bench/results/labels_few.json and .md (--tiny: labels_few.tiny.json and .md).
-The shared data samples are read from --datasets (default ../shared/datasets beside the repository).
+CPU (the squad rounds then keep every answer that is not empty: two training steps teach no exact one). Writes
+labels_few.json and .md (--tiny: labels_few.tiny.json and .md) in --results (default bench/results). The shared data
+samples are read from --datasets (default ../shared/datasets beside the repository); --model names the model that is
+both student and teacher (default the embedded SmolLM2-135M-Instruct; on the GPU machine its plain copy, $SMOLLM2_HF).
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=list(CASES), help="run these cases only")
     parser.add_argument("--datasets", default=str(ROOT.parent / "shared" / "datasets"), help="the shared data samples' folder")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "labels_few"), help="where the runs are made")
+    parser.add_argument("--results", default=str(RESULTS), help="where labels_few.json and .md are written")
+    parser.add_argument("--model", default="embedded:SmolLM2-135M-Instruct", help="the student and the (local) teacher")
     args = parser.parse_args()
     if args.what:
-        result = run_case(args.what[1], args.tiny, Path(args.datasets), Path(args.out))
+        result = run_case(args.what[1], args.tiny, Path(args.datasets), Path(args.out), args.model)
         (Path(args.out) / f"{args.what[1]}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
         return 0
     results = {"environment": environment(), "tiny": args.tiny, "cases": {}}
@@ -84,7 +88,19 @@ def main() -> int:
     for name in args.only or list(CASES):
         part = Path(args.out) / f"{name}.json"
         part.unlink(missing_ok=True)
-        command = [sys.executable, __file__, "case", name, "--datasets", args.datasets, "--out", args.out, *(["--tiny"] if args.tiny else [])]
+        command = [
+            sys.executable,
+            __file__,
+            "case",
+            name,
+            "--datasets",
+            args.datasets,
+            "--out",
+            args.out,
+            "--model",
+            args.model,
+            *(["--tiny"] if args.tiny else []),
+        ]
         print(f"\n##### {name}: {' '.join(command[1:])}", flush=True)
         case_started = time.time()
         done = subprocess.run(command, cwd=ROOT)
@@ -95,24 +111,25 @@ def main() -> int:
         results["cases"][name]["process_seconds"] = round(time.time() - case_started, 1)
     results["seconds"] = round(time.time() - started, 1)
     results["checks"] = same_eval_rows(results["cases"])
-    stem = "labels_few.tiny" if args.tiny else "labels_few"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    stem, where = "labels_few.tiny" if args.tiny else "labels_few", Path(args.results)
+    where.mkdir(parents=True, exist_ok=True)
+    (where / f"{stem}.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     table = markdown(results)
-    (RESULTS / f"{stem}.md").write_text(table + "\n", encoding="utf-8")
-    print(f"\n{table}\n\nWritten: {RESULTS / (stem + '.json')}, {RESULTS / (stem + '.md')}")
+    (where / f"{stem}.md").write_text(table + "\n", encoding="utf-8")
+    print(f"\n{table}\n\nWritten: {where / (stem + '.json')}, {where / (stem + '.md')}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------- one case
 
 
-def run_case(name: str, tiny: bool, datasets: Path, out: Path) -> dict:
+def run_case(name: str, tiny: bool, datasets: Path, out: Path, model: str) -> dict:
     recipe, gpu, cpu = CASES[name]
     folder = out / name
     shutil.rmtree(folder, ignore_errors=True)  # a fresh run, and a fresh teacher cache: measured from nothing
     data = datasets / (SQUAD if recipe == "squad_rag_rounds" else LIVEDOOR)
-    common = [f"data.train_path={data}", f"output_dir={out}", f"run_name={name}", "quantize.methods=[]", f"synthesize.teacher.cache_dir={folder}.teacher"]
+    common = [f"data.train_path={data}", f"output_dir={out}", f"run_name={name}", "quantize.methods=[]", f"model.name={model}"]
+    common += [f"synthesize.teacher.model={model}", f"synthesize.teacher.cache_dir={folder}.teacher"]
     shutil.rmtree(f"{folder}.teacher", ignore_errors=True)
     overrides = [*common, *(cpu if tiny else gpu)]
     started = time.time()
@@ -298,7 +315,7 @@ def markdown(results: dict) -> str:
             lines.append(f"\n{squad['error']}")
     elif squad:
         lines += ["", f"squad_rounds failed: {squad.get('error')}"]
-    command = "python bench/labels_few.py" + (" --tiny" if results["tiny"] else "")
+    command = "python bench/labels_few.py" + (" --tiny" if results["tiny"] else " --model $SMOLLM2_HF")
     lines += ["", f"Produced by `{command}`."]
     return "\n".join(lines)
 

@@ -1,8 +1,11 @@
 """The parts of the GPU benchmarks that run on CPU: bench/train_throughput.py's fixed-length rows and report,
-bench/eval_throughput.py's prompts and report, and bench/eval_split.py's eval rows and report."""
+bench/eval_throughput.py's prompts and report, bench/eval_split.py's eval rows and report, and bench/fit.py's prompts,
+hub-cache seeding and report."""
 
 import importlib.util
+import json
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 from tunebook.config import DEFAULT_MODEL
@@ -18,6 +21,10 @@ spec.loader.exec_module(eval_throughput)
 spec = importlib.util.spec_from_file_location("eval_split", ROOT / "bench" / "eval_split.py")
 eval_split = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(eval_split)
+spec = importlib.util.spec_from_file_location("fit_bench", ROOT / "bench" / "fit.py")
+fit_bench = importlib.util.module_from_spec(spec)
+sys.modules["fit_bench"] = fit_bench  # its dataclasses look their module up there
+spec.loader.exec_module(fit_bench)
 
 
 def test_fixed_length_rows_are_exactly_as_long_as_asked():
@@ -77,3 +84,36 @@ def test_split_bench_rows_are_all_different_past_the_data_and_its_report_says_wh
     text = eval_split.report({"cpu": result})
     assert "| 2 | 5.5 | 1.6 | 2.0 | 14.0 | 900.0 | 0.5 |" in text
     assert "Split / one process: 0.55x the generation time, 0.8x the stage's. Same answers: yes." in text
+
+
+def test_fit_bench_prompts_are_as_long_as_asked_and_its_configs_read_as_the_hub_cache(tmp_path, monkeypatch):
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    conversations, longest = fit_bench.eval_prompts(tokenizer, 3, 300)
+    rendered = [len(tokenizer.apply_chat_template(c, tokenize=True, add_generation_prompt=True, return_dict=False)) for c in conversations]
+    assert max(rendered) == longest and all(290 <= n <= 300 for n in rendered) and len({c[0]["content"] for c in conversations}) == 3
+    fit_bench.seed_hub_cache(tmp_path)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache("unsloth/Qwen3-4B", "config.json", cache_dir=tmp_path)
+    assert json.loads(Path(cached).read_text())["model_type"] == "qwen3"
+
+
+def test_fit_bench_report_counts_predictions_within_the_targets_and_shows_failures():
+    ok = {"ok": True, "params": "params/colab_l4.yaml", "shape": "llama32-3b", "kind": "train", "backend": "unsloth", "dtype": "auto", "batch": "4 x 2 x 2048"}
+    cases = {
+        "close": {
+            **ok,
+            "predicted_gib": 9.0,
+            "nvidia_smi_peak_gib": 10.0,
+            "error": -0.1,
+            "predicted_merge_ram_gib": 7.7,
+            "merge_peak_rss_gib": 7.0,
+            "merge_error": 0.1,
+        },
+        "far": {**ok, "predicted_gib": 13.0, "nvidia_smi_peak_gib": 10.0, "error": 0.3},
+        "broken": {"ok": False, "error_message": "OutOfMemoryError: CUDA out of memory", "peak_reserved_gib": 14.1},
+    }
+    text = fit_bench.report({"cases": cases})
+    assert "GPU: 1 of 2 predictions within 15% (largest error 30%)." in text and "Merge RAM: 1 of 1 within 20%" in text
+    assert "| close | params/colab_l4.yaml | llama32-3b | train, unsloth, auto | 4 x 2 x 2048 | 9.0 | 10.0 | -10% |" in text
+    assert "| broken | | | | | | | failed: OutOfMemoryError: CUDA out of memory |" in text

@@ -321,3 +321,18 @@ def test_sharegpt_and_alpaca_files_build_their_dataset(fmt, tmp_path, capsys):
     assert run.status("01_build_dataset") == "complete" and built.summary.gold_missing is None
     if fmt == "sharegpt":
         assert f"data.format auto: {EXAMPLES / 'sharegpt.jsonl'} holds sharegpt rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca"])
+def test_the_example_params_take_rows_with_nothing_but_their_turns(fmt, tmp_path):
+    """params/example_<fmt>.yaml as a user copies it: pointed at a file whose rows hold only the format's own keys (no
+    id, no topic), 01 builds the dataset, the rows numbered and split by row."""
+    own = {"messages": {"messages"}, "sharegpt": {"conversations", "system"}, "alpaca": {"instruction", "input", "output", "system"}}[fmt]
+    rows = [json.loads(line) for line in (EXAMPLES / f"{fmt}.jsonl").read_text(encoding="utf-8").splitlines()]
+    bare = tmp_path / "my_rows.jsonl"
+    bare.write_text("".join(json.dumps({k: v for k, v in r.items() if k in own}) + "\n" for r in rows), encoding="utf-8")
+    run = open_run(ROOT / "params" / f"example_{fmt}.yaml", [f"output_dir={tmp_path}", f"data.train_path={bare}"])
+    built = build_dataset(run)
+    assert len(built.train) == 16 and len(built.eval) == 8
+    assert sorted(int(e["id"]) for e in built.train + built.eval) == list(range(1, 25))
+    assert all(e["group"] == e["id"] for e in built.train + built.eval)

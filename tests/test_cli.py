@@ -55,6 +55,24 @@ def test_params_command_lists_every_key():
     assert result.returncode == 0 and "| `train.lora_r` |" in result.stdout
 
 
+def test_params_update_docs_rewrites_only_the_table_between_the_markers(tmp_path):
+    """`params --update-docs FILE` (what docs/params.md is made with; without FILE, docs/params.md from the repository
+    root) keeps the page's own text; a page without the markers is one message and stays as it was."""
+    page = tmp_path / "params.md"
+    page.write_text("# Intro\n\n<!-- params-table:start -->\nSTALE TABLE\n<!-- params-table:end -->\n\nAfter.\n", encoding="utf-8")
+    result = tunebook("params", "--update-docs", page)
+    assert result.returncode == 0, result.stderr
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("# Intro\n\n<!-- params-table:start -->\n| key | default | stage | meaning |")
+    assert text.endswith("<!-- params-table:end -->\n\nAfter.\n")
+    assert "STALE TABLE" not in text and "| `train.lora_r` |" in text
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n", encoding="utf-8")
+    result = tunebook("params", "--update-docs", bare)
+    assert result.returncode == 2 and "has no <!-- params-table:start --> ... <!-- params-table:end --> markers" in result.stderr
+    assert bare.read_text(encoding="utf-8") == "no markers\n"
+
+
 def test_score_with_hotpot_rules(shared_datasets, tmp_path):
     out = tmp_path / "scored.jsonl"
     result = tunebook("score", shared_datasets / "metric_reference" / "cases.jsonl", "--metric", "hotpot", "--jsonl-out", out)

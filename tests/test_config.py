@@ -3,6 +3,7 @@ import re
 import pytest
 
 from conftest import ROOT
+from tunebook.cli import PARAMS_DOC
 from tunebook.config import ParamsError, load_params, read_yaml, schema_markdown, schema_rows
 
 MINIMAL = "data:\n  train_path: rows.jsonl\n"
@@ -100,11 +101,12 @@ def test_every_knob_has_a_meaning():
     assert all(meaning for _, _, meaning in rows)
 
 
-def test_readme_params_table_is_generated_from_the_schema():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = re.search(r"<!-- params-table:start -->\n(.*?)\n<!-- params-table:end -->", readme, re.S)
-    assert table, "README.md lacks the generated params table markers"
-    assert table.group(1).strip() == schema_markdown().strip(), "README params table is stale: run `python -m tunebook params --update-readme README.md`"
+def test_the_params_page_table_is_generated_from_the_schema():
+    page = (ROOT / PARAMS_DOC).read_text(encoding="utf-8")
+    table = re.search(r"<!-- params-table:start -->\n(.*?)\n<!-- params-table:end -->", page, re.S)
+    assert table, f"{PARAMS_DOC} lacks the generated params table markers"
+    assert table.group(1).strip() == schema_markdown().strip(), f"{PARAMS_DOC}'s params table is stale: run `python -m tunebook params --update-docs`"
+    assert all(row.count("|") == 5 for row in table.group(1).splitlines()), "a row of the table spans lines or holds a stray |"
 
 
 def test_raft_and_retrieval_do_not_combine(write_params):

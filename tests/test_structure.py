@@ -1,5 +1,5 @@
 """The library's shape: no import cycle (counting imports inside functions, which only hide one), no module importing
-another's private name, and the README's module map naming every module. An AST walk of lib/tunebook: twenty lines,
+another's private name, and the README's code map naming every module. An AST walk of lib/tunebook: twenty lines,
 and no import-graph dependency for them."""
 
 import ast
@@ -47,10 +47,16 @@ def test_no_private_name_is_imported_across_modules():
 
 
 def test_the_readme_module_map_names_every_module():
+    """README's "Code map" section: a file tree with one line per module of lib/tunebook, and none that is gone."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    module_map = readme[: readme.index("\n## ")]
-    missing = [m for m in MODULES if not re.search(rf"`(tunebook\.)?{m}`", module_map)]
-    assert not missing, f"README's module map (above the first ## heading) does not name {missing}"
+    section = re.search(r"^## Code map\n(.*?)(?=^## |\Z)", readme, re.S | re.M)
+    assert section, "README.md has no '## Code map' section"
+    named = re.findall(r"^\S*[│├└─ ]+(\w+)\.py ", section.group(1), re.M)
+    missing = [m for m in MODULES if m not in named]
+    assert not missing, f"README's code map does not name {missing}"
+    gone = [m for m in named if m not in MODULES and m != "__main__"]
+    assert not gone, f"README's code map names modules that lib/tunebook does not have: {gone}"
+    assert len(named) == len(set(named)), "README's code map names a module twice"
 
 
 def test_each_quantize_method_is_named_once_and_made_by_quantize():

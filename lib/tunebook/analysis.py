@@ -135,7 +135,8 @@ def analyze(run: Run) -> dict:
         # The Hugging Face model cards beside the adapter, the merged model and each copy, with these counts.
         if run.status("02_finetune") == "complete":
             cards = write_cards(run, analysis=analysis)
-            print(f"Model cards: {', '.join(str(c.relative_to(run.dir)) for c in cards)} (`python -m tunebook push` uploads them).")
+            shown = [str(c.relative_to(run.dir)) if c.is_relative_to(run.dir) else str(c) for c in cards]
+            print(f"Model cards: {', '.join(shown)} (`python -m tunebook push` uploads them).")
         else:
             print("No model cards: the run has no fine-tuned model (02 is not complete).")
         outputs.update(AnalysisOutputs(report_html=str(report), analysis_json=str(run.dir / "analysis.json")).as_json())

@@ -2,15 +2,16 @@
 params, cache a model.
 
     python -m tunebook run params/default.yaml [--stages 04,05] [--set train.max_steps=10] [--resume | --overwrite]
-    python -m tunebook check params/default.yaml [--stages 04,05] [--set KEY=VALUE]
+    python -m tunebook check params/default.yaml [--stages 04,05] [--set KEY=VALUE] [--machine colab-t4]
     python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run] [--parallel N] [--ray-address ADDRESS]
     python -m tunebook rounds params/squad_rag_rounds.yaml [--set KEY=VALUE] [--notebooks]
     python -m tunebook compare outputs/sweep_lora [outputs/default ...] [--model finetuned] [--sort f1] [--out DIR]
     python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric METRIC]
-    python -m tunebook params [--update-readme README.md]
+    python -m tunebook params [--update-docs [docs/params.md]]
     python -m tunebook prepare-model [NAME]
     python -m tunebook card outputs/default [--license apache-2.0]
     python -m tunebook push outputs/default --repo user/name [--what adapter,merged,gguf_q8_0] [--dry-run] [--public]
+    python -m tunebook home [--write]
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from pathlib import Path
 
 from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
 from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
+from tunebook.fit import MACHINE_NAMES
 from tunebook.metrics import SCORERS
 from tunebook.rows import write_jsonl
 from tunebook.runs import Run, execute_stage, interruption_note, move_aside, refuse_sweep, save_params, stage_key, stage_values
+
+PARAMS_DOC = "docs/params.md"  # the params reference page, its table generated from the schema (a test checks it)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("params", help="A params YAML, e.g. params/default.yaml")
     check.add_argument("--stages", help="Check for these stages only, e.g. 04,05 (default: all)")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a params key (repeatable)")
+    check.add_argument(
+        "--machine",
+        choices=MACHINE_NAMES,
+        help="Only the fit check, for this machine instead of the one it runs on: each stage's predicted GPU memory, RAM and disk against its limits (docs/fit.md)",
+    )
 
     sweep = sub.add_parser("sweep", help="Expand a params file's sweep section into runs and execute them (stages shared across runs run once).")
     sweep.add_argument("params", help="A params YAML with a sweep: section, e.g. params/sweep_lora.yaml")
@@ -81,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--metric", choices=list(SCORERS), default="squad", help="Scoring rules (default: squad)")
 
     params_cmd = sub.add_parser("params", help="List every params key with its default and meaning (markdown).")
-    params_cmd.add_argument("--update-readme", metavar="README", help="Rewrite the generated params table inside this file")
+    params_cmd.add_argument(
+        "--update-docs",
+        "--update-readme",
+        nargs="?",
+        const=PARAMS_DOC,
+        metavar="FILE",
+        help=f"Rewrite the generated params table inside this file (default: {PARAMS_DOC})",
+    )
 
     prepare = sub.add_parser("prepare-model", help="Materialize an embedded model in the cache (done on first use anyway).")
     prepare.add_argument("name", nargs="?", default=DEFAULT_MODEL)
@@ -97,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--dry-run", action="store_true", help="List the repos, files and sizes that would be uploaded; upload nothing")
     push.add_argument("--public", action="store_true", help="Create the repos public (default: private)")
     push.add_argument("--license", help="License id for the cards' metadata (default: the base model's, else unknown)")
+
+    home_cmd = sub.add_parser(
+        "home", help="Print the repository tunebook.home names; --write rewrites the Colab badges and links, the set-up cells and [project.urls] from it."
+    )
+    home_cmd.add_argument(
+        "--write", action="store_true", help="Rewrite the notebooks, README.md, docs/ and pyproject.toml (for a fork, after editing lib/tunebook/home.py)"
+    )
 
     args = parser.parse_args(argv)
     # Every error a user can cause ends here as one message and exit code 2, never a traceback: ours (TunebookError)
@@ -131,11 +154,20 @@ def interrupted_code(interrupt: KeyboardInterrupt) -> int:
 def _command(args: argparse.Namespace) -> int:
     if args.command == "run":
         return run_pipeline(args.params, args.overrides, args.stages, resume=args.resume, overwrite=args.overwrite)
+    if args.command == "check" and args.machine:
+        from tunebook.fit import fit_command
+
+        return fit_command(load_params(args.params, args.overrides), select_stages(args.stages), args.machine)
     if args.command == "check":
+        from tunebook.fit import fit_command
         from tunebook.preflight import check_or_stop
 
-        check_or_stop(load_params(args.params, args.overrides), select_stages(args.stages), args.params)
+        params = load_params(args.params, args.overrides)
+        checks = check_or_stop(params, select_stages(args.stages), args.params)
         print("No problems found.")
+        if any(c.what == "fits this machine" and c.result == "ok" for c in checks):  # a warning printed its table already
+            print()
+            return fit_command(params, select_stages(args.stages), None)
         return 0
     if args.command == "sweep" and (args.parallel > 1 or args.ray_address):
         from tunebook.sweep_parallel import run_sweep_parallel
@@ -156,8 +188,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "score":
         return score_file(args.file, args.jsonl_out, args.metric)
     if args.command == "params":
-        if args.update_readme:
-            return update_readme_table(Path(args.update_readme))
+        if args.update_docs:
+            return update_params_table(Path(args.update_docs))
         print(schema_markdown())
         return 0
     if args.command == "card":
@@ -167,6 +199,14 @@ def _command(args: argparse.Namespace) -> int:
 
         what = [w.strip() for w in args.what.split(",") if w.strip()] if args.what is not None else None
         push(args.run, args.repo, what, dry_run=args.dry_run, public=args.public, license=args.license)
+        return 0
+    if args.command == "home":
+        from tunebook import home
+        from tunebook.colab import write_home
+
+        print(f"{home.URL} (branch {home.BRANCH})")
+        for path in write_home() if args.write else []:
+            print(f"rewrote {path}")
         return 0
     from tunebook.models import materialize_embedded
 
@@ -295,22 +335,22 @@ def refuse_unwritable(run_dir: Path) -> None:
         ) from None
 
 
-README_MARKERS = ("<!-- params-table:start -->\n", "\n<!-- params-table:end -->")
+PARAMS_MARKERS = ("<!-- params-table:start -->\n", "\n<!-- params-table:end -->")
 
 
-def update_readme_table(readme: Path) -> int:
-    replace_section(readme, README_MARKERS, schema_markdown())
-    print(f"updated the params table in {readme}")
+def update_params_table(page: Path) -> int:
+    replace_section(page, PARAMS_MARKERS, schema_markdown())
+    print(f"updated the params table in {page}")
     return 0
 
 
 def replace_section(path: Path, markers: tuple[str, str], content: str) -> None:
-    """Replace the text between two marker lines of a file (the README's generated tables)."""
+    """Replace the text between two marker lines of a file (the generated tables of docs/params.md and bench/README.md)."""
     text = path.read_text(encoding="utf-8")
     start, end = markers
-    if start not in text or end not in text:
-        raise TunebookError(f"{path} has no {start.strip()} ... {end.strip()} markers.")
-    head, rest = text.split(start, 1)
+    head, _, rest = text.partition(start)
+    if not rest or end not in rest:
+        raise TunebookError(f"{path} has no {start.strip()} ... {end.strip()} markers (on lines of their own, in that order).")
     path.write_text(head + start + content + end + rest.split(end, 1)[1], encoding="utf-8")
 
 

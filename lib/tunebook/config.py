@@ -1,13 +1,15 @@
 """The params schema: every knob of a run, with its default and a one-line meaning.
 
-This file is the single source of truth. `python -m tunebook params` prints it as a table (the README's
-table is generated from it), notebooks and the CLI read params only through `load_params`.
+This file is the single source of truth. `python -m tunebook params` prints it as a table (the one in
+docs/params.md is generated from it), notebooks and the CLI read params only through `load_params`.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import os
 import re
 import string
 import sys
@@ -769,18 +771,25 @@ class RoundsParams(Section):
         return self
 
 
-DRIVE_MOUNT = "/content/drive"
+# A Colab runtime's own disk (lost with the runtime) and where Drive is mounted in it. TUNEBOOK_CONTENT moves both
+# (the tests play several runtimes, each with a folder of its own).
+COLAB_CONTENT = Path(os.environ.get("TUNEBOOK_CONTENT", "/content"))
+DRIVE_MOUNT = str(COLAB_CONTENT / "drive")
 
 
 def on_colab() -> bool:
-    """Colab's kernel imports google.colab at start; nothing else does."""
-    return "google.colab" in sys.modules
+    """Colab's kernel imports google.colab at start; a `!python ...` command in a cell runs where Colab's variables are set."""
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
 
 
 class ColabParams(Section):
     drive_dir: str | None = Field(
-        None,
-        description="On Colab: a Google Drive folder (e.g. MyDrive/tunebook) that holds the run folders instead of output_dir, and the model downloads, so both outlive the runtime; the first cell mounts Drive. Empty = the runtime's disk. Ignored elsewhere.",
+        "MyDrive/tunebook",
+        description="On Colab: the Google Drive folder that holds the run folders instead of output_dir (dataset, adapter and checkpoints, metrics, predictions, reports, cards), so any notebook opened in a fresh runtime continues the run; the set-up cell mounts Drive. Weights that can be rebuilt from the base model and the adapter (the merged model, 03's copies) and the model downloads stay on the runtime's disk. Empty = everything on the runtime's disk, lost with it. Ignored elsewhere.",
+    )
+    weights_to_drive: bool = Field(
+        False,
+        description="On Colab with drive_dir: keep the merged 16-bit model (02) and 03's quantized copies in the run folder on Drive too (an 8B model's merged copy is 16 GB; a free Drive has 15 GB). false = on the runtime's disk, rebuilt from the adapter when a later runtime needs them.",
     )
 
 
@@ -889,7 +898,10 @@ class Params(Section):
     @classmethod
     def _runs_on_drive(cls, raw: Any) -> Any:
         # Decided where the params are read, so every stage, the saved params.yaml and a sweep's runs agree.
-        drive_dir = raw.get("colab", {}).get("drive_dir") if isinstance(raw, dict) and isinstance(raw.get("colab"), dict) else None
+        if not isinstance(raw, dict):
+            return raw
+        colab = raw.get("colab") if isinstance(raw.get("colab"), dict) else {}
+        drive_dir = colab.get("drive_dir", ColabParams.model_fields["drive_dir"].default)  # on unless the params turn it off
         if isinstance(drive_dir, str) and drive_dir and on_colab():
             return {**raw, "output_dir": str(Path(DRIVE_MOUNT, drive_dir))}
         return raw
@@ -897,6 +909,15 @@ class Params(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
+
+    @property
+    def weights_dir(self) -> Path:
+        """Where the weights that can be rebuilt from the base model and the adapter go (02's merged model, 03's copies):
+        the run folder, except on Colab with the run on Drive, where they stay on the runtime's own disk (see ColabParams)."""
+        on_drive = on_colab() and self.colab.drive_dir and Path(self.output_dir).is_relative_to(DRIVE_MOUNT)
+        if on_drive and not self.colab.weights_to_drive:
+            return COLAB_CONTENT / "tunebook-weights" / self.run_dir.relative_to(DRIVE_MOUNT)
+        return self.run_dir
 
 
 def format_conflicts(params: Params, fmt: str) -> list[str]:
@@ -1193,7 +1214,7 @@ def stage_map(schema: type[BaseModel] | None = None) -> dict[str, str | None]:
 
 
 def schema_rows() -> list[tuple[str, str, str]]:
-    """(key, default, meaning) for every knob, in schema order: what `tunebook params` and the README show."""
+    """(key, default, meaning) for every knob, in schema order: what `tunebook params` and docs/params.md show."""
     rows = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -1207,15 +1228,18 @@ def schema_rows() -> list[tuple[str, str, str]]:
                 rows.append((key, "[]", field.description or ""))
                 walk(section, key + "[].")
                 continue
-            default = (
-                "(required)"
-                if field.is_required()
-                else yaml.safe_dump(field.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()
-            )
+            default = "(required)" if field.is_required() else inline_yaml(field.get_default(call_default_factory=True))
             rows.append((key, default, field.description or ""))
 
     walk(Params, "")
     return rows
+
+
+def inline_yaml(value: Any) -> str:
+    """A default as YAML on one line (a table cell): never wrapped, and a text with line breaks double-quoted with
+    escapes (JSON, which YAML reads as the same value)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip().removesuffix("...").strip()
+    return json.dumps(value, ensure_ascii=False) if "\n" in text else text
 
 
 def schema_markdown() -> str:

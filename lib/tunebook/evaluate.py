@@ -28,8 +28,10 @@ from tunebook.errors import TunebookError
 from tunebook.families import TemplateError, render_prompt, split_reasoning
 from tunebook.generate import Generation, answer_token_budget, generate, generate_gguf, gguf_runs_on_gpu, load_gguf, merge_shards, peak_memory
 from tunebook.launch import accelerate_command, hand_over, refuse_more_processes_than_gpus, run_streaming, take_over, worker_main
+from tunebook.merge import merged_model
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
 from tunebook.models import dir_size_mb, has_cuda, load_for_inference, load_tokenizer, local_folder, pick_backend, saved_bits
+from tunebook.quantize import copy_on_disk
 from tunebook.rows import read_jsonl, write_jsonl
 from tunebook.runs import Run, first_read_by, params_key, read_manifest, write_json_atomic
 from tunebook.stage_outputs import EvaluateOutputs
@@ -96,7 +98,8 @@ def final_answer(output: str, prefix: str | None) -> str:
 @dataclass(frozen=True)
 class EvalModel:
     """One model 04 scores. role: base (the params' model), finetuned (02's merged model), quantized (a copy from 03)
-    or api (a baseline endpoint); kind: how it loads and generates (transformers, gguf through llama.cpp, api)."""
+    or api (a baseline endpoint); kind: how it loads and generates (transformers, adapter: the base model with the
+    adapter on it through transformers, gguf through llama.cpp, api)."""
 
     label: str
     role: str
@@ -126,16 +129,30 @@ def models_to_evaluate(run: Run) -> list[EvalModel]:
         local = local_folder(name)
         models.append(EvalModel("base", "base", "transformers", name, saved_bits(local) if local else None, dir_size_mb(local) if local else None))
     if "finetuned" in wanted:
-        merged = run.outputs_of("02_finetune").merged_dir
-        models.append(EvalModel("finetuned", "finetuned", "transformers", merged, saved_bits(merged), dir_size_mb(merged)))
+        merged = merged_model(run, build=False)
+        if merged:
+            models.append(EvalModel("finetuned", "finetuned", "transformers", str(merged), saved_bits(merged), dir_size_mb(merged)))
+        else:  # a fresh Colab runtime: the merged model was on 02's runtime's disk; the base model is here anyway
+            adapter = run.outputs_of("02_finetune").adapter_dir
+            print(f"finetuned: scored as the base model with the adapter ({adapter}); the merged model is not on this machine's disk.")
+            models.append(EvalModel("finetuned", "finetuned", "adapter", adapter, training_bits(run.params), None))
     if "quantized" in wanted:
         for v in run.outputs_of("03_quantize").variants:
             if v.status == "ok":
-                models.append(EvalModel(v.name, "quantized", v.format, v.path, v.bits, v.size_mb))
+                models.append(EvalModel(v.name, "quantized", v.format, copy_on_disk(run, v), v.bits, v.size_mb))
             else:
                 print(f"{v.name}: not evaluated, quantization {v.status} ({v.reason}).")
     models += [EvalModel(b.label, "api", "api", b.base_url, baseline=b) for b in run.params.evaluate.api_baselines]
     return models
+
+
+def training_bits(p) -> int:
+    """Bits per weight of the fine-tuned model as trained (the merged model is saved in the training dtype)."""
+    import torch
+
+    from tunebook.models import model_type, pick_dtype
+
+    return torch.finfo(pick_dtype(p.model.dtype, model_type(p.model.name))).bits
 
 
 def answer_budget(run: Run) -> int:
@@ -185,7 +202,7 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
     # Base and fine-tuned models generate through transformers unless evaluate.backend asks for Unsloth; quantized
     # copies are saved in transformers' quantization formats (or GGUF) and load through transformers (llama.cpp).
     backend = "hf" if p.evaluate.backend == "auto" else pick_backend(p.evaluate.backend, "evaluate.backend")
-    if p.evaluate.num_processes > 1 and any(m.kind == "transformers" for m in models):
+    if p.evaluate.num_processes > 1 and any(m.kind in ("transformers", "adapter") for m in models):
         refuse_more_processes_than_gpus(p.evaluate.num_processes, "evaluate.num_processes")
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
@@ -240,7 +257,7 @@ def generate_with(run: Run, m: EvalModel, examples: list[dict], labels: list[str
     """Load the model, generate the eval split's answers in batches, free it; timed and memory-measured. A transformers
     model with evaluate.num_processes > 1 generates in that many launched processes (generate_launched)."""
     p = run.params
-    if m.kind == "transformers" and p.evaluate.num_processes > 1:
+    if m.kind in ("transformers", "adapter") and p.evaluate.num_processes > 1:
         return generate_launched(run, m, labels, n=len(examples), backend=backend, max_new_tokens=max_new_tokens)
     conversations, stops = [e["prompt"] for e in examples], p.evaluate.stop_strings
     # llama.cpp from pip runs on the CPU even on a GPU machine: then its memory is the process's RSS.
@@ -252,8 +269,8 @@ def generate_with(run: Run, m: EvalModel, examples: list[dict], labels: list[str
             model, load_seconds = None, 0.0
             result = generate_api(m.baseline, conversations, max_new_tokens=max_new_tokens, stop_strings=stops, desc=m.label)
         elif m.kind == "gguf":
-            # The merged model's tokenizer renders the prompts, so llama.cpp sees the same tokens.
-            tokenizer = load_tokenizer(run.outputs_of("02_finetune").merged_dir, p.model.chat_template, p.model.enable_thinking)
+            # The fine-tuned model's tokenizer (saved with the adapter) renders the prompts, so llama.cpp sees the same tokens.
+            tokenizer = load_tokenizer(run.outputs_of("02_finetune").adapter_dir, p.model.chat_template, p.model.enable_thinking)
             check_trained_prompt(run, tokenizer, m.label)
             model = load_gguf(m.path, n_ctx=p.model.max_seq_length + max_new_tokens)
             load_seconds = time.time() - started
@@ -279,7 +296,8 @@ def load_to_generate(run: Run, m: EvalModel, *, backend: str, device=None):
     `device`: the one device a launched process loads onto (None: load_for_inference's placement)."""
     p = run.params
     model, tokenizer = load_for_inference(
-        m.path,
+        p.model.name if m.kind == "adapter" else m.path,
+        adapter=m.path if m.kind == "adapter" else None,
         dtype=p.model.dtype,
         chat_template=p.model.chat_template,
         max_seq_length=p.model.max_seq_length,

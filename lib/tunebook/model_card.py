@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunebook import home
 from tunebook.errors import TunebookError
 from tunebook.metrics import SUMMARY_KEYS
 from tunebook.ollama import modelfile_path
@@ -66,14 +67,17 @@ class Artifact:
 
 def artifacts(run: Run) -> list[Artifact]:
     """The adapter, the merged model (02) and every copy 03 made (skipped and failed ones have nothing to share)."""
+    from tunebook.merge import merged_model
+
     finetuned = run.outputs_of("02_finetune")
-    found = [
-        Artifact("adapter", "adapter", "peft", Path(finetuned.adapter_dir), "finetuned"),
-        Artifact("merged", "merged", "transformers", Path(finetuned.merged_dir), "finetuned"),
-    ]
+    found = [Artifact("adapter", "adapter", "peft", Path(finetuned.adapter_dir), "finetuned")]
+    # On this machine's disk only: a fresh Colab runtime has the adapter (on Drive); 03 and 04 rebuild the others there.
+    merged = merged_model(run, build=False)
+    if merged:
+        found.append(Artifact("merged", "merged", "transformers", merged, "finetuned"))
     if run.status("03_quantize") == "complete":
         for v in run.outputs_of("03_quantize").variants:
-            if v.status == "ok" and v.path:
+            if v.status == "ok" and v.path and Path(v.path).exists():
                 library = "gguf" if v.format == "gguf" else "transformers"
                 found.append(Artifact(v.name, "quantized", library, Path(v.path), v.name, v.method, v.bits))
     return found
@@ -263,7 +267,7 @@ Scores of every model of the run on the same {{ n }} held-out eval questions (tu
 {{ usage }}
 
 ---
-Made with [tunebook](https://github.com/tunebook/tunebook), run `{{ run_name }}`; the run's params are in its `params.yaml`.
+Made with [tunebook]({{ home }}), run `{{ run_name }}`; the run's params are in its `params.yaml`.
 """
 
 
@@ -333,6 +337,7 @@ def card_for(run: Run, artifact: Artifact, metrics: list[dict], analysis: dict |
         prompt=prompt_section(run),
         usage=usage_section(run, artifact, repos),
         run_name=p.run_name,
+        home=home.URL,
     )
 
 

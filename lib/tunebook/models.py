@@ -44,7 +44,15 @@ def hub_model(name: str) -> str:
             model_info(name, timeout=HUB_TIMEOUT)
             return "on the hub"
         except GatedRepoError:
-            raise TunebookError(f"{name} is gated on the hub: accept its license on the model page and log in (huggingface-cli login, or HF_TOKEN).") from None
+            from tunebook.config import on_colab
+
+            login = (
+                "on Colab, add the secret HF_TOKEN (the key icon in the left bar; a read token from huggingface.co/settings/tokens) "
+                "with notebook access on, and run the notebook again"
+                if on_colab()
+                else "log in (hf auth login), or set HF_TOKEN"
+            )
+            raise TunebookError(f"{name} is gated on the hub: accept its license on https://huggingface.co/{name} with your account, then {login}.") from None
         except RepositoryNotFoundError:
             raise TunebookError(f"the hub has no model {name!r} (check the spelling; a private model needs a token).") from None
         except Exception:  # the hub did not answer: many exception types, one answer
@@ -60,7 +68,7 @@ def resolve_model(name: str) -> str:
     if name.startswith("embedded:"):
         return str(materialize_embedded(name))
     if Path(name).is_dir():
-        if not (Path(name) / "config.json").exists():
+        if not (Path(name) / "config.json").exists() and not (Path(name) / "adapter_config.json").exists():  # an adapter: its tokenizer
             raise TunebookError(f"Model folder {name} has no config.json: point model.name at a saved Hugging Face model folder.")
         return name
     if Path(name).exists() or name.startswith((".", "/", "~")):
@@ -162,7 +170,7 @@ def pick_backend(requested: str, key: str = "model.backend") -> str:
         if not has_cuda():
             raise TunebookError(f"{key} is 'unsloth' but no CUDA GPU is visible: Unsloth needs a GPU. Use {key}: auto or hf on CPU.")
         if not has_unsloth():
-            raise TunebookError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see README, Colab).")
+            raise TunebookError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see docs/gpu.md; the Colab set-up cell installs it).")
         return "unsloth"
     if requested == "hf":
         return "hf"
@@ -195,7 +203,7 @@ def pick_dtype(requested: str, model_type: str | None = None):
     if requested != "auto":
         return getattr(torch, requested)
     if not has_cuda():
-        # The default run trained and scored the same in bfloat16 as in float32, faster (README, "bfloat16 on a CPU").
+        # The default run trained and scored the same in bfloat16 as in float32, faster (bench/README.md, "bfloat16 on a CPU").
         return torch.bfloat16 if cpu_computes_bfloat16() else torch.float32
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -292,8 +300,10 @@ def load_for_inference(
     quantization_config=None,
     enable_thinking: bool = False,
     device=None,
+    adapter: str | None = None,
 ):
-    """A model + tokenizer ready for batched generation (eval mode, left padding).
+    """A model + tokenizer ready for batched generation (eval mode, left padding); with `adapter`, a PEFT adapter folder
+    put on the model `path` names (through transformers), and the tokenizer saved with the adapter.
 
     backend "unsloth" loads through FastLanguageModel and switches on its fast inference (for_inference);
     load_in_4bit (GPU only) quantizes the weights to bitsandbytes NF4 as they load. `device`: the one device to load
@@ -301,7 +311,7 @@ def load_for_inference(
     source = resolve_model(path)
     load_in_4bit = load_in_4bit and has_cuda()
     device_map = {"": device} if device is not None else "auto" if has_cuda() else None
-    if backend == "unsloth":
+    if backend == "unsloth" and adapter is None:
         from unsloth import FastLanguageModel
 
         if max_seq_length is None:  # no default of our own: it would shadow model.max_seq_length
@@ -321,7 +331,7 @@ def load_for_inference(
     else:
         from transformers import AutoModelForCausalLM
 
-        tokenizer = load_tokenizer(path, chat_template, enable_thinking)
+        tokenizer = load_tokenizer(adapter or path, chat_template, enable_thinking)
         # Pass quantization_config only when given: an explicit None would override a saved model's own.
         if load_in_4bit:
             quantization_config = nf4_config(dtype, model_type(path))
@@ -330,6 +340,10 @@ def load_for_inference(
             model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, model_type(path)), device_map=device_map, **extra)
         except (OSError, ValueError) as e:
             raise _load_error(path, e) from None
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)
         model.eval()
         # A static KV cache: the default dynamic one copies each layer's whole cache to append every new token,
         # 41% of a decode step's GPU time for an 8B model in batches of 256. Not compiled: compiling would take

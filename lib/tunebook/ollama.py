@@ -164,11 +164,11 @@ def gguf_adds_bos(gguf: str | Path) -> bool | None:
 
 
 def write_modelfile(run, gguf: str | Path) -> Path:
-    """The Modelfile beside one GGUF copy of a run's fine-tuned model (its merged model's tokenizer and template)."""
+    """The Modelfile beside one GGUF copy of a run's fine-tuned model (its tokenizer and template, saved with the adapter)."""
     from tunebook.models import load_tokenizer
 
     p = run.params
-    tokenizer = load_tokenizer(run.outputs_of("02_finetune").merged_dir, p.model.chat_template, p.model.enable_thinking)
+    tokenizer = load_tokenizer(run.outputs_of("02_finetune").adapter_dir, p.model.chat_template, p.model.enable_thinking)
     gguf = Path(gguf)
     template = ollama_template(tokenizer, gguf_adds_bos(gguf))
     comment = (

@@ -6,22 +6,23 @@ file over SAMPLE_BYTES is checked on its first rows, and the table says so), the
 training rows, the model (a folder, the embedded model, or a hub id the hub or the local cache knows; a chat
 template; the backend possible on this machine), every API baseline and teacher endpoint (its key variable set,
 one cheap request answered within ENDPOINT_TIMEOUT seconds), the experiment tracker's package (train.report_to),
-the output folder writable, the free disk space a run of this size needs, and the model's tokenizer giving back a
-sample of the rows' text (where the tokenizer is on this disk). `python -m tunebook check PARAMS` runs it alone; `run`, `sweep` and the
-notebooks' first cell run it first.
+the output folder writable, the model's tokenizer giving back a sample of the rows' text (where the tokenizer is on
+this disk), and the run fitting this machine: GPU memory, RAM, the local disk and, on Colab, Drive (tunebook.fit:
+predicted from the model's config; within 10% of a limit is a warning). `python -m tunebook check PARAMS` runs it
+alone; `run`, `sweep` and the notebooks' first cell run it first.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebook.config import QUANTIZE_METHODS, STAGES, Params, load_params
+from tunebook.config import STAGES, Params, load_params
 from tunebook.errors import TunebookError
+from tunebook.fit import fit_here
 from tunebook.models import EMBEDDED, HUB_ID, MATERIALIZED_VERSION, cache_dir, has_unsloth, hub_model
 from tunebook.rows import DataError, read_jsonl
 
@@ -111,8 +112,11 @@ def preflight(params: Params, stages: list[str]) -> list[Check]:
             checks.append(timed("synthesize.teacher", lambda: endpoint(teacher.base_url, teacher.model, teacher.api_key_env, "synthesize.teacher")))
         else:
             checks.append(timed("synthesize.teacher", lambda: model_source(teacher.model), about=teacher.model))
-    if later & {"02_finetune", "03_quantize"}:
-        checks.append(timed("free disk space", lambda: disk_space(params, later)))
+    if "02_finetune" in later:
+        checks.append(timed("merge source", lambda: merge_source(params.model.name)))
+    if later & {"01_build_dataset", "02_finetune", "03_quantize", "04_evaluate"}:
+        # GPU memory, RAM, the local disk and (on Colab) Drive, each stage's peak against this machine's limits
+        checks.append(timed("fits this machine", lambda: fit_here(params, later)))
     return checks
 
 
@@ -359,7 +363,7 @@ def backend(requested: str, key: str) -> str:
     if not torch.cuda.is_available():
         raise PreflightError(f"{key} is 'unsloth' but no CUDA GPU is visible: Unsloth needs a GPU. Use {key}: auto or hf on a CPU.")
     if not has_unsloth():
-        raise PreflightError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see README, Colab).")
+        raise PreflightError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see docs/gpu.md; the Colab set-up cell installs it).")
     return "unsloth on a GPU"
 
 
@@ -421,38 +425,17 @@ def listed_models(base_url: str, api_key: str) -> list[str]:
     return answer
 
 
-def disk_space(params: Params, stages: set[str]):
-    """Free space for the merged 16-bit model, 03's copies, and the checkpoints, against the model's size."""
-    size = model_bytes(params.model.name)
-    if size is None:
-        return "warning", "the model's size is unknown here (a hub id the hub did not describe): not checked"
-    copies = params.quantize.methods if "03_quantize" in stages else []
-    need = size * (1 + sum(QUANTIZE_METHODS[m].disk_share for m in copies)) + GIB
-    existing = Path(params.output_dir)
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    detail = f"{free / GIB:.1f} GiB free in {existing}, about {need / GIB:.1f} GiB needed (merged model{' and quantized copies' if copies else ''})"
-    if free < need:
-        raise PreflightError(detail + ": free some space or set output_dir to a larger disk.")
-    return detail
+def merge_source(name: str) -> str:
+    """The merged model (02) is made from the base model's 16-bit weights: a folder holding only quantized ones has none."""
+    from tunebook.merge import sixteen_bit_name
 
-
-def model_bytes(name: str) -> int | None:
-    """The model's 16-bit size in bytes, from its weight files (a 4-bit checkpoint counts 3.6 times)."""
-    if name.startswith("embedded:"):
-        folder = materialized(name)
-        return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder else 300_000_000  # SmolLM2-135M in 16-bit
     folder = Path(name)
-    if folder.is_dir():
-        weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(f.stat().st_size for f in folder.glob("*.bin"))
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
-        return int(weights * (3.6 if config.get("quantization_config", {}).get("load_in_4bit") else 1))
-    try:
-        from huggingface_hub import model_info
-
-        info = model_info(name, timeout=ENDPOINT_TIMEOUT, files_metadata=True)
-    except Exception:  # unreachable hub
-        return None
-    weights = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith((".safetensors", ".bin")))
-    return int(weights * (3.6 if "4bit" in name.lower() else 1)) or None
+    if folder.is_dir() and (folder / "config.json").is_file():
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if config.get("quantization_config"):
+            raise PreflightError(
+                f"model.name {name} holds quantized weights, and the merged model is made from the base model's 16-bit weights: "
+                "point model.name at the 16-bit model (model.load_in_4bit quantizes it as it loads)."
+            )
+    source = sixteen_bit_name(name)
+    return f"merged from {source}'s 16-bit weights, shard by shard" if source != name else "merged shard by shard"

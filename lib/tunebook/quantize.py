@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tunebook.config import QUANTIZE_METHODS
 from tunebook.errors import TunebookError
+from tunebook.merge import merged_model
 from tunebook.models import dir_size_mb, saved_bits
 from tunebook.ollama import write_modelfile
 from tunebook.runs import Run, build_once, fresh_tmp_dir, replace_dir
@@ -41,15 +42,17 @@ class Skipped(Exception):
 
 
 def quantize(run: Run) -> list[QuantizedCopy]:
-    merged_dir = run.outputs_of("02_finetune").merged_dir
-    (run.dir / "quantized").mkdir(parents=True, exist_ok=True)
-    f16 = run.dir / "quantized" / F16_GGUF
+    # In the run's weights folder: the run folder, or on Colab with the run on Drive this runtime's own disk.
+    folder = run.params.weights_dir / "quantized"
+    folder.mkdir(parents=True, exist_ok=True)
+    f16 = folder / F16_GGUF
     f16.unlink(missing_ok=True)  # a leftover of an interrupted run may belong to an older fine-tuned model
     with run.stage("03_quantize") as outputs:
+        merged_dir = str(merged_model(run))  # rebuilt from the base model and the adapter where 02 ran elsewhere
         variants = []
         for method in run.params.quantize.methods:
             bits, fmt = QUANTIZE_METHODS[method].bits, QUANTIZE_METHODS[method].format
-            target = run.dir / "quantized" / (f"{method}.gguf" if fmt == "gguf" else method)
+            target = folder / (f"{method}.gguf" if fmt == "gguf" else method)
             started = time.time()
             try:
                 QUANTIZERS[method](run, merged_dir, target)
@@ -78,6 +81,20 @@ def quantize(run: Run) -> list[QuantizedCopy]:
         f16.unlink(missing_ok=True)  # the GGUF copies' shared 16-bit intermediate is not kept
         outputs.update(QuantizeOutputs(variants=variants).as_json())
     return variants
+
+
+def copy_on_disk(run: Run, variant: QuantizedCopy) -> str:
+    """A copy 03 made, on this machine's disk: where 03 put it, or made again (same method, same merged model) in the
+    run's weights folder where 03 ran elsewhere (a fresh Colab runtime keeps only what is on Drive)."""
+    if Path(variant.path).exists():
+        return variant.path
+    folder = run.params.weights_dir / "quantized"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / Path(variant.path).name
+    print(f"{variant.name}: 03 made it on another machine's disk ({variant.path}); making it again here, in {target}.", flush=True)
+    QUANTIZERS[variant.method](run, str(merged_model(run)), target)
+    (folder / F16_GGUF).unlink(missing_ok=True)
+    return str(target)
 
 
 # ----------------------------------------------------------------------------------------------- torchao
@@ -251,9 +268,10 @@ def _gguf(method: str):
     return quantize_gguf
 
 
-def write_f16_gguf(model_dir: str | Path, out: Path) -> None:
-    """llama.cpp's convert_hf_to_gguf.py, run on a Hugging Face model folder."""
-    converter = llama_cpp_converter()
+def write_f16_gguf(model_dir: str | Path, out: Path, converter: Path | None = None) -> None:
+    """llama.cpp's convert_hf_to_gguf.py (`converter`: this one, else the cached one), run on a Hugging Face model
+    folder. It reads the model's tensors lazily, one at a time (bench/merge_ram.py measures its memory)."""
+    converter = converter or llama_cpp_converter()
     tmp = out.with_name(out.name + ".tmp")
     result = subprocess.run([sys.executable, str(converter), str(model_dir), "--outfile", str(tmp), "--outtype", "f16"], capture_output=True, text=True)
     if result.returncode != 0:
@@ -327,8 +345,9 @@ def size_table(run: Run) -> list[dict]:
     base = local_folder(run.params.model.name)
     if base:
         rows.append({"model": "base", "bits": saved_bits(base), "size_mb": dir_size_mb(base), "status": "ok"})
-    merged = run.outputs_of("02_finetune").merged_dir
-    rows.append({"model": "finetuned", "bits": saved_bits(merged), "size_mb": dir_size_mb(merged), "status": "ok"})
+    merged = merged_model(run, build=False)
+    if merged:
+        rows.append({"model": "finetuned", "bits": saved_bits(merged), "size_mb": dir_size_mb(merged), "status": "ok"})
     for v in run.outputs_of("03_quantize").variants:
         status = v.status if v.status == "ok" else f"{v.status}: {v.reason}"
         rows.append({"model": v.name, "bits": v.bits, "size_mb": v.size_mb, "seconds": v.seconds, "status": status})

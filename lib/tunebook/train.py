@@ -2,11 +2,12 @@
 
 Two backends, one recipe:
 - unsloth: FastLanguageModel (4-bit or 16-bit loading, use_gradient_checkpointing="unsloth", padding-free
-  or packed batches) on a CUDA GPU, saved with save_pretrained_merged;
+  or packed batches) on a CUDA GPU;
 - hf: transformers + PEFT + TRL, on CPU or GPU.
 Both train TRL's SFTTrainer on conversational prompt/completion rows with completion_only_loss, so only the
 completion (the answer) carries loss; a check refuses to train when that masking is not in place. Outputs:
-the LoRA adapter, a merged model, the log history, throughput and peak GPU memory, and a loss plot; with
+the LoRA adapter, a merged model (the adapter added to the base model's weights shard by shard, tunebook.merge, into the
+run's weights folder: on Colab the runtime's own disk), the log history, throughput and peak GPU memory, and a loss plot; with
 train.report_to, the losses in an experiment tracker too (tunebook.tracking), whose run 04 and 05 log to.
 
 Checkpoints: every train.save_steps steps the Trainer saves the adapter, optimizer, scheduler, RNG states and its
@@ -19,6 +20,7 @@ and names the keys that changed. Once the adapter and the merged model are saved
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -33,6 +35,7 @@ from tunebook import launch, tracking
 from tunebook.config import Params, read_yaml
 from tunebook.errors import TunebookError
 from tunebook.families import ChatFormat, chat_format, linear_layer_names, training_tokens
+from tunebook.merge import merge_for_run
 from tunebook.models import has_cuda, model_type, nf4_config, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
 from tunebook.runs import Run, fresh_tmp_dir, replace_dir, stage_key, stage_values, write_json_atomic
 from tunebook.stage_outputs import FinetuneOutputs
@@ -87,9 +90,10 @@ def train_and_save(run: Run, resume_from: Path | None, main_process: bool = True
         trainer.save_model(str(gathered))
     if not main_process:
         return None
-    model = _adapter_on_base(p, gathered) if sharded else trainer.model
-    adapter_dir, merged_dir = run.dir / "adapter", run.dir / "merged"
-    _save(backend, model, trainer.processing_class, trainer.chat_format, adapter_dir, merged_dir)
+    # The adapter goes with the run; the merged model to the run's weights folder (on Colab, the runtime's own disk),
+    # merged shard by shard from the base model's files once the trained model is let go (tunebook.merge).
+    adapter_dir, merged_dir = run.dir / "adapter", p.weights_dir / "merged"
+    save_adapter(gathered if sharded else trainer.model, trainer.model, trainer.processing_class, trainer.chat_format, adapter_dir)
     # Restored from the checkpoint on a resume, so it holds every logged step once.
     history = trainer.state.log_history
     (run.dir / "train_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
@@ -114,6 +118,9 @@ def train_and_save(run: Run, resume_from: Path | None, main_process: bool = True
         num_processes=trainer.args.world_size,
         **meter.summary(),
     )
+    del trainer
+    gc.collect()
+    merge_for_run(p, adapter_dir, merged_dir)
     return TrainResult(log_history=history, summary=recorded)
 
 
@@ -447,15 +454,6 @@ def _hf_model(p: Params):
     return model, tokenizer, lora
 
 
-def _adapter_on_base(p: Params, adapter_dir: Path):
-    """A saved LoRA adapter on the base model, loaded on the CPU: what a sharded training leaves to save and merge."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(resolve_model(p.model.name), dtype=pick_dtype(p.model.dtype, model_type(p.model.name)))
-    return PeftModel.from_pretrained(base, str(adapter_dir))
-
-
 def _unsloth_model(p: Params):
     from unsloth import FastLanguageModel
 
@@ -637,30 +635,29 @@ def supervised_tokens(dataset) -> list[tuple[int, int]]:
     raise TunebookError(f"Cannot check the loss masking: the tokenized training set has none of labels, completion_mask, assistant_masks (columns: {columns}).")
 
 
-def _save(backend: str, model, tokenizer, fmt: ChatFormat, adapter_dir: Path, merged_dir: Path) -> None:
-    adapter_tmp, merged_tmp = fresh_tmp_dir(adapter_dir), fresh_tmp_dir(merged_dir)
-    model.save_pretrained(str(adapter_tmp))
-    tokenizer.save_pretrained(str(adapter_tmp))
-    if backend == "unsloth":
-        model.save_pretrained_merged(str(merged_tmp), tokenizer, save_method="merged_16bit")
+def save_adapter(trained, model, tokenizer, fmt: ChatFormat, adapter_dir: Path) -> None:
+    """The LoRA adapter (`trained`: the PEFT model, or the folder a sharded training gathered it into) with the
+    tokenizer and a generation config that stops at the family's end of turn, which the merged model takes over."""
+    adapter_tmp = fresh_tmp_dir(adapter_dir)
+    if isinstance(trained, Path):
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(trained / name, adapter_tmp / name)
     else:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(str(merged_tmp))
-        tokenizer.save_pretrained(str(merged_tmp))
-    write_stop_tokens(merged_tmp, fmt, tokenizer.pad_token_id)
+        trained.save_pretrained(str(adapter_tmp))
+    tokenizer.save_pretrained(str(adapter_tmp))
+    write_stop_tokens(adapter_tmp, fmt, tokenizer.pad_token_id, getattr(model, "generation_config", None))
     replace_dir(adapter_tmp, adapter_dir)
-    replace_dir(merged_tmp, merged_dir)
 
 
-def write_stop_tokens(model_dir: Path, fmt: ChatFormat, pad_token_id: int | None) -> None:
-    """The family's end-of-turn set in the saved model's generation_config.json, which vLLM, Ollama's importer and
-    llama.cpp's converter read: a served copy stops where the fine-tuned model was taught to."""
+def write_stop_tokens(model_dir: Path, fmt: ChatFormat, pad_token_id: int | None, base=None) -> None:
+    """The family's end-of-turn set in the generation_config.json saved with the adapter (and so the merged model), which
+    vLLM, Ollama's importer and llama.cpp's converter read: a served copy stops where the fine-tuned model was taught to.
+    `base`: the base model's generation config, whose other settings are kept."""
+    import copy
+
     from transformers import GenerationConfig
 
-    try:
-        config = GenerationConfig.from_pretrained(model_dir)
-    except OSError:
-        config = GenerationConfig()
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
     config.eos_token_id = list(fmt.stop_ids)
     config.pad_token_id = pad_token_id
     config.save_pretrained(model_dir)
