@@ -2,6 +2,7 @@
 
     python bench/labels_few.py [--tiny] [--only livedoor_real livedoor_teacher livedoor_teacher_no_check squad_rounds]
                                [--model NAME] [--datasets DIR] [--out DIR] [--results DIR]
+    python bench/labels_few.py report bench/results/labels_few.json     # its .md written again from the JSON
 
 The embedded SmolLM2-135M-Instruct is the student and, run locally through transformers (tunebook.teacher's local
 path, no server), the teacher. Training uses Unsloth where it is installed with a GPU (model.backend auto), else
@@ -79,6 +80,10 @@ def main() -> int:
     parser.add_argument("--results", default=str(RESULTS), help="where labels_few.json and .md are written")
     parser.add_argument("--model", default="embedded:SmolLM2-135M-Instruct", help="the student and the (local) teacher")
     args = parser.parse_args()
+    if args.what and args.what[0] == "report":  # the table again from a results file (e.g. one brought back from the GPU machine)
+        results = json.loads(Path(args.what[1]).read_text(encoding="utf-8"))
+        Path(args.what[1]).with_suffix(".md").write_text(markdown(results) + "\n", encoding="utf-8")
+        return 0
     if args.what:
         result = run_case(args.what[1], args.tiny, Path(args.datasets), Path(args.out), args.model)
         (Path(args.out) / f"{args.what[1]}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -301,10 +306,10 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for name, r in squad["rounds"].items():
-            em, f1 = r.get("finetuned_exact_match"), r.get("finetuned_f1")
-            share = f"{r['kept_share']:.3f}" if r.get("kept_share") is not None else "–"
+            cells = [r.get("finetuned_exact_match"), r.get("finetuned_f1"), r.get("kept_share")]
+            em, f1, share = ("–" if x is None else f"{x:.3f}" for x in cells)
             lines.append(
-                f"| {name} | {em if em is None else f'{em:.3f}'} | {f1 if f1 is None else f'{f1:.3f}'} | {share} | {r.get('kept') if r.get('kept') is not None else '–'} | {r.get('train_rows') or '–'} | {r.get('status')} |"
+                f"| {name} | {em} | {f1} | {share} | {r.get('kept') if r.get('kept') is not None else '–'} | {r.get('train_rows') or '–'} | {r.get('status')} |"
             )
         base = squad["rounds"].get("round-0", {}).get("base_exact_match")
         if base is not None:

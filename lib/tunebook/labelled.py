@@ -188,6 +188,10 @@ def write_labelled_rows(p: Params, real_train: list[dict], evaluation: list[dict
                 "dropped_by": None,
             }
         )
+    if sum(failed.values()):
+        print(
+            f"{sum(failed.values())} teacher request(s) failed (first error: {teacher.tally.errors[0]}); they are not cached, so re-running 01 asks them again."
+        )
     if not rows:
         first = teacher.tally.errors[0] if teacher.tally.errors else "none"
         raise SynthesisError(
@@ -198,7 +202,12 @@ def write_labelled_rows(p: Params, real_train: list[dict], evaluation: list[dict
     write_jsonl(rows_path, rows)
     kept = [r for r in rows if r["dropped_by"] is None]
     if not kept:
-        raise SynthesisError(f"Cleaning removed all {len(rows)} rows the teacher wrote: " + "; ".join(f"{r['step']} -{r['removed']}" for r in steps[1:]))
+        raise SynthesisError(
+            f"Cleaning removed all {len(rows)} rows the teacher wrote: "
+            + "; ".join(f"{r['step']} -{r['removed']}" for r in steps[1:])
+            + f". The rows, each with the step "
+            f"that dropped it, are in {rows_path}."
+        )
     examples = [
         {
             "id": r["id"],

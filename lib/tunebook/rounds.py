@@ -163,12 +163,10 @@ def run_rounds(params_path: str | Path, overrides: list[str] | tuple[str, ...] =
             run_stages(rounds, run, notebooks)
             if number == 0:
                 export_eval_rows(rounds, run)
-            current["metric"] = finetuned_metric(run, rounds.metric_key)
-            rounds.save()
             if number and stop_for_metric(rounds, number):
                 break
     except BaseException as e:
-        if current is not None and current.get("status") in (None, "running"):
+        if current is not None and current.get("status") in (None, "pending", "running"):
             current["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         rounds.save()
         if isinstance(e, RoundsError):  # the rounds finished so far, compared; the error says why the loop stopped
@@ -270,10 +268,13 @@ def run_stages(rounds: Rounds, run: Run, notebooks: bool) -> None:
     for stage in todo:
         result = bring_stage(run, stage, members) if notebooks else run_here(run, stage, members)
         record_stage(record, stage, result)
-        rounds.save()
         if result["how"] == "failed":
+            rounds.save()
             raise RoundsError(f"{name}: {result['error']}" + (f" (executed notebook: {result['notebook']})" if result.get("notebook") else ""))
-    record["status"] = "finished"
+        if stage == "04_evaluate":  # recorded at once, so that 05 of this round shows it
+            record["metric"] = finetuned_metric(run, rounds.metric_key)
+        rounds.save()
+    record.update(status="finished", metric=finetuned_metric(run, rounds.metric_key))
     rounds.save()
 
 
