@@ -44,7 +44,7 @@ def news_rows(rows) -> list[dict]:
     return [{"id": i, "title": t, "body": b, "label": label} for i, t, b, label in rows]
 
 
-def labelled_params(write_params, tmp_path: Path, base_url: str, eval_file: str = "eval.jsonl", ngram: int = 8) -> Path:
+def labelled_params(write_params, tmp_path: Path, base_url: str, eval_file: str = "eval.jsonl", ngram: int = 8, real_rows: int = 0) -> Path:
     return write_params(f"""
 run_name: news
 output_dir: {tmp_path / "out"}
@@ -68,6 +68,7 @@ synthesize:
     tones: [neutral]
     subtopics: {{cooking: [bread, soup]}}
     style_examples: 0
+    real_rows: {real_rows}
   # A 135M teacher writes stubs ("Sports" / "Cooking"): the lengths are open, so that some rows reach the label check.
   clean: {{min_question_chars: 1, min_passage_chars: 1, decontamination_ngram: {ngram}}}
 evaluate: {{metric: classification}}
@@ -124,17 +125,20 @@ def test_rows_written_per_label_cleaned_checked_and_decontaminated(proxy, write_
     assert built.teacher_table()["teacher"]["rows asked for"] == 4
 
     # An eval text that a row the label check saw repeats (n-grams as long as its words allow): the row is dropped by
-    # decontamination and counted, and no reply is asked again.
+    # decontamination and counted, and no reply is asked again. One real training row is mixed in (real_rows: 1).
     copied = next(r for r in checked if r["dropped_by"] is not None)
     write_jsonl(tmp_path / "eval2.jsonl", [*news_rows(EVAL), {"id": "e4", "title": copied["question"], "body": copied["passage"], "label": copied["label"]}])
     sent = len(proxy.bodies)
     ngram = min(8, len(f"{copied['question']} {copied['passage']}".split()))
-    rebuilt = build_dataset(open_run(labelled_params(write_params, tmp_path, proxy.base_url, "eval2.jsonl", ngram)))
+    rebuilt = build_dataset(open_run(labelled_params(write_params, tmp_path, proxy.base_url, "eval2.jsonl", ngram, real_rows=1)))
     again = rebuilt.summary.synthetic
     rows_again = read_jsonl(Path(again["rows_jsonl"]))
     assert {r["id"]: r["dropped_by"] for r in rows_again}[copied["id"]] == "shares an n-gram with an eval text"
     assert again["steps"][5]["removed"] == sum(r["dropped_by"] == "shares an n-gram with an eval text" for r in rows_again) >= 1
     assert copied["id"] not in {e["id"] for e in rebuilt.train}
+    real = [e for e in rebuilt.train if not e["id"].startswith("teacher-")]
+    assert len(real) == 1 == again["real_rows"] and real[0]["id"] in {"t1", "t2"}
+    assert len(rebuilt.train) == again["steps"][-1]["kept"] + 1
     assert len(proxy.bodies) == sent and again["teacher"]["requests"] == 0  # every reply came from the cache
 
 

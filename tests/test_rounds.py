@@ -145,12 +145,14 @@ def test_a_round_that_keeps_nothing_stops_with_one_message(killed_and_resumed, t
 
 def test_unlabelled_questions_are_kept_by_agreement_and_the_judge(killed_and_resumed, llama_server, tiny_smollm2, tmp_path):
     """Questions without answers, sampled near-greedily (so the samples agree), then judged by the teacher: an answer is
-    kept when both pass, and becomes a training row of the round."""
+    kept when both pass, and becomes a training row of the round (rounds.mode replace: the round's only rows)."""
     folder = killed_and_resumed[0]
     questions = tmp_path / "questions.jsonl"
     write_jsonl(questions, [{"id": f"u{i}", "question": f"What is item {i}?", "passages": [f"Item {i} is a small red box."]} for i in range(2)])
     teacher = f'{{model: {MODEL_ALIAS}, base_url: "{llama_server}", max_new_tokens: 16, cache_dir: {tmp_path / "cache"}}}'
-    params = write_rounds(tmp_path, tiny_smollm2, name="unlabelled", questions_path=str(questions), min_agreement=0.5, judge_min_score=1, temperature=0.05)
+    params = write_rounds(
+        tmp_path, tiny_smollm2, name="unlabelled", questions_path=str(questions), min_agreement=0.5, judge_min_score=1, temperature=0.05, mode="replace"
+    )
     params.write_text(params.read_text() + f"synthesize: {{teacher: {teacher}}}\n")
     opened = rounds.open_rounds(params)
     first = opened.run(0)
@@ -168,6 +170,7 @@ def test_unlabelled_questions_are_kept_by_agreement_and_the_judge(killed_and_res
         assert x["kept"] == (judged and x["judge_score"] is not None and x["judge_score"] >= 1 and x["dropped_by"] is None)
     train = read_jsonl(tmp_path / "outputs" / "unlabelled" / "round-1" / "grow" / "train.jsonl")
     added = [r for r in train if r["id"].startswith("unlabelled-")]
+    assert added == train  # rounds.mode replace: the kept answers alone, without round 0's rows
     number = {r["id"]: r["id"].split("~")[0].removeprefix("unlabelled-u") for r in added}
     assert len(added) == grown["kept"] and all(r["passages"] == [f"Item {number[r['id']]} is a small red box."] for r in added)
 
