@@ -330,3 +330,19 @@ def test_a_template_that_refuses_a_system_message_says_so_without_a_traceback():
     tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + tokenizer.chat_template
     with pytest.raises(TemplateError, match="Gemma's chat template refused the conversation: System role not supported.*prompt.system"):
         training_text(tokenizer, chat_format(tokenizer), PROMPT, ANSWER)
+
+
+def test_a_processor_becomes_its_tokenizer_with_its_pipeline_seen_to():
+    """Unsloth loads a multimodal checkpoint (gemma-3-4b-it) with its processor, which prepare_tokenizer gets instead of
+    a tokenizer (it crashed there on the GPU machine): every stage gets the processor's tokenizer, prepared, with a
+    replaced byte-level pipeline restored."""
+    from transformers import AutoTokenizer, Gemma3ImageProcessor, Gemma3Processor
+
+    gemma = original_tokenizer("gemma3")
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(), tokenizer=gemma, chat_template=gemma.chat_template)
+    prepared = prepare_tokenizer(processor, "gemma3", None)
+    assert prepared is gemma and chat_format(prepared).end_of_turn == "<end_of_turn>"
+    deepseek = AutoTokenizer.from_pretrained(deepseek_model())  # transformers' LlamaTokenizer over the byte-level file
+    processor.tokenizer = deepseek
+    prepared = prepare_tokenizer(processor, "deepseek", None)
+    assert prepared is not deepseek and prepared.decode(prepared(SENTENCE, add_special_tokens=False)["input_ids"]) == SENTENCE

@@ -251,6 +251,10 @@ def prepare_tokenizer(tokenizer, name: str, chat_template: str | None, enable_th
     from tunebook.families import chat_format, choose_pad_token, pin_template
     from tunebook.tokenizer_check import keep_file_pipeline
 
+    # Unsloth loads a multimodal checkpoint (gemma-3-4b-it) with its processor: tunebook trains and prompts text, so
+    # the processor's tokenizer is what every stage uses.
+    inner = getattr(tokenizer, "tokenizer", None)
+    tokenizer = inner if inner is not None and inner is not tokenizer else tokenizer
     tokenizer = keep_file_pipeline(tokenizer)  # Unsloth's loader too: it builds the class tokenizer_config.json names
     if chat_template:
         tokenizer = _unsloth_chat_template(tokenizer, chat_template)
