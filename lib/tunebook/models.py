@@ -165,14 +165,24 @@ def has_unsloth() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def pick_backend(requested: str, key: str = "model.backend") -> str:
+def pick_backend(requested: str, key: str = "model.backend", model_type: str | None = None) -> str:
+    """The training backend: the one asked for, or for auto Unsloth on a GPU where it is installed, except for an
+    architecture it is not proven to train (families.unsloth_hazard), which gets transformers and a line saying why."""
+    from tunebook.families import unsloth_hazard
+
+    hazard = unsloth_hazard(model_type)
     if requested == "unsloth":
         if not has_cuda():
             raise TunebookError(f"{key} is 'unsloth' but no CUDA GPU is visible: Unsloth needs a GPU. Use {key}: auto or hf on CPU.")
         if not has_unsloth():
             raise TunebookError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see docs/gpu.md; the Colab set-up cell installs it).")
+        if hazard:
+            print(f"Warning: {key} is 'unsloth' as asked, but {hazard}. Check 04's answers; {key}: auto trains it with transformers.")
         return "unsloth"
     if requested == "hf":
+        return "hf"
+    if has_cuda() and has_unsloth() and hazard:
+        print(f"{key} auto: training with transformers, not Unsloth: {hazard}. Set {key}: unsloth to use Unsloth anyway.")
         return "hf"
     return "unsloth" if has_cuda() and has_unsloth() else "hf"
 
