@@ -41,14 +41,14 @@ def pytest_configure(config):
         )
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
 # A test of what happens without a GPU (a CPU-only refusal or fallback): skipped, and said so, on a GPU machine.
-CPU_ONLY = pytest.mark.skipif(_gpu_present(), reason="holds on a CPU-only machine; a CUDA GPU is present")
+CPU_ONLY = pytest.mark.skipif(gpu_present(), reason="holds on a CPU-only machine; a CUDA GPU is present")
 
 
 @pytest.fixture

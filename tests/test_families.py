@@ -2,13 +2,14 @@
 templates, end of turn, padding, thinking blocks, float16 hazards, LoRA targets; and the family matrix (01 -> 05 on a
 tiny model of each family's own architecture, bench/family_matrix.py)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, family_matrix, finetuned_record
+from conftest import ROOT, family_matrix, finetuned_record, gpu_present
 from tunebook.errors import TunebookError
 from tunebook.families import PINNED_DATE, TemplateError, chat_format, choose_pad_token, linear_layer_names, split_reasoning, training_text
 from tunebook.models import load_tokenizer, pick_dtype, prepare_tokenizer
@@ -203,23 +204,31 @@ def test_evaluation_prompt_that_drifted_from_training_is_stopped(tmp_path, write
         check_trained_prompt(run, tokenizer_of("qwen3", enable_thinking=True), "finetuned")
 
 
+# Where a GPU and Unsloth are present (the GPU machine), every family goes through Unsloth too: a backend on which a
+# family learns nothing is caught here (CI's CPU runs the hf backend).
+BACKENDS = ["hf"] + (["unsloth"] if gpu_present() and importlib.util.find_spec("unsloth") else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", family_matrix.PIPELINE)
-def test_family_matrix_01_to_05(name, tmp_path):
+def test_family_matrix_01_to_05(name, backend, tmp_path, request):
     """01 -> 05 on a tiny model of the family's architecture (real tokenizer), fine-tuned hard enough to learn the
     answer format; every family check holds, and the answers carry no template text (Qwen3: no <think> block)."""
     if name != "smollm2":
         original_tokenizer(name)  # skips without the tokenizer
+    if backend == "unsloth" and name == "gemma3":  # why model.backend auto trains Gemma 3 with transformers
+        request.applymarker(pytest.mark.xfail(strict=True, reason="a tiny Gemma 3 learns no answer format through Unsloth's trainer"))
     # SmolLM2's GGUF and GPTQ copies are the smoke run's (test_pipeline): here 03 runs for the tiny families only. The
     # GGUF copy checks each family's end of generation in llama.cpp; GPTQ's calibration is the same for every family
     # but Gemma 3, whose multimodal processor llm-compressor would load (bench/family_matrix.py runs it for all).
-    quantize = () if name == "smollm2" else ("gguf_q8_0", "gptq_w4a16") if name == "gemma3" else ("gguf_q8_0",)
-    row = family_matrix.run_family(name, tmp_path, backend="hf", quantize=quantize)
+    quantize = () if name == "smollm2" or backend != "hf" else ("gguf_q8_0", "gptq_w4a16") if name == "gemma3" else ("gguf_q8_0",)
+    row = family_matrix.run_family(name, tmp_path, backend=backend, quantize=quantize)
     assert (row["chat_format"], row["end_of_turn"]) == EXPECTED[name]
     assert row["training_text_matches_template"], row["training_text"]
     assert row["loss_is_answer_plus_end_of_turn"], row["loss_tokens"]
     assert row["eval_prompt_is_trained_prefix"]
     assert set(row["stop_ids"]) <= set(row["merged_generation_config_eos"])
-    if name != "smollm2":
+    if "gguf_q8_0" in quantize:
         assert row["variants"]["gguf_q8_0"] == "ok" and row["gguf_end_of_generation"] is True
     if "gptq_w4a16" in quantize:
         assert row["variants"]["gptq_w4a16"] == "ok" or row["variants"]["gptq_w4a16"].startswith("skipped: ")
@@ -330,3 +339,36 @@ def test_a_template_that_refuses_a_system_message_says_so_without_a_traceback():
     tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + tokenizer.chat_template
     with pytest.raises(TemplateError, match="Gemma's chat template refused the conversation: System role not supported.*prompt.system"):
         training_text(tokenizer, chat_format(tokenizer), PROMPT, ANSWER)
+
+
+def test_a_processor_becomes_its_tokenizer_with_its_pipeline_seen_to():
+    """Unsloth loads a multimodal checkpoint (gemma-3-4b-it) with its processor, which prepare_tokenizer gets instead of
+    a tokenizer (it crashed there on the GPU machine): every stage gets the processor's tokenizer, prepared, with a
+    replaced byte-level pipeline restored."""
+    from transformers import AutoTokenizer, Gemma3ImageProcessor, Gemma3Processor
+
+    gemma = original_tokenizer("gemma3")
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(), tokenizer=gemma, chat_template=gemma.chat_template)
+    prepared = prepare_tokenizer(processor, "gemma3", None)
+    assert prepared is gemma and chat_format(prepared).end_of_turn == "<end_of_turn>"
+    deepseek = AutoTokenizer.from_pretrained(deepseek_model())  # transformers' LlamaTokenizer over the byte-level file
+    processor.tokenizer = deepseek
+    prepared = prepare_tokenizer(processor, "deepseek", None)
+    assert prepared is not deepseek and prepared.decode(prepared(SENTENCE, add_special_tokens=False)["input_ids"]) == SENTENCE
+
+
+def test_gemma3_trains_with_transformers_on_a_gpu_unless_unsloth_is_asked_for(monkeypatch, capsys):
+    """A tiny Gemma 3 learned no answer format through Unsloth's trainer in the family matrix (0% in format, where the
+    hf backend reached 100%): backend auto routes it to transformers and says why; asked for explicitly, Unsloth is
+    used with a warning. Other families keep Unsloth."""
+    from tunebook import models
+    from tunebook.models import pick_backend
+
+    monkeypatch.setattr(models, "has_cuda", lambda: True)
+    monkeypatch.setattr(models, "has_unsloth", lambda: True)
+    assert pick_backend("auto", model_type="gemma3_text") == "hf" and pick_backend("auto", model_type="gemma3") == "hf"
+    said = capsys.readouterr().out
+    assert "model.backend auto: training with transformers, not Unsloth: through Unsloth's trainer a tiny Gemma 3 learned no answer format" in said
+    assert "Set model.backend: unsloth to use Unsloth anyway." in said
+    assert pick_backend("unsloth", model_type="gemma3_text") == "unsloth" and "Warning: model.backend is 'unsloth' as asked" in capsys.readouterr().out
+    assert pick_backend("auto", model_type="llama") == "unsloth" and pick_backend("auto", model_type="qwen3") == "unsloth"

@@ -30,6 +30,9 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Architectures whose activations overflow float16 (max 65504): Gemma 3 gives empty answers and infinite gradients
 # in float16 (transformers issue 36822; Unsloth loads it in float32 on GPUs without bfloat16, unsloth PR 2050).
 FLOAT16_OVERFLOW = {"gemma3": "Gemma 3", "gemma3_text": "Gemma 3", "gemma2": "Gemma 2"}
+# Architectures that learned no answer format through Unsloth's trainer in the family matrix, where the same run on
+# transformers did (bench/README.md, the family matrix): model.backend auto trains them with transformers.
+UNSLOTH_UNPROVEN = {"gemma3": "Gemma 3", "gemma3_text": "Gemma 3"}
 
 
 class TemplateError(TunebookError):
@@ -239,6 +242,18 @@ def linear_layer_names(model) -> list[str]:
     if not names:
         raise TunebookError(f"{type(model).__name__} has no linear layers to put LoRA adapters on.")
     return sorted(names)
+
+
+def unsloth_hazard(model_type: str | None) -> str | None:
+    """Why model.backend auto does not pick Unsloth for this architecture, or None."""
+    family = UNSLOTH_UNPROVEN.get(model_type or "")
+    if family is None:
+        return None
+    return (
+        f"through Unsloth's trainer a tiny {family} learned no answer format in tunebook's family matrix (0% of its answers, "
+        "where the same run on transformers reached 100%; the two backends' forward passes and LoRA steps agree, and the "
+        "cause is not isolated yet)"
+    )
 
 
 def float16_hazard(model_type: str | None) -> str | None:

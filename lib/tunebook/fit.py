@@ -410,7 +410,10 @@ def setup_for(p: Params, shape: Shape, machine: Machine) -> Setup:
     """What pick_backend and pick_dtype choose on that machine (models.py), without asking this one."""
     gpu = machine.gpu is not None
     requested = p.model.backend
-    backend = "unsloth" if requested == "unsloth" or (requested == "auto" and gpu and machine.has_unsloth) else "hf"
+    from tunebook.families import unsloth_hazard
+
+    auto_unsloth = requested == "auto" and gpu and machine.has_unsloth and not unsloth_hazard(shape.model_type)
+    backend = "unsloth" if requested == "unsloth" or auto_unsloth else "hf"
     float32_family = shape.model_type in FLOAT32_ON_FLOAT16_GPUS
     if p.model.dtype != "auto":
         dtype = p.model.dtype

@@ -165,14 +165,24 @@ def has_unsloth() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def pick_backend(requested: str, key: str = "model.backend") -> str:
+def pick_backend(requested: str, key: str = "model.backend", model_type: str | None = None) -> str:
+    """The training backend: the one asked for, or for auto Unsloth on a GPU where it is installed, except for an
+    architecture it is not proven to train (families.unsloth_hazard), which gets transformers and a line saying why."""
+    from tunebook.families import unsloth_hazard
+
+    hazard = unsloth_hazard(model_type)
     if requested == "unsloth":
         if not has_cuda():
             raise TunebookError(f"{key} is 'unsloth' but no CUDA GPU is visible: Unsloth needs a GPU. Use {key}: auto or hf on CPU.")
         if not has_unsloth():
             raise TunebookError(f"{key} is 'unsloth' but unsloth is not installed: pip install unsloth (see docs/gpu.md; the Colab set-up cell installs it).")
+        if hazard:
+            print(f"Warning: {key} is 'unsloth' as asked, but {hazard}. Check 04's answers; {key}: auto trains it with transformers.")
         return "unsloth"
     if requested == "hf":
+        return "hf"
+    if has_cuda() and has_unsloth() and hazard:
+        print(f"{key} auto: training with transformers, not Unsloth: {hazard}. Set {key}: unsloth to use Unsloth anyway.")
         return "hf"
     return "unsloth" if has_cuda() and has_unsloth() else "hf"
 
@@ -251,6 +261,10 @@ def prepare_tokenizer(tokenizer, name: str, chat_template: str | None, enable_th
     from tunebook.families import chat_format, choose_pad_token, pin_template
     from tunebook.tokenizer_check import keep_file_pipeline
 
+    # Unsloth loads a multimodal checkpoint (gemma-3-4b-it) with its processor: tunebook trains and prompts text, so
+    # the processor's tokenizer is what every stage uses.
+    inner = getattr(tokenizer, "tokenizer", None)
+    tokenizer = inner if inner is not None and inner is not tokenizer else tokenizer
     tokenizer = keep_file_pipeline(tokenizer)  # Unsloth's loader too: it builds the class tokenizer_config.json names
     if chat_template:
         tokenizer = _unsloth_chat_template(tokenizer, chat_template)

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     (run_file,) = argv if argv is not None else sys.argv[1:]
     run, request = launch.take_over(Path(run_file))
     record_file, checkpoint = request["record_file"], request["resume_from"]
-    if pick_backend(run.params.model.backend) == "unsloth":
+    if pick_backend(run.params.model.backend, model_type=model_type(run.params.model.name)) == "unsloth":
         import unsloth  # noqa: F401  (before transformers and trl, which PartialState does not import but training does)
     from accelerate import PartialState
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 def build_trainer(p: Params, train_rows, eval_rows, output_dir: Path):
     """The train stage's SFTTrainer for prompt/completion rows (a `datasets.Dataset` each), checked and ready:
     (trainer, backend). Benchmarks call this too, so they time exactly what 02 runs."""
-    backend = pick_backend(p.model.backend)
+    backend = pick_backend(p.model.backend, model_type=model_type(p.model.name))
     if backend == "unsloth":
         import unsloth  # noqa: F401  (must be imported before transformers/trl to patch them)
     _check_trl(backend)
