@@ -1,7 +1,7 @@
 """When labels are few, measured: teacher-written rows for classification, and self-improvement rounds.
 
     python bench/labels_few.py [--tiny] [--only livedoor_real livedoor_teacher livedoor_teacher_no_check squad_rounds]
-                               [--model NAME] [--datasets DIR] [--out DIR] [--results DIR]
+                               [--model NAME] [--datasets DIR] [--out DIR] [--results DIR] [--copy-to DIR]
     python bench/labels_few.py report bench/results/labels_few.json     # its .md written again from the JSON
 
 The embedded SmolLM2-135M-Instruct is the student and, run locally through transformers (tunebook.teacher's local
@@ -18,7 +18,8 @@ ids' hash must match), and every squad round on round 0's 300 eval rows. GPU siz
 livedoor as the recipes say (360 real training rows or 40 teacher rows per genre, 5 epochs); squad with its training
 rows capped at 300 and 2 epochs a round, 4 samples per question. --tiny: a few rows and steps, to run end to end on a
 CPU (the squad rounds then keep every answer that is not empty: two training steps teach no exact one). Writes
-labels_few.json and .md (--tiny: labels_few.tiny.json and .md) in --results (default bench/results). The shared data
+labels_few.json and .md (--tiny: labels_few.tiny.json and .md) in --results (default bench/results), keeping the cases
+of an earlier call that --only left out (the GPU run fits two calls of the device tool's 10 minutes). The shared data
 samples are read from --datasets (default ../shared/datasets beside the repository); --model names the model that is
 both student and teacher (default the embedded SmolLM2-135M-Instruct; on the GPU machine its plain copy, $SMOLLM2_HF).
 """
@@ -77,7 +78,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=list(CASES), help="run these cases only")
     parser.add_argument("--datasets", default=str(ROOT.parent / "shared" / "datasets"), help="the shared data samples' folder")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "labels_few"), help="where the runs are made")
-    parser.add_argument("--results", default=str(RESULTS), help="where labels_few.json and .md are written")
+    parser.add_argument("--results", default=str(RESULTS), help="where labels_few.json and .md are written (cases of an earlier call kept)")
+    parser.add_argument("--copy-to", help="a folder the results are copied to as well")
     parser.add_argument("--model", default="embedded:SmolLM2-135M-Instruct", help="the student and the (local) teacher")
     args = parser.parse_args()
     if args.what and args.what[0] == "report":  # the table again from a results file (e.g. one brought back from the GPU machine)
@@ -88,8 +90,10 @@ def main() -> int:
         result = run_case(args.what[1], args.tiny, Path(args.datasets), Path(args.out), args.model)
         (Path(args.out) / f"{args.what[1]}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
         return 0
-    results = {"environment": environment(), "tiny": args.tiny, "cases": {}}
-    started = time.time()
+    stem, where = "labels_few.tiny" if args.tiny else "labels_few", Path(args.results)
+    earlier = where / f"{stem}.json"  # cases run by an earlier call (--only) are kept: one call may not hold them all
+    results = json.loads(earlier.read_text(encoding="utf-8")) if earlier.exists() else {"cases": {}}
+    results.update(environment=environment(), tiny=args.tiny)
     for name in args.only or list(CASES):
         part = Path(args.out) / f"{name}.json"
         part.unlink(missing_ok=True)
@@ -114,14 +118,16 @@ def main() -> int:
         else:
             results["cases"][name] = {"error": f"the case's process ended with exit code {done.returncode} and wrote no result"}
         results["cases"][name]["process_seconds"] = round(time.time() - case_started, 1)
-    results["seconds"] = round(time.time() - started, 1)
+    results["seconds"] = round(sum(c.get("process_seconds", 0) for c in results["cases"].values()), 1)
     results["checks"] = same_eval_rows(results["cases"])
-    stem, where = "labels_few.tiny" if args.tiny else "labels_few", Path(args.results)
     where.mkdir(parents=True, exist_ok=True)
     (where / f"{stem}.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     table = markdown(results)
     (where / f"{stem}.md").write_text(table + "\n", encoding="utf-8")
     print(f"\n{table}\n\nWritten: {where / (stem + '.json')}, {where / (stem + '.md')}")
+    if args.copy_to:  # e.g. the device tool's $OUT, emptied before each call
+        for suffix in (".json", ".md"):
+            shutil.copy2(where / (stem + suffix), Path(args.copy_to) / (stem + suffix))
     return 0
 
 
