@@ -287,10 +287,12 @@ def example_overrides(fmt: str, out: Path, explicit: bool = True) -> list[str]:
     return [f"output_dir={out}", f"data.train_path={EXAMPLES / f'{fmt}.jsonl'}", "data.group_field=topic", *chosen]
 
 
-def test_a_messages_file_runs_every_notebook(tmp_path):
+def test_a_messages_file_runs_every_notebook(tmp_path, tiny_smollm2):
     """01 -> 05 through the CLI and the notebooks (papermill) on the smoke params and the messages example: 04 scores the
-    base, fine-tuned and int8 models against each eval row's last assistant turn, and 05 marks no retrieval miss."""
-    sets = [a for o in [*example_overrides("messages", tmp_path), "quantize.methods=[int8_weight_only]"] for a in ("--set", o)]
+    base, fine-tuned and int8 models against each eval row's last assistant turn, and 05 marks no retrieval miss. The
+    model is a tiny one of SmolLM2's shape and tokenizer: the rows' path through the stages is under test, not answers."""
+    overrides = [*example_overrides("messages", tmp_path), "quantize.methods=[int8_weight_only]", f"model.name={tiny_smollm2}"]
+    sets = [a for o in overrides for a in ("--set", o)]
     done = subprocess.run([sys.executable, "-m", "tunebook", "run", str(SMOKE), *sets], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = tmp_path / "smoke"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tunebook import tracking
 from tunebook.data import load_split
+from tunebook.judge import judge_table
 from tunebook.metrics import SPAN_METRICS, loose_normalize
 from tunebook.model_card import write_cards
 from tunebook.report import CATEGORIES, CHANGES, confusion_column, gold_in_passages, gold_missing, report_html
@@ -127,6 +128,9 @@ def analyze(run: Run) -> dict:
                 "'retrieval miss' (not the model's fault); the browser's and report's category filter 'retrieval miss' lists them."
             )
         analysis = {"category_counts": counts, "base_vs_finetuned": compare, "confusion": confusion, "gold_missing": missing}
+        judged = judge_table(predictions)  # evaluate.judge: the teacher's rubric scores, per model
+        if judged:
+            analysis["judge"] = judged
         write_json_atomic(run.dir / "analysis.json", analysis)
         # The Hugging Face model cards beside the adapter, the merged model and each copy, with these counts.
         if run.status("02_finetune") == "complete":
@@ -137,7 +141,7 @@ def analyze(run: Run) -> dict:
             print("No model cards: the run has no fine-tuned model (02 is not complete).")
         outputs.update(AnalysisOutputs(report_html=str(report), analysis_json=str(run.dir / "analysis.json")).as_json())
     tracking.log_outputs(run, "05_error_analysis")  # the counts to 02's tracker run, when it trained with one
-    return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare, "labels": labels, "confusion": confusion}
+    return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare, "labels": labels, "confusion": confusion, "judge": judged}
 
 
 def confusion_matrix(rows: list[dict], labels: list[str]) -> dict:

@@ -4,6 +4,7 @@ params, cache a model.
     python -m tunebook run params/default.yaml [--stages 04,05] [--set train.max_steps=10] [--resume | --overwrite]
     python -m tunebook check params/default.yaml [--stages 04,05] [--set KEY=VALUE] [--machine colab-t4]
     python -m tunebook sweep params/sweep_lora.yaml [--set KEY=VALUE] [--rerun] [--dry-run] [--parallel N] [--ray-address ADDRESS]
+    python -m tunebook rounds params/squad_rag_rounds.yaml [--set KEY=VALUE] [--notebooks]
     python -m tunebook compare outputs/sweep_lora [outputs/default ...] [--model finetuned] [--sort f1] [--out DIR]
     python -m tunebook score predictions.jsonl [--jsonl-out scored.jsonl] [--metric METRIC]
     python -m tunebook params [--update-docs [docs/params.md]]
@@ -67,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         help="Execute up to N stages at once on Ray, each on its own GPU or cores/N CPUs (default 1: one after the other)",
     )
     sweep.add_argument("--ray-address", metavar="ADDRESS", help="Run the sweep's stages on this Ray cluster (auto: the one this machine is part of)")
+
+    rounds = sub.add_parser(
+        "rounds", help="Self-improvement rounds: round 0 (plain SFT), then rounds.count rounds that train on the model's own checked answers."
+    )
+    rounds.add_argument("params", help="A params YAML with rounds.count > 0, e.g. params/squad_rag_rounds.yaml")
+    rounds.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a params key (repeatable)")
+    rounds.add_argument("--notebooks", action="store_true", help="Execute each stage's notebook with papermill (default: the stages in this process)")
 
     compare = sub.add_parser("compare", help="One table of runs: the params that differ, metrics and losses, best marked; overlaid loss curves.")
     compare.add_argument("runs", nargs="+", help="Run folders, or folders of runs (a sweep's folder)")
@@ -169,6 +177,10 @@ def _command(args: argparse.Namespace) -> int:
         from tunebook.sweep import run_sweep
 
         return run_sweep(args.params, args.overrides, rerun=args.rerun, dry_run=args.dry_run)
+    if args.command == "rounds":
+        from tunebook.rounds import run_rounds
+
+        return run_rounds(args.params, args.overrides, notebooks=args.notebooks)
     if args.command == "compare":
         from tunebook.compare import compare_command
 

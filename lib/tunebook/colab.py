@@ -228,6 +228,10 @@ def groups_for(params, stage: str) -> dict[str, str]:
     needs: dict[str, str] = {}
     if stage == "01_build_dataset" and params.synthesize.documents_path:
         needs["documents"] = "synthesize.documents_path is set (a teacher writes the rows)"
+    if stage == "01_build_dataset" and params.synthesize.labelled.examples_per_label:
+        needs["documents"] = "synthesize.labelled is set (a teacher writes rows for the labels)"
+    if stage == "04_evaluate" and params.evaluate.judge:
+        needs["documents"] = "evaluate.judge is set (the teacher scores the answers)"
     if stage == "03_quantize":
         methods = params.quantize.methods
         groups = {QUANTIZE_METHODS[m].group for m in methods}

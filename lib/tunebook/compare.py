@@ -19,7 +19,8 @@ from tunebook.metrics import SUMMARY_KEYS
 from tunebook.runs import WHERE_KEYS, Run, flatten, is_run_folder, is_under
 from tunebook.train import loss_curves
 
-METRICS = list(dict.fromkeys(k for keys in SUMMARY_KEYS.values() for k in keys))
+# The judge's mean rubric score (evaluate.judge, 1-5) and a self-improvement round's kept share (rounds.json) too.
+METRICS = [*dict.fromkeys(k for keys in SUMMARY_KEYS.values() for k in keys), "judge_score", "kept_share"]
 # Where a lower value is the better one; every other metric column is better higher.
 LOWER_IS_BETTER = {"invalid_rate", "eval_loss", "train_loss", "train_seconds"}
 TRAINING = ["eval_loss", "train_loss", "train_seconds"]
@@ -35,9 +36,9 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         if not path.is_dir():
             raise TunebookError(f"{path}: no such folder. Give run folders (outputs/<run>) or a folder of runs (a sweep's).")
         children = [c.resolve() for c in sorted(path.iterdir()) if is_run_folder(c)]
-        sweep = path / "sweep.json"
-        if sweep.is_file():
-            order = json.loads(sweep.read_text(encoding="utf-8")).get("order", [])
+        state = next((f for f in (path / "sweep.json", path / "rounds.json") if f.is_file()), None)
+        if state:
+            order = json.loads(state.read_text(encoding="utf-8")).get("order", [])
             children.sort(key=lambda c: order.index(c.name) if c.name in order else len(order))
         if not children:
             raise TunebookError(f"{path}: neither a run folder (no manifest.json) nor a folder of runs.")
@@ -64,9 +65,11 @@ def comparison(run_dirs: list[Path], model: str = "finetuned") -> pd.DataFrame:
         flat = flatten(run.params.model_dump(mode="json"))
         params[folder.name] = {k: v for k, v in flat.items() if not is_under(k, WHERE_KEYS)}
         training = _training(run)
+        kept = _kept_share(folder)
         for m in chosen:
             row = {"run": folder.name, **({"model": m["model"]} if model == "all" else {})}
             row.update({k: m[k] for k in METRICS if k in m})
+            row.update(kept if m["model"] != "base" else {})
             rows.append({**row, **(training if m["model"] != "base" else {})})
     if left_out:
         print("Left out: " + "; ".join(left_out))
@@ -79,6 +82,15 @@ def comparison(run_dirs: list[Path], model: str = "finetuned") -> pd.DataFrame:
         table.insert(position, key, [_shown(params[r].get(key)) for r in table["run"]])
     metric_columns = [c for c in [*METRICS, *TRAINING] if c in table]
     return table[[c for c in table if c not in metric_columns] + metric_columns]
+
+
+def _kept_share(folder: Path) -> dict:
+    """A self-improvement round's share of questions with an answer kept for training (its rounds.json record)."""
+    state = folder.parent / "rounds.json"
+    if not state.is_file():
+        return {}
+    record = json.loads(state.read_text(encoding="utf-8")).get("runs", {}).get(folder.name, {})
+    return {"kept_share": record["kept_share"]} if record.get("kept_share") is not None else {}
 
 
 def _training(run: Run) -> dict:

@@ -164,9 +164,10 @@ class DataParams(Section):
     max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training rows (after the split); empty = all.")
     max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many eval rows; empty = all.")
     passage_max_chars: int | None = Field(None, ge=1, description="Cut each passage to its first N characters (long articles); empty = keep whole passages.")
-    labels: list[str] | None = Field(
+    labels: list[str] | dict[str, str | None] | None = Field(
         None,
-        description="Classification: the valid labels (empty = the distinct answers of the training split); shown by {labels} in prompt.template and used for constrained decoding.",
+        json_schema_extra=allowed("a list of labels, or a mapping of each label to a one-line description (or to nothing)"),
+        description="Classification: the valid labels (empty = the distinct answers of the training split); shown by {labels} in prompt.template and used for constrained decoding. A mapping label: one-line description also gives the teacher (synthesize.labelled) what each label means.",
     )
     relabels_path: str | None = Field(
         None,
@@ -198,10 +199,17 @@ class DataParams(Section):
 
     @field_validator("labels")
     @classmethod
-    def _labels_distinct(cls, value: list[str] | None) -> list[str] | None:
+    def _labels_distinct(cls, value: list[str] | dict[str, str | None] | None) -> list[str] | dict[str, str | None] | None:
         if value and not all(label.strip() for label in value):
             raise ValueError("must be a list of non-empty labels")
-        return _distinct(value, "label") if value else value
+        if isinstance(value, dict) and any(d is not None and ("\n" in d.strip() or not d.strip()) for d in value.values()):
+            raise ValueError("a label's description must be one non-empty line")
+        return _distinct(value, "label") if isinstance(value, list) and value else value
+
+    @property
+    def label_names(self) -> list[str]:
+        """data.labels as a list, whether given as a list or as a mapping label: description."""
+        return list(self.labels or [])
 
     @model_validator(mode="after")
     def _raft_needs_row_passages(self) -> "DataParams":
@@ -476,14 +484,49 @@ class CleanParams(Section):
         description="Judge pass: the teacher scores each pair 1-5 against a rubric (a real user's question, self-contained, answered correctly by the chunk); pairs below judge_min_score are dropped.",
     )
     judge_min_score: int = Field(4, ge=1, le=5, description="Lowest judge score kept; a pair the judge could not score is kept and counted.")
+    min_passage_chars: int = Field(20, ge=1, description="Rows written for labels (synthesize.labelled): drop rows whose passage is shorter.")
+    max_passage_chars: int = Field(4000, ge=1, description="Rows written for labels (synthesize.labelled): drop rows whose passage is longer.")
 
     @model_validator(mode="after")
     def _ranges_are_not_empty(self) -> "CleanParams":
-        for what in ("question", "answer"):
+        for what in ("question", "answer", "passage"):
             low, high = getattr(self, f"min_{what}_chars"), getattr(self, f"max_{what}_chars")
             if low > high:
                 raise ValueError(f"min_{what}_chars ({low}) is above max_{what}_chars ({high}): every pair would be dropped")
         return self
+
+
+class LabelledParams(Section):
+    examples_per_label: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Classification rows written by the teacher: this many for each label of data.labels, cleaned like question/answer pairs plus a label check (01 shows kept and dropped per label); 0 = off. Evaluation stays on real rows: data.eval_path, or data.eval_size held out of data.train_path.",
+    )
+    lengths: list[str] = Field(
+        ["short", "medium-length", "long"],
+        description="Lengths asked for in turn (each row keeps the one it was asked for in attributes.length); empty = none asked.",
+    )
+    tones: list[str] = Field(["neutral", "casual", "formal"], description="Tones asked for in turn (kept in attributes.tone); empty = none asked.")
+    subtopics: dict[str, list[str]] = Field(
+        {},
+        description="Sub-topics asked for in turn, per label (kept in attributes.subtopic); a label not listed: the teacher picks one and names it.",
+    )
+    style_examples: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Real rows of the training split (data.train_path) shown in each request as examples of style and format, their labels hidden; 0 = none.",
+    )
+    real_rows: int | None = Field(
+        0,
+        ge=0,
+        description="Real training rows (data.train_path, after the eval split) trained on beside the teacher's: 0 = the teacher's rows only; N = N of them, a seeded pick; empty = all.",
+    )
+    label_check: bool = Field(
+        True,
+        description="The teacher classifies each written row without seeing its label; a row whose label it does not confirm is dropped and counted.",
+    )
 
 
 class SynthesizeParams(Section):
@@ -504,6 +547,9 @@ class SynthesizeParams(Section):
     )
     teacher: TeacherParams = Field(default_factory=TeacherParams, description="The LLM that writes the pairs (and judges them).")
     clean: CleanParams = Field(default_factory=CleanParams, description="Filters applied to the teacher's pairs, each counted in 01.")
+    labelled: LabelledParams = Field(
+        default_factory=LabelledParams, description="Classification: labelled rows the teacher writes for data.labels (when labels are few)."
+    )
 
     @model_validator(mode="after")
     def _overlap_below_chunk(self) -> "SynthesizeParams":
@@ -549,6 +595,22 @@ class EvaluateParams(Section):
     api_baselines: list[ApiBaselineParams] = Field(
         [], description="Baseline rows from OpenAI-compatible chat endpoints (the GPT-3.5 / GPT-4 rows of a paper's table), scored like the local models."
     )
+    judge: bool = Field(
+        False,
+        description="Long answers (faq): the teacher (synthesize.teacher) scores every answer 1-5 against the question, the gold answers and evaluate.judge_rubric; its mean is judge_score in the metrics table, each answer's score is in the predictions and 05. Replies are cached like the teacher's.",
+    )
+    judge_rubric: str = Field(
+        "A 5 answers the question completely and correctly, saying what the reference answer says (other words are fine); a 3 is partly right or "
+        "misses something important; a 1 is wrong, off the subject, empty or rambling.",
+        min_length=1,
+        description="The rubric the judge scores by (evaluate.judge).",
+    )
+
+    @model_validator(mode="after")
+    def _judge_needs_sentences(self) -> "EvaluateParams":
+        if self.judge and self.metric == "classification":
+            raise ValueError("evaluate.judge scores written answers; a classification answer is a label, scored by accuracy: set evaluate.judge: false")
+        return self
 
     @field_validator("models")
     @classmethod
@@ -641,6 +703,74 @@ class SweepParams(Section):
         return self
 
 
+ROUND_STAGES = ("01_build_dataset", "02_finetune", "04_evaluate", "05_error_analysis")
+
+
+class RoundsParams(Section):
+    count: int = Field(
+        0,
+        ge=0,
+        le=50,
+        description="Self-improvement rounds after round 0 (plain SFT), run by `python -m tunebook rounds`: in each, the last round's model answers the questions rounds.samples times, the answers the filter keeps become training rows, and a run of their own trains the base model on them and scores it on the same eval rows; 0 = off.",
+    )
+    samples: int = Field(4, ge=1, le=64, description="Answers sampled per question.")
+    temperature: float = Field(0.8, gt=0, le=2, description="Sampling temperature of those answers.")
+    max_questions: int | None = Field(None, ge=1, description="Ask at most this many questions each round (a seeded pick, the same every round); empty = all.")
+    questions_path: str | None = Field(
+        None,
+        description="Unlabelled questions to ask instead of the training split's: a file in data's format and field names, answers not needed (kept by rounds.judge_min_score and/or rounds.min_agreement); empty = the training questions, kept against their gold answers.",
+    )
+    min_score: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Training questions: keep an answer whose score against the gold answers is at least this: exact match (classification: the exact label; hotpot / japanese: their exact match), for faq ROUGE-L.",
+    )
+    judge_min_score: int | None = Field(
+        None, ge=1, le=5, description="Unlabelled questions: keep an answer the teacher (synthesize.teacher) scores at least this, 1-5; empty = no judge."
+    )
+    min_agreement: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Unlabelled questions: keep an answer that at least this share of the question's samples give (loosely normalized: case, width, punctuation, spacing); empty = no agreement filter.",
+    )
+    keep_per_question: int = Field(1, ge=1, description="Distinct answers kept per question at most, best first.")
+    mode: Literal["add", "replace"] = Field(
+        "add", description="add = a round trains on round 0's training rows plus its kept answers; replace = on its kept answers only."
+    )
+    early_stop: bool = Field(
+        True,
+        description="Stop when the kept share, or the fine-tuned model's eval metric (the first column of 04's table), improves on the previous round's by no more than rounds.min_improvement; the stop is said and recorded.",
+    )
+    min_improvement: float = Field(
+        0.0, ge=0, description="The least gain (kept share, eval metric) a round must make over the one before for the rounds to go on."
+    )
+    stages: list[str] = Field(
+        list(ROUND_STAGES),
+        description='Stages each round runs, e.g. ["01", "02", "04"]; 01, 02 and 04 are needed (the next round samples 02\'s model, the loop reads 04\'s metric).',
+    )
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _known_stages(cls, value: Any) -> list[str]:
+        return stage_names(value) if isinstance(value, (str, list)) else value
+
+    @model_validator(mode="after")
+    def _rounds_can_go_on(self) -> "RoundsParams":
+        missing = [s for s in ("01_build_dataset", "02_finetune", "04_evaluate") if s not in self.stages]
+        if missing:
+            raise ValueError(f"rounds.stages must include {', '.join(s[:2] for s in missing)}: each round builds its rows, trains a model and scores it")
+        unlabelled = self.judge_min_score is not None or self.min_agreement is not None
+        if self.questions_path and not unlabelled:
+            raise ValueError("rounds.questions_path has no gold answers: set rounds.judge_min_score and/or rounds.min_agreement to say which answers to keep")
+        if unlabelled and not self.questions_path:
+            raise ValueError(
+                "rounds.judge_min_score and rounds.min_agreement keep answers to unlabelled questions (rounds.questions_path); the training questions are kept by rounds.min_score against their gold answers"
+            )
+        return self
+
+
 # A Colab runtime's own disk (lost with the runtime) and where Drive is mounted in it. TUNEBOOK_CONTENT moves both
 # (the tests play several runtimes, each with a folder of its own).
 COLAB_CONTENT = Path(os.environ.get("TUNEBOOK_CONTENT", "/content"))
@@ -709,10 +839,17 @@ class Params(Section):
         description="Many runs from this file (`python -m tunebook sweep`): a grid and/or named variants over any keys above.",
     )
     colab: ColabParams = Field(default_factory=ColabParams, json_schema_extra=read_first_by(None), description="Google Colab: where runs are kept.")
+    rounds: RoundsParams = Field(
+        default_factory=RoundsParams,
+        json_schema_extra=read_first_by(None),
+        description="Self-improvement rounds (`python -m tunebook rounds`): the model's own answers, checked, become its next training rows; each round is a run of its own.",
+    )
 
     @model_validator(mode="after")
     def _one_source_of_training_rows(self) -> "Params":
-        if bool(self.data.train_path) == bool(self.synthesize.documents_path):
+        if self.synthesize.labelled.examples_per_label:
+            self._teacher_labels()
+        elif bool(self.data.train_path) == bool(self.synthesize.documents_path):
             raise ValueError("set exactly one of data.train_path (labelled rows) and synthesize.documents_path (documents a teacher writes rows from)")
         if self.data.raft.enabled and self.data.raft.cot and not self.prompt.final_answer_prefix:
             raise ValueError(
@@ -721,6 +858,33 @@ class Params(Section):
             )
         if self.synthesize.documents_path and self.data.retrieval.corpus_path:
             raise ValueError("with synthesize.documents_path the documents' chunks are the retrieval corpus: leave data.retrieval.corpus_path empty")
+        return self
+
+    def _teacher_labels(self) -> None:
+        """What rows written for labels (synthesize.labelled) need: labels, real eval rows, and no other teacher path."""
+        d, labelled = self.data, self.synthesize.labelled
+        if self.evaluate.metric != "classification" or not d.labels:
+            raise ValueError("synthesize.labelled.examples_per_label writes rows for classification: set evaluate.metric: classification and data.labels")
+        if self.synthesize.documents_path:
+            raise ValueError("synthesize.labelled and synthesize.documents_path are two ways a teacher writes rows: use one")
+        if not d.train_path and not d.eval_path:
+            raise ValueError(
+                "synthesize.labelled needs real rows to evaluate on: set data.eval_path, or data.train_path (data.eval_size of its rows are held out)"
+            )
+        if not d.train_path and (labelled.style_examples or labelled.real_rows != 0):
+            raise ValueError(
+                "synthesize.labelled.style_examples and real_rows take real training rows from data.train_path: set it, or set style_examples: 0 and real_rows: 0"
+            )
+        if d.retrieval.corpus_path or d.raft.enabled:
+            raise ValueError("synthesize.labelled writes each row's passage itself: leave data.retrieval.corpus_path empty and data.raft.enabled false")
+        unknown = sorted(set(labelled.subtopics) - set(d.label_names))
+        if unknown:
+            raise ValueError(f"synthesize.labelled.subtopics names label(s) {unknown} that are not in data.labels")
+
+    @model_validator(mode="after")
+    def _rounds_run_alone(self) -> "Params":
+        if self.rounds.count and (self.sweep.grid or self.sweep.variants):
+            raise ValueError("rounds.count and a sweep section: a sweep's runs are one round each; give the rounds a params file of their own")
         return self
 
     @model_validator(mode="after")
@@ -792,6 +956,7 @@ PATH_KEYS = (
     "data.eval_path",
     "data.relabels_path",
     "data.retrieval.corpus_path",
+    "rounds.questions_path",
     "model.name",
     "train.accelerate_config",
 )

@@ -111,9 +111,10 @@ def eval_format_mismatch(p: Params, fmt: str, eval_rows: list[dict]) -> str | No
     )
 
 
-def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -> list[dict]:
+def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool, answers_required: bool = True) -> list[dict]:
     """Validate rows and map them to {id, question, passages, answers, group} (chat formats: plus context, the turns of
-    their prompt); names the first bad row."""
+    their prompt); names the first bad row. answers_required=False: questions without answers (rounds.questions_path),
+    whose answers are then empty."""
     if not rows:
         raise DataError(f"{source}: no rows.")
     fmt = row_format(rows, fields)
@@ -121,7 +122,7 @@ def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -
         return conversation_examples(rows, fmt, source, id_field=fields.id_field, group_field=fields.group_field, nfkc=nfkc)
     norm = (lambda s: unicodedata.normalize("NFKC", s)) if nfkc else (lambda s: s)
     retrieved = bool(fields.retrieval.corpus_path)  # passages come from the corpus, not from the row
-    wanted = [fields.question_field, fields.answers_field]
+    wanted = [fields.question_field, *([fields.answers_field] if answers_required else [])]
     wanted += [fields.retrieval.gold_id_field] if retrieved and fields.retrieval.gold_id_field else []
     wanted += [] if retrieved else [fields.passages_field]
     wanted += [fields.group_field] if fields.group_field else []
@@ -141,7 +142,7 @@ def to_examples(rows: list[dict], fields: DataParams, source: str, nfkc: bool) -
         if not isinstance(question, str):
             raise DataError(f"{where}: '{fields.question_field}' must be text, got {type(question).__name__}.")
         titles, passages = ([], []) if retrieved else _passages(values[fields.passages_field], where, fields.passages_field)
-        answers = _text_list(values[fields.answers_field], where, fields.answers_field)
+        answers = _text_list(values[fields.answers_field], where, fields.answers_field) if answers_required else []
         row_id = str(row.get(fields.id_field)) if fields.id_field and row.get(fields.id_field) not in (None, "") else str(number)
         if row_id in seen:
             raise DataError(f"{where}: duplicate id '{row_id}' in field '{fields.id_field}'.")
@@ -394,7 +395,7 @@ def corpus_documents(corpus: list[dict], fields: DataParams) -> tuple[list[str],
 def class_labels(train: list[dict], evaluation: list[dict], fields: DataParams) -> list[str]:
     """The valid labels: data.labels, else the distinct first answers of the training split; an eval
     gold outside them is named (it could never be predicted)."""
-    labels = fields.labels or sorted({e["answers"][0] for e in train})
+    labels = fields.label_names or sorted({e["answers"][0] for e in train})
     unknown = sorted({e["answers"][0] for e in train + evaluation} - set(labels))
     if unknown:
         where = "data.labels" if fields.labels else "the training split's labels"
@@ -428,7 +429,7 @@ def with_chat(example: dict, prompt: PromptParams, labels: list[str] = ()) -> di
 def sampled_texts(p: Params, train: list[dict], evaluation: list[dict]) -> list[tuple[str, str]]:
     """The texts of a sample of each split's rows as 01 renders them (system prompt, user message, answer), for the
     tokenizer's round-trip check."""
-    return [t for name, rows in (("train", train), ("eval", evaluation)) for t in row_texts([with_chat(e, p.prompt, p.data.labels or []) for e in rows], name)]
+    return [t for name, rows in (("train", train), ("eval", evaluation)) for t in row_texts([with_chat(e, p.prompt, p.data.label_names) for e in rows], name)]
 
 
 def count_tokens(examples: list[dict], tokenizer, fmt) -> list[int]:
@@ -450,16 +451,20 @@ class BuiltDataset:
         return pd.DataFrame(self.summary.table).set_index("split")
 
     def cleaning_table(self):
-        """Made from documents: pairs kept and removed by each cleaning step, in order."""
+        """Made by a teacher: pairs (rows) kept and removed by each cleaning step, in order."""
         import pandas as pd
 
         return pd.DataFrame(self.summary.synthetic["steps"]).set_index("step")
 
     def teacher_table(self):
-        """Made from documents: chunks asked about, replies that failed or held no pairs, and the teacher's tally."""
+        """Made by a teacher: chunks asked about (rows asked for, synthesize.labelled), replies that failed or held no
+        pairs, and the teacher's tally."""
         import pandas as pd
 
         s = self.summary.synthetic
+        if s.get("kind") == "labelled":  # rows written for labels (synthesize.labelled)
+            counts = {"rows asked for": s["requests"], "requests failed": s["failed_requests"], "replies without a row": s["unparsed_replies"]}
+            return pd.Series({**counts, **s["teacher"]}, name="teacher").to_frame()
         counts = {
             "chunks": s["chunks"],
             "chunks asked": s["chunks_asked"],
@@ -510,7 +515,7 @@ def build_dataset(run: Run) -> BuiltDataset:
     # (EvalOverlapError) stops here and leaves the run folder as it was, with nothing marked failed or stale. Other bad
     # input is raised inside the stage, which records the failure.
     labelled, bad_input, tokenizer = None, None, None
-    if not p.synthesize.documents_path:
+    if p.data.train_path:
         try:
             labelled = _labelled_splits(p)
         except EvalOverlapError:
@@ -537,6 +542,9 @@ def build_dataset(run: Run) -> BuiltDataset:
         )
         if p.synthesize.documents_path:
             fields, synthetic, (train, evaluation, relabeled, overlap) = _rows_from_documents(p, tokenizer, tmp)
+            synthetic = _synthetic_record(p, synthetic, final)
+        elif p.synthesize.labelled.examples_per_label:
+            fields, (synthetic, (train, evaluation, relabeled, overlap)) = p.data, _rows_from_teacher(p, labelled, tmp, final)
         else:
             fields, synthetic, (train, evaluation, relabeled, overlap) = p.data, None, labelled
         # Labels from the whole training split, so that a cap below cannot drop a class.
@@ -557,7 +565,7 @@ def build_dataset(run: Run) -> BuiltDataset:
             relabeled=relabeled,
             eval_overlap=overlap,
             gold_missing=gold_missing,
-            synthetic=_synthetic_record(p, synthetic, final) if synthetic else None,
+            synthetic=synthetic,
         )
         outputs.update(recorded.as_json())
     return BuiltDataset(train=splits["train"], eval=splits["eval"], summary=recorded, dataset_dir=final)
@@ -592,6 +600,26 @@ def _rows_from_documents(p: Params, tokenizer, tmp: Path):
     train, evaluation, relabeled = _splits(p, synthetic.examples, evaluation)
     overlap = check_eval_overlap(train, evaluation, p, real_ids=False)  # the teacher's rows have ids of our making
     return fields, synthetic, (train, evaluation, relabeled, overlap)
+
+
+def _rows_from_teacher(p: Params, labelled, tmp: Path, final: Path):
+    """Rows a teacher wrote for data.labels (synthesize.labelled), real training rows mixed in as asked, and the real
+    eval rows (data.train_path's split, or data.eval_path): (what 01 records of them, (train, eval, relabeled, overlap))."""
+    from tunebook.labelled import write_labelled_rows
+
+    if labelled:
+        real_train, evaluation, relabeled, _ = labelled
+    else:
+        raw_eval = read_rows(p.data.eval_path, p.data.eval_split)
+        real_train, evaluation, relabeled = _splits(p, [], to_examples(raw_eval, p.data, p.data.eval_path, p.data.nfkc))
+    if any("context" in e for e in real_train + evaluation):
+        raise DataError(
+            "synthesize.labelled writes question/passages rows (data.question_field, data.passages_field), and the real rows are "
+            "conversations (data.format): evaluate on question/passages rows, or write the labelled rows yourself"
+        )
+    written = write_labelled_rows(p, real_train, evaluation, tmp / "teacher_rows.jsonl", final / "teacher_rows.jsonl")
+    overlap = check_eval_overlap(written.examples, evaluation, p, real_ids=False)  # the teacher's rows have ids of our making
+    return written.record, (written.examples, evaluation, relabeled, overlap)
 
 
 def _capped(p: Params, train: list[dict], evaluation: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -755,6 +783,6 @@ def plot_cleaning(built: BuiltDataset):
     ax.barh([s["step"] for s in steps][::-1], [s["kept"] for s in steps][::-1], color="tab:blue")
     for y, s in enumerate(steps[::-1]):
         ax.text(s["kept"], y, f" {s['kept']}" + (f" (-{s['removed']})" if s["removed"] else ""), va="center")
-    ax.set_xlabel("question/answer pairs kept")
+    ax.set_xlabel("rows kept" if built.summary.synthetic.get("kind") == "labelled" else "question/answer pairs kept")
     fig.tight_layout()
     return fig

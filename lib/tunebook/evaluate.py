@@ -427,6 +427,13 @@ def score_and_write(run: Run, m: EvalModel, examples: list[dict], labels: list[s
     """Score every answer, write the model's predictions file, and return its metrics row."""
     result, answers = generated.result, generated.answers
     scores, summary = score_predictions(run.params.evaluate.metric, answers, [e["answers"] for e in examples], labels)
+    if run.params.evaluate.judge:  # the teacher's rubric score per answer, beside the metric's (cached with its replies)
+        from tunebook.judge import judge_metric
+
+        judged, judge_summary = judge_metric(run.params.synthesize.teacher, examples, answers, run.params.evaluate.judge_rubric, m.label)
+        for s, score in zip(scores, judged):
+            s["judge_score"] = score
+        summary |= judge_summary
     rows = [
         {
             "id": e["id"],

@@ -99,8 +99,10 @@ def generate(
     labels: list[str] | None = None,
     reply_start: str = "",
     shard: tuple[int, int] = (0, 1),
+    temperature: float = 0.0,
 ) -> Generation:
-    """Greedy answers in the callers' order; with `labels`, decoding is constrained to exactly one of them;
+    """Greedy answers in the callers' order (sampled at `temperature` when it is above 0: pure sampling, no top-k or
+    top-p; seed torch first for repeatable samples); with `labels`, decoding is constrained to exactly one of them;
     `reply_start` is written as the start of every answer (not returned), e.g. a JSON reply's opening.
     `shard` (index, count): generate only process index's share of count (`shard_rows`); `rows` then names the
     caller's index of each text.
@@ -120,6 +122,8 @@ def generate(
     if sequences:
         max_new_tokens = max(len(s) for s in sequences)
     options = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(model, tokenizer))
+    if temperature > 0:  # the model's own generation_config may hold top_k / top_p: switched off, so T alone shapes the samples
+        options.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     if stop_strings:
         options.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     started, done, size = time.time(), 0, batch_size

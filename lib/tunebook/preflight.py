@@ -105,7 +105,9 @@ def preflight(params: Params, stages: list[str]) -> list[Check]:
         for i, b in enumerate(params.evaluate.api_baselines):
             checks.append(timed(f"API baseline {b.label}", lambda b=b, i=i: endpoint(b.base_url, b.model, b.api_key_env, f"evaluate.api_baselines[{i}]")))
     teacher = params.synthesize.teacher
-    if "01_build_dataset" in later and params.synthesize.documents_path:
+    # The teacher writes rows in 01 (documents, or rows for labels) and judges answers in 04 (evaluate.judge).
+    writes = "01_build_dataset" in later and (params.synthesize.documents_path or params.synthesize.labelled.examples_per_label)
+    if writes or ("04_evaluate" in later and params.evaluate.judge):
         if teacher.base_url:
             checks.append(timed("synthesize.teacher", lambda: endpoint(teacher.base_url, teacher.model, teacher.api_key_env, "synthesize.teacher")))
         else:

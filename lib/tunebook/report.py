@@ -138,7 +138,10 @@ def item_html(row: dict, model: str = "", hidden: bool = False, labels: list[str
 
 def _scores(row: dict) -> str:
     shown = {"f1": "F1", "rouge_l": "ROUGE-L", "embedding_similarity": "embedding sim."}
-    return " · ".join(f"{name} {row[key]:.2f}" for key, name in shown.items() if key in row)
+    scores = [f"{name} {row[key]:.2f}" for key, name in shown.items() if key in row]
+    if "judge_score" in row:  # evaluate.judge: the teacher's rubric score, 1-5 (none when its reply held no score)
+        scores.append(f"judge {row['judge_score'] if row['judge_score'] is not None else 'no score'}/5")
+    return " · ".join(scores)
 
 
 def _full_output(row: dict) -> str:

@@ -448,7 +448,12 @@ def open_run(params_path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 
 def refuse_sweep(params: Params, params_path: str | Path) -> None:
-    """A sweep file names many runs; run as one, it would write into the folder that holds them."""
+    """A sweep file (or a rounds file) names many runs; run as one, it would write into the folder that holds them."""
+    if params.rounds.count:
+        raise TunebookError(
+            f"{params_path} has rounds.count {params.rounds.count}: run it with `python -m tunebook rounds {params_path}`. "
+            f"Each round is a run of its own, opened with the params.yaml in its folder, e.g. {params.run_dir}/round-0/params.yaml."
+        )
     if params.sweep.grid or params.sweep.variants:
         raise TunebookError(
             f"{params_path} has a sweep section: run it with `python -m tunebook sweep {params_path}`. "
