@@ -252,15 +252,15 @@ def running_entry(run_dir: Path, stage: str, process: subprocess.Popen, log: Pat
 
 def test_sigterm_to_the_command_marks_the_stage_interrupted(tmp_path):
     out = tmp_path / "out"
-    first = start(tmp_path, *smoke(out, "--stages", "01"))
-    entry = running_entry(out / "smoke", "01_build_dataset", first, tmp_path / "first.log")
+    first = start(tmp_path, *smoke(out, "--stages", "01,02"))
+    entry = running_entry(out / "smoke", "02_finetune", first, tmp_path / "first.log")
     assert entry["pid"] != first.pid and entry["host"]  # the kernel's process, recorded with the host
 
     # The same run from a second command meanwhile: refused, nothing changed.
     before = snapshot(out / "smoke")
     message = refused(tunebook("a second command on a running stage", *smoke(out, "--resume")), "a second command on a running stage")
     assert message == (
-        f"Stage 01_build_dataset of run 'smoke' is running now in process {entry['pid']} (started {entry['started']}), on this run folder "
+        f"Stage 02_finetune of run 'smoke' is running now in process {entry['pid']} (started {entry['started']}), on this run folder "
         f"({out / 'smoke'}). Nothing was changed. Wait for it to finish, or stop it (kill {entry['pid']}) and run again."
     )
     assert snapshot(out / "smoke") == before
@@ -268,14 +268,15 @@ def test_sigterm_to_the_command_marks_the_stage_interrupted(tmp_path):
     signalled = time.monotonic()
     first.send_signal(signal.SIGTERM)
     assert first.wait(60) == 143
-    TIMES["SIGTERM to `run` during 01 (to exit)"] = time.monotonic() - signalled
+    TIMES["SIGTERM to `run` during 02 (to exit)"] = time.monotonic() - signalled
     log = (tmp_path / "first.log").read_text()
-    after = json.loads((out / "smoke" / "manifest.json").read_text())["stages"]["01_build_dataset"]
+    after = json.loads((out / "smoke" / "manifest.json").read_text())["stages"]["02_finetune"]
     assert after["status"] == "interrupted" and after["started"] == entry["started"] and after["pid"] == entry["pid"]
     assert after["reason"] == "SIGTERM to the command running its notebook"
     assert log.rstrip().endswith(
-        f"Stage 01_build_dataset was interrupted at {after['interrupted']} (SIGTERM to the command running its notebook); "
-        f"recorded in {out / 'smoke' / 'manifest.json'}.\n`python -m tunebook run {SMOKE} --resume` runs the stages that are not complete."
+        f"Stage 02_finetune was interrupted at {after['interrupted']} (SIGTERM to the command running its notebook); "
+        f"recorded in {out / 'smoke' / 'manifest.json'}.\n`python -m tunebook run {SMOKE} --resume` runs the stages that are not complete "
+        "(02 continues from its last checkpoint)."
     ), log[-2000:]
     assert "Traceback" not in log
     assert not psutil.pid_exists(entry["pid"]) or psutil.Process(entry["pid"]).status() == psutil.STATUS_ZOMBIE  # the kernel is stopped
@@ -284,52 +285,52 @@ def test_sigterm_to_the_command_marks_the_stage_interrupted(tmp_path):
 def test_a_hard_kill_is_found_and_the_stage_re_run(tmp_path):
     """SIGKILL to the command and its kernel (a lost machine): the next --resume says so and runs the stage again."""
     out = tmp_path / "out"
-    first = start(tmp_path, *smoke(out, "--stages", "01"))
-    entry = running_entry(out / "smoke", "01_build_dataset", first, tmp_path / "first.log")
+    first = start(tmp_path, *smoke(out, "--stages", "01,02"))
+    entry = running_entry(out / "smoke", "02_finetune", first, tmp_path / "first.log")
     psutil.Process(entry["pid"]).kill()
     first.kill()
     first.wait(30)
     psutil.wait_procs([p for p in psutil.process_iter() if p.pid == entry["pid"]], timeout=30)
-    assert json.loads((out / "smoke" / "manifest.json").read_text())["stages"]["01_build_dataset"]["status"] == "running"
+    assert json.loads((out / "smoke" / "manifest.json").read_text())["stages"]["02_finetune"]["status"] == "running"
 
     started = time.monotonic()
     resumed = subprocess.Popen(
-        [sys.executable, "-m", "tunebook", *map(str, smoke(out, "--resume", "--stages", "01"))],
+        [sys.executable, "-m", "tunebook", *map(str, smoke(out, "--resume", "--stages", "02"))],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     first_line = resumed.stdout.readline()
-    TIMES["--resume after a hard kill during 01 (the note)"] = time.monotonic() - started
+    TIMES["--resume after a hard kill during 02 (the note)"] = time.monotonic() - started
     rest, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, rest[-3000:]
     pattern = (
-        r"Stage 01_build_dataset was interrupted at (\S+) \(its process " + str(entry["pid"]) + r" is gone; the time is its last write to the run "
+        r"Stage 02_finetune was interrupted at (\S+) \(its process " + str(entry["pid"]) + r" is gone; the time is its last write to the run "
         r"folder\); re-running it\.\n"
     )
     assert re.fullmatch(pattern, first_line), first_line
     assert re.fullmatch(pattern, first_line).group(1) >= entry["started"]
-    assert "Re-running 01_build_dataset." in rest  # the kernel's stage context: said once, not twice
-    assert json.loads((out / "smoke" / "manifest.json").read_text())["stages"]["01_build_dataset"]["status"] == "complete"
+    assert "Re-running 02_finetune." in rest  # the kernel's stage context: said once, not twice
+    assert json.loads((out / "smoke" / "manifest.json").read_text())["stages"]["02_finetune"]["status"] == "complete"
 
 
 def test_sigterm_to_the_kernel_through_papermill(tmp_path):
     """The notebook's kernel itself gets SIGTERM: its stage context records it; papermill's error says interrupted."""
     out = tmp_path / "out"
-    first = start(tmp_path, *smoke(out, "--stages", "01"))
-    entry = running_entry(out / "smoke", "01_build_dataset", first, tmp_path / "first.log")
+    first = start(tmp_path, *smoke(out, "--stages", "01,02"))
+    entry = running_entry(out / "smoke", "02_finetune", first, tmp_path / "first.log")
     signalled = time.monotonic()
     os.kill(entry["pid"], signal.SIGTERM)
     assert first.wait(60) == 2
-    TIMES["SIGTERM to the kernel during 01 (to exit)"] = time.monotonic() - signalled
+    TIMES["SIGTERM to the kernel during 02 (to exit)"] = time.monotonic() - signalled
     log = (tmp_path / "first.log").read_text()
-    notebook = out / "smoke" / "notebooks" / "01_build_dataset.ipynb"
+    notebook = out / "smoke" / "notebooks" / "02_finetune.ipynb"
     assert log.rstrip().endswith(
-        f"error: Stage 01_build_dataset was interrupted in its kernel (Terminated: SIGTERM), and recorded so; the executed notebook up to there: {notebook}"
+        f"error: Stage 02_finetune was interrupted in its kernel (Terminated: SIGTERM), and recorded so; the executed notebook up to there: {notebook}"
     ), log[-2000:]
     assert "Traceback" not in log.split("Ending Cell")[0]  # papermill logs the cells' output; the command adds none
-    after = json.loads((out / "smoke" / "manifest.json").read_text())["stages"]["01_build_dataset"]
+    after = json.loads((out / "smoke" / "manifest.json").read_text())["stages"]["02_finetune"]
     assert after["status"] == "interrupted" and after["reason"] == "SIGTERM" and after["interrupted"] >= entry["started"]
 
 
