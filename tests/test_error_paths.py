@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT
 from tunebook.errors import TunebookError
-from tunebook.runs import Run, execute_stage, open_run
+from tunebook.run.folder import Run, execute_stage, open_run
 
 SMOKE = ROOT / "params" / "smoke.yaml"
 TIMES: dict[str, float] = {}

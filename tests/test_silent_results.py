@@ -17,10 +17,10 @@ import pytest
 
 from conftest import ROOT
 from servers import failing_endpoint, free_port
-from tunebook.analysis import analyze
-from tunebook.data import EvalOverlapError, build_dataset, eval_overlap, read_jsonl
-from tunebook.evaluate import EvaluationFailed, evaluate, no_answers
-from tunebook.runs import StageFailed, execute_stage, open_run
+from tunebook.analysis.analysis import analyze
+from tunebook.dataset.build import EvalOverlapError, build_dataset, eval_overlap, read_jsonl
+from tunebook.evaluation.evaluate import EvaluationFailed, evaluate, no_answers
+from tunebook.run.folder import StageFailed, execute_stage, open_run
 
 GOLD_REMOVED = ("q1", "q3")  # these rows' passages lose every gold answer: half of each article
 

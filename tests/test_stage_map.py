@@ -7,13 +7,14 @@ import pytest
 from pydantic import Field
 
 from conftest import ROOT
-from tunebook.config import STAGES, Params, TrainParams, schema_rows, stage_map
-from tunebook.runs import FIRST_READ_BY, WHERE_KEYS, first_read_by
+from tunebook.params.schema import STAGES, Params, TrainParams, schema_rows, stage_map
+from tunebook.run.folder import FIRST_READ_BY, WHERE_KEYS, first_read_by
 
 # The stage each module's code runs in: a read there of a key the schema gives a later stage is a key that stage's
 # outputs depend on without its key saying so (a sweep would then copy the stage instead of re-running it).
-STAGE_MODULES = {"data": "01_build_dataset", "synthetic": "01_build_dataset", "documents": "01_build_dataset",
-                 "train": "02_finetune", "quantize": "03_quantize", "evaluate": "04_evaluate", "analysis": "05_error_analysis"}  # fmt: skip
+STAGE_MODULES = {"dataset/build": "01_build_dataset", "dataset/synthetic": "01_build_dataset", "dataset/documents": "01_build_dataset",
+                 "training/train": "02_finetune", "quantizing/quantize": "03_quantize", "evaluation/evaluate": "04_evaluate",
+                 "analysis/analysis": "05_error_analysis"}  # fmt: skip
 
 
 def test_every_key_has_a_stage_or_is_where_a_run_lives():
@@ -64,4 +65,4 @@ def test_no_stage_reads_a_key_declared_for_a_later_stage(module):
         if first is not None and STAGES.index(first) > STAGES.index(stage):
             later.append(f"{key} (declared {first})")
     assert not later, f"{module}.py runs in {stage} but reads {later}: mark the key read_first_by('{stage}') in config.py"
-    assert params_reads(module) or module in ("documents", "analysis"), "the check found no reads at all"
+    assert params_reads(module) or module in ("dataset/documents", "analysis/analysis"), "the check found no reads at all"

@@ -60,8 +60,8 @@ def test_the_readme_module_map_names_every_module():
 
 
 def test_each_quantize_method_is_named_once_and_made_by_quantize():
-    from tunebook.config import QUANTIZE_METHODS, QuantizeParams
-    from tunebook.quantize import QUANTIZERS
+    from tunebook.params.schema import QUANTIZE_METHODS, QuantizeParams
+    from tunebook.quantizing.quantize import QUANTIZERS
 
     assert set(QUANTIZERS) == set(QUANTIZE_METHODS)
     assert QuantizeParams(methods=list(QUANTIZE_METHODS)).methods == list(QUANTIZE_METHODS)  # the schema takes exactly these
