@@ -1,5 +1,5 @@
 """The train stage on a CPU with TRL's fused LM head as shipped (every position projected through the head) against
-the workbook's `tunebook.training.train.score_only_loss_positions` (only the positions that carry a loss), side by side.
+the workbook's `tunebook.models.patches.score_only_loss_positions` (only the positions that carry a loss), side by side.
 
     python bench/cpu_lm_head.py          # both, each in its own process
 

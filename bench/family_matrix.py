@@ -78,7 +78,7 @@ def tiny_model(name: str, dest: Path) -> Path:
 
     from tunebook.models.load import resolve_model
     from tunebook.params.schema import DEFAULT_MODEL
-    from tunebook.run.folder import build_once
+    from tunebook.run.files import build_once
 
     family = FAMILIES[name]
     if (dest / "config.json").exists():

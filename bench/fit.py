@@ -206,7 +206,8 @@ def params_table(machine_name: str) -> str:
     """`check --machine` over every shipped params file, one markdown row each (hub models' configs from bench/configs)."""
     offline_hub_cache()
     from tunebook.checks.fit import check_fit, machine_named
-    from tunebook.params.schema import STAGES, load_params
+    from tunebook.params.load import load_params
+    from tunebook.params.schema import STAGES
 
     machine = machine_named(machine_name)
     lines = [
@@ -252,7 +253,8 @@ def colab_tables() -> str:
     """`check PARAMS --machine M` for each Colab params file on its own machine (hub models' configs from bench/configs)."""
     offline_hub_cache()
     from tunebook.checks.fit import check_fit, machine_named
-    from tunebook.params.schema import STAGES, load_params
+    from tunebook.params.load import load_params
+    from tunebook.params.schema import STAGES
 
     shipped = sorted(p.name for p in (ROOT / "params").glob("colab_*.yaml"))
     unknown = sorted(set(shipped) - set(COLAB_MACHINES))
@@ -396,7 +398,7 @@ def case(name: str, models: Path, scratch: Path) -> dict:
 
     from tunebook.checks.fit import Lengths
     from tunebook.models.load import pick_backend
-    from tunebook.params.schema import load_params
+    from tunebook.params.load import load_params
 
     c = CASES[name]
     path = models / c.shape

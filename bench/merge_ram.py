@@ -95,7 +95,7 @@ def build_adapter(base: Path, params_file: Path, dest: Path, seed: int = 1) -> P
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunebook.models.families import linear_layer_names
-    from tunebook.params.schema import load_params
+    from tunebook.params.load import load_params
 
     if (dest / "adapter_model.safetensors").exists():
         return dest

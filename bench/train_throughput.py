@@ -134,7 +134,7 @@ def _dataset(rows):
 
 # ---------------------------------------------------------------------------------------------- cases
 def _workbook_params(overrides: list[str], params_file: str = "default"):
-    from tunebook.params.schema import load_params
+    from tunebook.params.load import load_params
 
     return load_params(ROOT / "params" / f"{params_file}.yaml", overrides)
 

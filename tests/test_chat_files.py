@@ -11,7 +11,8 @@ import pytest
 
 from conftest import ROOT
 from tunebook.dataset.build import build_dataset, data_format, read_rows, row_format, to_examples, with_chat
-from tunebook.params.schema import DataParams, ParamsError, PromptParams, load_params
+from tunebook.params.load import load_params
+from tunebook.params.schema import DataParams, ParamsError, PromptParams
 from tunebook.run.folder import open_run
 from tunebook.run.rows import DataError
 

@@ -25,7 +25,7 @@ from packaging.utils import canonicalize_name
 
 from conftest import ROOT
 from tunebook.colab import home, runtime
-from tunebook.params.schema import load_params
+from tunebook.params.load import load_params
 from tunebook.training.train import checkpoint_step, last_checkpoint
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -169,7 +169,7 @@ def test_requirements_txt_holds_every_group():
 
 
 def test_on_colab_the_run_is_on_drive_by_default_and_its_weights_on_the_runtime(monkeypatch):
-    from tunebook.params.schema import COLAB_CONTENT, DRIVE_MOUNT
+    from tunebook.params.drive import COLAB_CONTENT, DRIVE_MOUNT
 
     params = load_params(ROOT / "params/smoke.yaml")
     assert params.run_dir == ROOT / "outputs" / "smoke" and params.weights_dir == params.run_dir  # elsewhere: nothing moves

@@ -301,7 +301,7 @@ def test_a_tokenizer_that_does_not_give_the_text_back_stops_01_before_anything_i
 
 
 def load_params_of(path):
-    from tunebook.params.schema import load_params
+    from tunebook.params.load import load_params
 
     return load_params(path)
 

@@ -20,7 +20,8 @@ from servers import JsonHandler, answering
 from tunebook.checks.fit import GIB, MACHINES, Machine, check_fit, fit_here, model_shape, predict
 from tunebook.checks.preflight import PreflightError, check_or_stop
 from tunebook.cli import main
-from tunebook.params.schema import STAGES, load_params
+from tunebook.params.load import load_params
+from tunebook.params.schema import STAGES
 
 CONFIGS = ROOT / "bench" / "configs"
 TRAIN = ["02_finetune"]

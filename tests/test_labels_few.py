@@ -209,7 +209,7 @@ def test_the_teachers_label_and_the_attributes_asked_for(write_params, tmp_path)
     assert [a["length"] for a in asked] == ["short", "long"] * 2 and [a["subtopic"] for a in asked] == ["bread", "soup"] * 2
     assert labelled.attributes(p, "sports", 0)["subtopic"] is None  # the teacher picks one and names it
     from tunebook.colab import runtime
-    from tunebook.params.schema import load_params
+    from tunebook.params.load import load_params
 
     teacher_recipe = load_params(ROOT / "params" / "livedoor_teacher.yaml")
     assert "synthesize.labelled" in runtime.groups_for(teacher_recipe, "01_build_dataset")["documents"]

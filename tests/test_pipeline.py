@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT
 from tunebook.models.load import pick_dtype
-from tunebook.run.folder import STAGES
+from tunebook.params.schema import STAGES
 
 REQUIRED_METRIC_KEYS = {"model", "exact_match", "partial_match", "f1", "n", "seconds", "peak_memory_mb", "bits", "size_mb"}
 # params/smoke.yaml's quantized copies that run on a CPU; bnb_nf4 needs a GPU and is listed as skipped.

@@ -62,8 +62,8 @@ def cli(name, out, *args):
 
 
 def notebook(run: Run):
-    """Notebook 02 through papermill, as the CLI runs it (runs.execute_stage)."""
-    code = "import sys; from pathlib import Path; from tunebook.run.folder import execute_stage; execute_stage('02_finetune', Path(sys.argv[1]), Path(sys.argv[2]))"
+    """Notebook 02 through papermill, as the CLI runs it (run/notebooks.py's execute_stage)."""
+    code = "import sys; from pathlib import Path; from tunebook.run.notebooks import execute_stage; execute_stage('02_finetune', Path(sys.argv[1]), Path(sys.argv[2]))"
     return [sys.executable, "-c", code, str(run.dir / "params.yaml"), str(run.dir)]
 
 

@@ -80,7 +80,7 @@ def test_changed_params_keep_the_earlier_version(write_params, run):
 
 
 def test_build_once_keeps_the_first_finished_copy_and_leaves_no_temp_folder(tmp_path):
-    from tunebook.run.folder import build_once
+    from tunebook.run.files import build_once
 
     entry = tmp_path / "cache" / "model-v1"
     with build_once(entry) as first, build_once(entry) as second:  # two processes building the same entry

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from tunebook.checks import preflight
 from tunebook.errors import TunebookError
-from tunebook.params.schema import load_params
+from tunebook.params.load import load_params
 from tunebook.run import tracking
 from tunebook.run.folder import open_run
 from tunebook.run.outputs import AnalysisOutputs, EvaluateOutputs, FinetuneOutputs

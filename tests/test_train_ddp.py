@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT
 from tunebook.errors import TunebookError
-from tunebook.params.schema import ParamsError, load_params
+from tunebook.params.load import load_params
+from tunebook.params.schema import ParamsError
 from tunebook.run.folder import Run
 from tunebook.training.train import checked_accelerate_config, finetune
 

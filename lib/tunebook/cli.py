@@ -26,8 +26,12 @@ from pathlib import Path
 from tunebook.checks.fit import MACHINE_NAMES
 from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
 from tunebook.metrics import SCORERS
-from tunebook.params.schema import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
-from tunebook.run.folder import Run, execute_stage, interruption_note, move_aside, refuse_sweep, save_params, stage_key, stage_values
+from tunebook.params.load import load_params
+from tunebook.params.reference import schema_markdown
+from tunebook.params.schema import DEFAULT_MODEL, STAGES, stage_names
+from tunebook.run.folder import Run, interruption_note, move_aside, refuse_sweep, save_params
+from tunebook.run.keys import stage_key, stage_values
+from tunebook.run.notebooks import execute_stage
 from tunebook.run.rows import write_jsonl
 
 PARAMS_DOC = "docs/params.md"  # the params reference page, its table generated from the schema (a test checks it)

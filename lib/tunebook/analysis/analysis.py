@@ -21,11 +21,13 @@ from pathlib import Path
 
 from tunebook.analysis.model_card import write_cards
 from tunebook.analysis.report import CATEGORIES, CHANGES, confusion_column, gold_in_passages, gold_missing, report_html
+from tunebook.colab.runtime import prepare_stage
 from tunebook.dataset.build import load_split
 from tunebook.evaluation.judge import judge_table
 from tunebook.metrics import SPAN_METRICS, loose_normalize
 from tunebook.run import tracking
-from tunebook.run.folder import Run, write_json_atomic
+from tunebook.run.files import write_json_atomic
+from tunebook.run.folder import Run
 from tunebook.run.outputs import AnalysisOutputs
 
 
@@ -113,6 +115,7 @@ def transitions(before: list[dict], after: list[dict]) -> dict[str, int]:
 
 
 def analyze(run: Run) -> dict:
+    prepare_stage(run.params, "05_error_analysis")
     with run.stage("05_error_analysis") as outputs:
         predictions = load_predictions(run)
         counts = category_counts(predictions)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 from tunebook.analysis.analysis import change, confusion_matrix, is_right, load_predictions, reference_model
 from tunebook.analysis.report import CATEGORIES, CHANGES, CSS, confusion_column, item_html
-from tunebook.params.schema import on_colab
+from tunebook.params.drive import on_colab
 from tunebook.run.folder import Run, is_run_folder, open_run
 
 # What the category filter's choices beyond the categories themselves keep.

@@ -16,7 +16,8 @@ import pandas as pd
 
 from tunebook.errors import TunebookError
 from tunebook.metrics import SUMMARY_KEYS
-from tunebook.run.folder import WHERE_KEYS, Run, flatten, is_run_folder, is_under
+from tunebook.run.folder import Run, is_run_folder
+from tunebook.run.keys import WHERE_KEYS, flatten, is_under
 from tunebook.training.train import loss_curves
 
 # The judge's mean rubric score (evaluate.judge, 1-5) and a self-improvement round's kept share (rounds.json) too.

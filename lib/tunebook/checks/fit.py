@@ -126,7 +126,7 @@ def this_machine(output_dir: str = ".", gpu: bool = True) -> Machine:
     import psutil
 
     from tunebook.models.load import cpu_computes_bfloat16, has_cuda, has_unsloth
-    from tunebook.params.schema import DRIVE_MOUNT, on_colab
+    from tunebook.params.drive import DRIVE_MOUNT, on_colab
 
     existing = Path(output_dir)
     while not existing.exists():

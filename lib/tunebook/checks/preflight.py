@@ -23,7 +23,8 @@ from pathlib import Path
 from tunebook.checks.fit import fit_here
 from tunebook.errors import TunebookError
 from tunebook.models.load import EMBEDDED, HUB_ID, MATERIALIZED_VERSION, cache_dir, has_unsloth, hub_model
-from tunebook.params.schema import STAGES, Params, load_params
+from tunebook.params.load import load_params
+from tunebook.params.schema import STAGES, Params
 from tunebook.run.rows import DataError, read_jsonl
 
 SAMPLE_BYTES = 50_000_000  # a larger data file is checked on its first SAMPLE_ROWS rows

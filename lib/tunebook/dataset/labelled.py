@@ -8,7 +8,7 @@ per label: length (question and passage), language, copies of real training rows
 examples), near duplicates within a label and then across labels (a text written for two labels teaches neither),
 decontamination against the eval texts, and the label check: the teacher
 classifies each row without seeing its label, and a row whose label it does not confirm is dropped. Evaluation stays
-on real rows. Leaf-like: no stage module is imported (data.py calls this).
+on real rows. Leaf-like: no stage module is imported (build.py calls this).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tunebook.colab.runtime import prepare_stage
 from tunebook.dataset.build import load_split
 from tunebook.errors import TunebookError
 from tunebook.metrics import SUMMARY_KEYS, score_predictions
@@ -31,7 +32,9 @@ from tunebook.models.merge import merged_model
 from tunebook.params.schema import ApiBaselineParams
 from tunebook.quantizing.quantize import copy_on_disk
 from tunebook.run import tracking
-from tunebook.run.folder import Run, first_read_by, params_key, read_manifest, write_json_atomic
+from tunebook.run.files import write_json_atomic
+from tunebook.run.folder import Run, read_manifest
+from tunebook.run.keys import first_read_by, params_key
 from tunebook.run.launch import accelerate_command, hand_over, refuse_more_processes_than_gpus, run_streaming, take_over, worker_main
 from tunebook.run.outputs import EvaluateOutputs
 from tunebook.run.rows import read_jsonl, write_jsonl
@@ -204,6 +207,7 @@ def evaluate(run: Run, reuse_from: list[str] = ()) -> list[dict]:
     backend = "hf" if p.evaluate.backend == "auto" else pick_backend(p.evaluate.backend, "evaluate.backend")
     if p.evaluate.num_processes > 1 and any(m.kind in ("transformers", "adapter") for m in models):
         refuse_more_processes_than_gpus(p.evaluate.num_processes, "evaluate.num_processes")
+    prepare_stage(p, "04_evaluate")
     with run.stage("04_evaluate") as outputs:
         predictions_dir = run.dir / "predictions"
         predictions_dir.mkdir(exist_ok=True)

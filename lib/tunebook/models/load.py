@@ -44,7 +44,7 @@ def hub_model(name: str) -> str:
             model_info(name, timeout=HUB_TIMEOUT)
             return "on the hub"
         except GatedRepoError:
-            from tunebook.params.schema import on_colab
+            from tunebook.params.drive import on_colab
 
             login = (
                 "on Colab, add the secret HF_TOKEN (the key icon in the left bar; a read token from huggingface.co/settings/tokens) "
@@ -101,7 +101,7 @@ def materialize_embedded(name: str) -> Path:
     gguf = Path(next(iter(spec.submodule_search_locations))) / filename
     if not gguf.exists():
         raise TunebookError(f"{gguf} is missing from the installed {package} package; reinstall it.")
-    from tunebook.run.folder import build_once
+    from tunebook.run.files import build_once
 
     # The folder first: a cache that cannot be written is said before half a minute of converting.
     with build_once(target) as tmp:
@@ -243,7 +243,7 @@ def text_tokenizer(name: str):
     check uses."""
     from transformers import AutoTokenizer
 
-    from tunebook.models.tokenizer_check import keep_file_pipeline
+    from tunebook.models.patches import keep_file_pipeline
 
     source = resolve_model(name)
     try:
@@ -257,9 +257,9 @@ def prepare_tokenizer(tokenizer, name: str, chat_template: str | None, enable_th
     """The params' chat template (if one is named) with the run's variables pinned in it, the end-of-turn token as
     EOS (what generation, constrained labels and GGUF exports stop at) and a pad token; refuses models without a
     chat template and templates whose answer turn never ends. A byte-level pipeline its class replaced is restored
-    first (tokenizer_check.keep_file_pipeline)."""
+    first (patches.keep_file_pipeline)."""
     from tunebook.models.families import chat_format, choose_pad_token, pin_template
-    from tunebook.models.tokenizer_check import keep_file_pipeline
+    from tunebook.models.patches import keep_file_pipeline
 
     # Unsloth loads a multimodal checkpoint (gemma-3-4b-it) with its processor: tunebook trains and prompts text, so
     # the processor's tokenizer is what every stage uses.
@@ -365,30 +365,11 @@ def load_for_inference(
         model.generation_config.cache_implementation = "static"
         model.generation_config.disable_compile = True
         if has_cuda() and model.config._attn_implementation == "sdpa":
+            from tunebook.models.patches import use_grouped_query_sdpa
+
             use_grouped_query_sdpa(model)
     tokenizer.padding_side = "left"
     return model, tokenizer
-
-
-def use_grouped_query_sdpa(model) -> None:
-    """Switch the model to an inference attention for transformers: its SDPA attention, except that grouped-query heads (8 key/value
-    heads for 32 query heads in Llama-3-8B) go to the kernel as they are (`enable_gqa`). transformers copies them
-    out to one per query head whenever a padding mask is present, i.e. in every left-padded batch; skipping that
-    copy made batched evaluation of an 8B model 1.45x faster on an H200 (bench/eval_throughput.py)."""
-    import torch.nn.functional as F
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-        if attention_mask is not None:
-            attention_mask = attention_mask[:, :, :, : key.shape[-2]]
-        causal = attention_mask is None and query.shape[2] > 1
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=causal, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register("sdpa_gqa", sdpa_gqa)
-    AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
-    model.set_attn_implementation("sdpa_gqa")
 
 
 def _load_error(name: str, error: Exception) -> TunebookError:

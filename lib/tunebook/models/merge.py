@@ -6,7 +6,7 @@ read a tensor at a time: each weight the adapter trained gets B @ A x scale adde
 run's dtype), and the output is written in shards of at most MAX_SHARD_BYTES, each file closed before the next is
 read, so the memory held is about two shards, whatever the model's size (bench/merge_ram.py measures it).
 
-02 merges into the run's weights folder (config.Params.weights_dir); a later stage on another machine or a fresh Colab
+02 merges into the run's weights folder (params/schema.py's Params.weights_dir); a later stage on another machine or a fresh Colab
 runtime, where that folder is gone, rebuilds it from the base model and the adapter kept with the run (`merged_model`).
 A merged folder records the adapter it was made from (MERGE_RECORD), so one made from another adapter is never used.
 """
@@ -199,7 +199,7 @@ def merge_for_run(p, adapter_dir: Path, merged_dir: Path) -> None:
     """The run's base model + `adapter_dir` merged into `merged_dir` (swapped into place when complete), in the
     training dtype, as 02 and a later stage rebuilding it make it alike."""
     from tunebook.models.load import model_type, pick_dtype
-    from tunebook.run.folder import fresh_tmp_dir, replace_dir
+    from tunebook.run.files import fresh_tmp_dir, replace_dir
 
     dtype = str(pick_dtype(p.model.dtype, model_type(p.model.name))).removeprefix("torch.")
     base = base_weights(p.model.name)

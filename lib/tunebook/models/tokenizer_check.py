@@ -5,7 +5,7 @@ sample of the run's own texts (prompts and answers) and stops the run, before an
 not come back as it went in, allowing only the normalization the tokenizer declares (its normalizer: NFC, NFKC,
 lower-casing) and whitespace at the ends (SentencePiece's prefix space).
 
-`keep_file_pipeline` handles the case that check was written for: transformers 5 builds the tokenizer class named in
+`keep_file_pipeline` (models/patches.py) handles the case that check was written for: transformers 5 builds the tokenizer class named in
 tokenizer_config.json, and `LlamaTokenizer(Fast)` installs SentencePiece's Metaspace pre-tokenizer and decoder over
 a byte-level BPE `tokenizer.json` (DeepSeek V3 / R1, the R1-Distill models, deepseek-coder / -math; transformers
 issues 45488 and 48206). Every space is lost: "Which plant" trains as "Whichplant". Such a tokenizer is loaded from
@@ -15,10 +15,7 @@ does the same. It switches itself off once the installed transformers round-trip
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from tunebook.errors import TunebookError
 
@@ -29,23 +26,6 @@ SAMPLE_ROWS = 64  # rows per split whose texts are checked (spread over the spli
 
 class TokenizerError(TunebookError):
     """The tokenizer does not reproduce the run's text: the message names the class, an example and the fix."""
-
-
-@functools.cache
-def file_tokenizer_class() -> type:
-    """The class of a tokenizer loaded from its tokenizer.json pipeline as is: transformers' TokenizersBackend, named
-    so that save_pretrained writes `"tokenizer_class": "PreTrainedTokenizerFast"`, which transformers 4 and 5 both load
-    from tokenizer.json unchanged (5 would write "TokenizersBackend", unknown to 4.x serving engines). Made on first
-    use, so that importing this module does not import transformers."""
-    from transformers import TokenizersBackend
-
-    return type("PreTrainedTokenizerFast", (TokenizersBackend,), {"__module__": __name__, "__doc__": file_tokenizer_class.__doc__})
-
-
-def __getattr__(name: str):
-    if name == "PreTrainedTokenizerFast":  # where pickle (datasets' fingerprints, TRL's map) looks the class up
-        return file_tokenizer_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -133,55 +113,3 @@ def _fix(tokenizer, first: Mismatch) -> str:
         '"decoder"; tokenizers.Tokenizer.from_file(".../tokenizer.json") shows what the file alone does). Repair the '
         "model's tokenizer files, or pick another model."
     )
-
-
-def tokenizer_file(source: str) -> Path | None:
-    """The tokenizer.json a tokenizer was loaded from: in its folder, or in the local hub cache (no download)."""
-    folder = Path(source)
-    if folder.is_dir():
-        return folder / "tokenizer.json" if (folder / "tokenizer.json").is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(source, "tokenizer.json")
-    return Path(cached) if isinstance(cached, str) else None
-
-
-def _has_byte_level(component: dict | None) -> bool:
-    if not component:
-        return False
-    if component.get("type") == "ByteLevel":
-        return True
-    children = component.get("pretokenizers") or component.get("decoders") or []
-    return any(_has_byte_level(c) for c in children)
-
-
-def keep_file_pipeline(tokenizer):
-    """The tokenizer as loaded, or, where its class replaced a byte-level tokenizer.json pipeline that round-trips,
-    that pipeline as the file has it, with the loaded tokenizer's special and added tokens, chat template and padding
-    side kept. Said in one line."""
-    if isinstance(tokenizer, file_tokenizer_class()) or reproduces(tokenizer, PROBE):
-        return tokenizer  # the installed transformers keeps the file's pipeline: nothing to do
-    path = tokenizer_file(tokenizer.name_or_path or "")
-    if path is None:
-        return tokenizer
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    if not (_has_byte_level(spec.get("pre_tokenizer")) and _has_byte_level(spec.get("decoder"))):
-        return tokenizer
-    kept = file_tokenizer_class().from_pretrained(str(path.parent), chat_template=tokenizer.chat_template)
-    if not reproduces(kept, PROBE):
-        return tokenizer  # the file itself does not round-trip: 01's check says so
-    vocab = kept.get_vocab()
-    missing = [t for t in tokenizer.added_tokens_decoder.values() if t.content not in vocab]
-    if missing:
-        kept.add_tokens(missing)
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            setattr(kept, name, value)
-    kept.padding_side = tokenizer.padding_side
-    kept.model_max_length = tokenizer.model_max_length
-    print(
-        f"Tokenizer: {type(tokenizer).__name__} replaced the byte-level pipeline of {path} and lost its spaces "
-        "(transformers issue 45488); loading tokenizer.json as is, and saving it that way with the model."
-    )
-    return kept

@@ -1,28 +1,24 @@
-"""The params schema: every knob of a run, with its default and a one-line meaning.
+"""The params schema: every knob of a run, with its default, the stage that first reads it and a one-line meaning.
 
 This file is the single source of truth. `python -m tunebook params` prints it as a table (the one in
-docs/params.md is generated from it), notebooks and the CLI read params only through `load_params`.
+docs/params.md is generated from it, params/reference.py), notebooks and the CLI read params only through
+`load_params` (params/load.py).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import math
-import os
 import re
 import string
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from tunebook.dataset.chat_files import CHAT_FORMATS
 from tunebook.errors import TunebookError
 from tunebook.metrics import SCORERS
+from tunebook.params.drive import COLAB_CONTENT, DRIVE_MOUNT, on_colab
 
 DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 TEMPLATE_FIELDS = ("instruction", "passages", "question", "labels")
@@ -130,6 +126,7 @@ class RetrievalParams(Section):
     )
 
 
+CHAT_FORMATS = ("messages", "sharegpt", "alpaca")  # the conversation formats, read by dataset/chat_files.py
 DataFormat = Literal[("auto", "qa", *CHAT_FORMATS)]
 
 
@@ -771,17 +768,6 @@ class RoundsParams(Section):
         return self
 
 
-# A Colab runtime's own disk (lost with the runtime) and where Drive is mounted in it. TUNEBOOK_CONTENT moves both
-# (the tests play several runtimes, each with a folder of its own).
-COLAB_CONTENT = Path(os.environ.get("TUNEBOOK_CONTENT", "/content"))
-DRIVE_MOUNT = str(COLAB_CONTENT / "drive")
-
-
-def on_colab() -> bool:
-    """Colab's kernel imports google.colab at start; a `!python ...` command in a cell runs where Colab's variables are set."""
-    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
-
-
 class ColabParams(Section):
     drive_dir: str | None = Field(
         "MyDrive/tunebook",
@@ -946,246 +932,7 @@ def format_conflicts(params: Params, fmt: str) -> list[str]:
     return [f"data.format {fmt}: {problem}" for problem in problems]
 
 
-# Keys whose relative values are paths: resolved against the params file's folder (values given with
-# --set against the current folder), so a run behaves the same from the repo root, notebooks/ or Colab.
-PATH_KEYS = (
-    "output_dir",
-    "data.train_path",
-    "synthesize.documents_path",
-    "synthesize.teacher.cache_dir",
-    "data.eval_path",
-    "data.relabels_path",
-    "data.retrieval.corpus_path",
-    "rounds.questions_path",
-    "model.name",
-    "train.accelerate_config",
-)
-ALWAYS_PATHS = ("output_dir", "synthesize.documents_path", "synthesize.teacher.cache_dir", "train.accelerate_config")
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read a params YAML, apply `key=value` overrides, validate, and return the params."""
-    return validate_params(read_params(path, overrides), source=str(path))
-
-
-def read_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """A params YAML as a plain dict, its relative paths resolved and `key=value` overrides applied (not validated)."""
-    path = Path(path)
-    raw = read_yaml(path, "params file") or {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path} must hold a mapping of keys (run_name:, data:, ...), not {type(raw).__name__}.")
-    _resolve_paths(raw, path.resolve().parent)
-    for item in overrides:
-        apply_setting(raw, *_parse_override(item), base=Path.cwd(), source="--set")
-    return raw
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a mapping with the same key twice (plain PyYAML keeps the last one silently)."""
-
-    def construct_document(self, node):
-        self._refuse_repeated_keys(node, [], set())
-        return super().construct_document(node)
-
-    def _refuse_repeated_keys(self, node, path: list[str], seen: set[int]) -> None:
-        if id(node) in seen:  # an alias of a node already checked
-            return
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            lines: dict = {}
-            for key_node, value_node in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden, as YAML says
-                    continue
-                key = self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
-                try:
-                    first = lines.get(key) if key is not None else None
-                except TypeError:  # an unhashable key: PyYAML refuses it itself
-                    first = None
-                if first is not None:
-                    raise RepeatedKey(".".join([*path, str(key)]), first, key_node.start_mark.line + 1)
-                if key is not None:
-                    lines[key] = key_node.start_mark.line + 1
-                self._refuse_repeated_keys(value_node, [*path, str(key)], seen)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                self._refuse_repeated_keys(item, [*path, str(index)], seen)
-
-
-class RepeatedKey(yaml.YAMLError):
-    def __init__(self, key: str, first: int, second: int):
-        super().__init__(key)
-        self.key, self.first, self.second = key, first, second
-
-
-def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
-    """A YAML file's contents, read strictly: a key given twice in one mapping, a file that is missing, a folder, not
-    UTF-8 or not YAML is a ParamsError naming the file (and the key and both lines)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ParamsError(f"{path} is a folder, not a {what}.")
-    if not path.exists():
-        raise ParamsError(f"{what[0].upper() + what[1:]} not found: {path}")
-    try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except UnicodeDecodeError:
-        raise ParamsError(f"{path} is not UTF-8 text.") from None
-    except RepeatedKey as e:
-        where = f"on line {e.first}" if e.first == e.second else f"on lines {e.first} and {e.second}"
-        raise ParamsError(f"{path}: key '{e.key}' is given twice, {where}; keep one (YAML would silently use the last).") from None
-    except yaml.MarkedYAMLError as e:  # where and what, without PyYAML's echo of the parser's state
-        mark = e.problem_mark or e.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ParamsError(f"{path} is not valid YAML{where}: {e.problem or e.context}.") from None
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path} is not valid YAML: {e}") from None
-
-
-def apply_setting(raw: dict, key: str, value: Any, base: Path, source: str) -> None:
-    """Set one dotted key of a raw params dict; a relative path value is resolved against `base`."""
-    single: dict = {}
-    _set_dotted(single, key, value, source=source)
-    _resolve_paths(single, base)
-    _set_dotted(raw, key, _get_dotted(single, key), source=source)
-
-
-def validate_params(raw: dict, source: str = "params") -> Params:
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as e:
-        raise ParamsError(_explain(e, source, raw)) from None
-
-
-def dump_params(params: Params) -> str:
-    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=10")
-    key, text = item.split("=", 1)
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("{", "[")):
-        value = text  # "Answer:" or "Passages: {passages}" is text; a mapping or list on a command line is written {…} / […]
-    return key.strip(), value
-
-
-def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
-    parts = key.split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ParamsError(f"{source} {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section.")
-        node = child
-    node[parts[-1]] = value
-
-
-def _get_dotted(raw: dict, key: str) -> Any:
-    node: Any = raw
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def _resolve_paths(raw: dict, base: Path) -> None:
-    for key in PATH_KEYS:
-        try:
-            value = _get_dotted(raw, key)
-        except (KeyError, TypeError):
-            continue
-        if not isinstance(value, str) or not value or Path(value).is_absolute() or value.startswith("embedded:"):
-            continue
-        candidate = base / value
-        # Data and model values may be hub ids, so only existing paths are rewritten; the others are always paths.
-        if key in ALWAYS_PATHS or candidate.exists() or value.startswith(".") or Path(value).suffix in DATA_SUFFIXES:
-            _set_dotted(raw, key, str(candidate.resolve()), source="params")
-
-
-def _explain(error: ValidationError, source: str, raw: Any = None) -> str:
-    problems: list[str] = []
-    for item in error.errors():
-        line = _problem(item, raw)
-        if line not in problems:  # a union's branches fail one by one: one line for the key
-            problems.append(line)
-    lines = [f"{source}: {len(problems)} problem(s) in the params:", *problems]
-    lines.append("Run `python -m tunebook params` to list every key with its meaning.")
-    return "\n".join(lines)
-
-
-def _problem(item: dict, raw: Any) -> str:
-    loc = ".".join(str(p) for p in item["loc"])
-    msg = item["msg"].removeprefix("Value error, ")
-    if item["type"] == "extra_forbidden":
-        section = _section_for(item["loc"][:-1])
-        known = list(section.model_fields) if section else []
-        close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.5)
-        hint = f" Did you mean '{'.'.join([*map(str, item['loc'][:-1]), close[0]])}'?" if close else ""
-        return f"  - unknown key '{loc}'.{hint} Known keys here: {', '.join(known)}."
-    if item["type"] == "missing":
-        return f"  - '{loc}' is required."
-    if item["type"] == "value_error" and isinstance(item.get("input"), dict):  # a rule across keys of a section: its message names them
-        return f"  - {msg if not loc or msg.startswith(loc + '.') else loc + ': ' + msg}."
-    # The key is the schema field the error is on (a union's branch name or a list index after it is pydantic's).
-    found = _field_at(item["loc"])
-    key_loc = item["loc"][: found[0] + 1] if found else item["loc"]
-    key = ".".join(str(p) for p in key_loc)
-    secret = key_loc[-1] == "api_key_env"  # a value put where a key's *name* belongs may be the key itself: never echo it
-    rule = ((found[1].json_schema_extra or {}) if found else {}).get("allowed")
-    if rule or msg.startswith("must "):
-        value = _raw_at(raw, key_loc, item.get("input")) if rule else item.get("input")
-        shown = "" if secret else f"; got {_shown(value)}"
-        return f"  - {key} {'must be ' + rule if rule else msg}{shown}."
-    shown = "" if secret else f" (got {_shown(item.get('input'))})"
-    return f"  - '{loc}': {msg}{shown}."
-
-
-def _shown(value: Any) -> str:
-    """A value as the user wrote it: YAML's true/false/null, Python's repr otherwise (quotes mark a string)."""
-    return {True: "true", False: "false", None: "null"}[value] if value is None or isinstance(value, bool) else repr(value)
-
-
-def _field_at(loc: tuple) -> tuple[int, Any] | None:
-    """(position in loc, FieldInfo) of the deepest schema field along an error's location."""
-    model: type[BaseModel] | None = Params
-    found = None
-    for i, part in enumerate(loc):
-        if isinstance(part, int):  # an item of a list
-            continue
-        field = model.model_fields.get(str(part)) if model else None
-        if field is None:
-            break
-        found = (i, field)
-        model = _section_type(field.annotation)
-    return found
-
-
-def _raw_at(raw: Any, loc: tuple, default: Any) -> Any:
-    node = raw
-    for part in loc:
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return default
-    return node
-
-
-def _section_for(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = Params
-    for part in loc:
-        if isinstance(part, int):  # an item of a list of sections (evaluate.api_baselines.0)
-            continue
-        field = model.model_fields.get(str(part))
-        model = _section_type(field.annotation) if field else None
-        if model is None:
-            return None
-    return model
-
-
-def _section_type(annotation) -> type[BaseModel] | None:
+def section_type(annotation) -> type[BaseModel] | None:
     """The section class of a field that holds one section or a list of them, else None."""
     args = getattr(annotation, "__args__", ())
     if getattr(annotation, "__origin__", None) is list and args:
@@ -1205,54 +952,9 @@ def stage_map(schema: type[BaseModel] | None = None) -> dict[str, str | None]:
             if not prefix and "stage" not in extra:
                 raise TypeError(f"Params.{name} has no read_first_by(...) mark: say which stage first reads it")
             stages[key] = extra.get("stage", inherited)
-            section = _section_type(field.annotation)
+            section = section_type(field.annotation)
             if section is not None and section is field.annotation:
                 walk(section, key + ".", stages[key])
 
     walk(schema or Params, "", None)
     return stages
-
-
-def schema_rows() -> list[tuple[str, str, str]]:
-    """(key, default, meaning) for every knob, in schema order: what `tunebook params` and docs/params.md show."""
-    rows = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            key = prefix + name
-            section = _section_type(field.annotation)
-            if section is not None and section is field.annotation:
-                walk(section, key + ".")
-                continue
-            if section is not None:  # a list of sections: the list, then each item's keys
-                rows.append((key, "[]", field.description or ""))
-                walk(section, key + "[].")
-                continue
-            default = "(required)" if field.is_required() else inline_yaml(field.get_default(call_default_factory=True))
-            rows.append((key, default, field.description or ""))
-
-    walk(Params, "")
-    return rows
-
-
-def inline_yaml(value: Any) -> str:
-    """A default as YAML on one line (a table cell): never wrapped, and a text with line breaks double-quoted with
-    escapes (JSON, which YAML reads as the same value)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip().removesuffix("...").strip()
-    return json.dumps(value, ensure_ascii=False) if "\n" in text else text
-
-
-def schema_markdown() -> str:
-    """The params table: each key, its default, the stage that first reads it (a change re-runs that stage and the
-    ones after; — = where the run lives, no stage) and its meaning."""
-    stages = stage_map()
-
-    def stage(key: str) -> str:
-        key = key.split("[]")[0].rstrip(".")
-        while key not in stages:
-            key = key.rsplit(".", 1)[0]
-        return stages[key][:2] if stages[key] else "—"
-
-    lines = ["| key | default | stage | meaning |", "|---|---|---|---|"]
-    lines += [f"| `{k}` | `{d}` | {stage(k)} | {m} |" for k, d, m in schema_rows()]
-    return "\n".join(lines)

@@ -28,12 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from tunebook.colab.runtime import prepare_stage
 from tunebook.errors import TunebookError
 from tunebook.models.load import dir_size_mb, saved_bits
 from tunebook.models.merge import merged_model
 from tunebook.params.schema import QUANTIZE_METHODS
 from tunebook.quantizing.ollama import write_modelfile
-from tunebook.run.folder import Run, build_once, fresh_tmp_dir, replace_dir
+from tunebook.run.files import build_once, fresh_tmp_dir, replace_dir
+from tunebook.run.folder import Run
 from tunebook.run.outputs import QuantizedCopy, QuantizeOutputs
 
 
@@ -47,6 +49,7 @@ def quantize(run: Run) -> list[QuantizedCopy]:
     folder.mkdir(parents=True, exist_ok=True)
     f16 = folder / F16_GGUF
     f16.unlink(missing_ok=True)  # a leftover of an interrupted run may belong to an older fine-tuned model
+    prepare_stage(run.params, "03_quantize")
     with run.stage("03_quantize") as outputs:
         merged_dir = str(merged_model(run))  # rebuilt from the base model and the adapter where 02 ran elsewhere
         variants = []
@@ -160,6 +163,7 @@ def _llm_compressor(algorithm: str):
         from transformers import AutoModelForCausalLM
 
         from tunebook.models.load import has_cuda, load_tokenizer, model_type, pick_dtype
+        from tunebook.models.patches import skip_memory_pinning
 
         p = run.params
         model = AutoModelForCausalLM.from_pretrained(
@@ -172,7 +176,7 @@ def _llm_compressor(algorithm: str):
         modifier = GPTQModifier if algorithm == "gptq" else AWQModifier
         calibration = calibration_set(run, tokenizer)
         if not has_cuda():
-            _skip_memory_pinning()
+            skip_memory_pinning()
         # The tokenizer as processor: llm-compressor would otherwise load the model's AutoProcessor, which for Gemma 3
         # is a multimodal processor a text-only copy cannot build.
         oneshot(
@@ -214,14 +218,6 @@ def _check_group_size(model, group_size: int) -> None:
         raise Skipped(
             f"quantize.group_size {group_size} does not divide the layer widths {uneven}; set quantize.group_size: {fits[0] if fits else 'a divisor of ' + str(widths)}"
         )
-
-
-def _skip_memory_pinning() -> None:
-    """llm-compressor 0.14 pins cached activations for faster GPU transfers, and pinning raises on a torch without
-    an accelerator (AWQ's smoothing step). Pinning is only a speed-up, so on CPU it is skipped."""
-    from llmcompressor.pipelines.cache import IntermediatesCache
-
-    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
 # ----------------------------------------------------------------------------------------------- llama.cpp

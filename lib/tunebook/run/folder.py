@@ -1,45 +1,37 @@
 """The run folder `outputs/<run_name>/` and its manifest: which stage ran, when, and what it produced.
 
 Each notebook opens the run, does its stage inside `run.stage(...)` and records its outputs there; the next
-notebook reads them by name with `run.outputs_of(...)` (the records in `stage_outputs`). A stage that fails is
+notebook reads them by name with `run.outputs_of(...)` (the records in run/outputs.py). A stage that fails is
 marked failed (never complete), and re-running a stage marks the stages after it stale. A finished stage records
-its key: a hash of every params value read up to that stage, so runs with the same key at a stage have the same
-outputs there (a sweep runs such a stage once and copies it, `adopt_stage`).
+its key (run/keys.py), so runs with the same key at a stage have the same outputs there (a sweep runs such a stage
+once and copies it, `adopt_stage`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
 import shutil
-import signal
 import socket
-import tempfile
-import threading
 import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import psutil
 
-from tunebook.colab.runtime import install_for_stage
-from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
-from tunebook.params.schema import STAGES, Params, dump_params, load_params, on_colab, read_yaml, stage_map
+from tunebook.errors import TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
+from tunebook.params.load import dump_params, load_params, read_yaml
+from tunebook.params.schema import STAGES, Params
+from tunebook.run.files import fresh_tmp_dir, replace_dir, write_json_atomic
+from tunebook.run.keys import stage_key
 from tunebook.run.outputs import BY_STAGE
 
-NOTEBOOKS = Path(__file__).resolve().parents[3] / "notebooks"
-# The stage that first reads each params section or key, as the schema declares it (config.read_first_by).
-FIRST_READ_BY = stage_map()
-WHERE_KEYS = tuple(key for key, stage in FIRST_READ_BY.items() if stage is None)  # where a run lives, how it was launched
 
-
-def _now() -> str:
+def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -69,7 +61,7 @@ class Run:
         return self.manifest()["stages"].get(stage, {}).get("status", "missing")
 
     def outputs_of(self, stage: str):
-        """What a finished stage recorded, as its `stage_outputs` record; a clear error if it has not run (or failed)."""
+        """What a finished stage recorded, as its run/outputs.py record; a clear error if it has not run (or failed)."""
         entry = self.manifest()["stages"].get(stage)
         if not entry or entry.get("status") != "complete":
             state = entry.get("status", "not run") if entry else "not run"
@@ -127,12 +119,10 @@ class Run:
     @contextmanager
     def stage(self, name: str) -> Iterator[dict]:
         """Mark `name` running (with this process's id and host); yield a dict the stage fills with its outputs (its
-        `stage_outputs` record, `as_json()`); mark it complete, failed, or interrupted (Ctrl-C, a Jupyter interrupt,
+        run/outputs.py record, `as_json()`); mark it complete, failed, or interrupted (Ctrl-C, a Jupyter interrupt,
         SIGTERM)."""
         if name not in STAGES:
             raise ValueError(f"unknown stage {name}")
-        if on_colab():
-            install_for_stage(self.params, name)
         self.refuse_if_running()
         for stage, note in self.settle_interrupted().items():
             print(f"{note}; re-running it." if stage == name else f"{note}.")
@@ -144,7 +134,7 @@ class Run:
             print(f"Re-running {name}." if previous.get("reported") else f"{interruption_note(name, previous)}; re-running it.")
         _mark_later_stale(manifest, name)
         started = time.time()
-        manifest["stages"][name] = {"status": "running", "started": _now(), **this_process()}
+        manifest["stages"][name] = {"status": "running", "started": now(), **this_process()}
         try:
             self._write_manifest(manifest)
         except TunebookError as e:
@@ -154,11 +144,11 @@ class Run:
             try:
                 yield outputs
             except KeyboardInterrupt as e:  # Ctrl-C, Jupyter's interrupt button, or a SIGTERM (errors.Terminated)
-                self._finish(name, {"status": "interrupted", "interrupted": _now(), "reason": signal_name(e)})
+                self._finish(name, {"status": "interrupted", "interrupted": now(), "reason": signal_name(e)})
                 raise
             except BaseException as e:
                 shown = file_system_error(e) if is_file_system_error(e) else e
-                self._finish(name, {"status": "failed", "finished": _now(), "error": "".join(traceback.format_exception_only(type(shown), shown)).strip()})
+                self._finish(name, {"status": "failed", "finished": now(), "error": "".join(traceback.format_exception_only(type(shown), shown)).strip()})
                 if shown is not e:
                     raise shown from e
                 raise
@@ -166,7 +156,7 @@ class Run:
         manifest["stages"][name] = {
             "status": "complete",
             "started": manifest["stages"][name]["started"],
-            "finished": _now(),
+            "finished": now(),
             "seconds": round(time.time() - started, 1),
             "key": stage_key(self.params, name),
             "outputs": outputs,
@@ -216,95 +206,12 @@ def interruption_note(stage: str, entry: dict) -> str:
     return f"Stage {stage} was interrupted at {entry.get('interrupted') or 'an unknown time'} ({entry.get('reason', 'no reason recorded')})"
 
 
-def stop_stage(run_dir: Path, stage: str, interrupt: KeyboardInterrupt, wait: float = 15.0) -> None:
-    """The command running a stage's notebook was interrupted: the stage runs on in the notebook's kernel, a process
-    of its own session (Ctrl-C and a SIGTERM to the command's group do not reach it). Send it SIGTERM, which its stage
-    context turns into an interruption it records; a kernel that does not record one in `wait` seconds is killed and
-    the stage is marked interrupted here."""
-    for name in ("asyncio", "papermill"):  # papermill's abandoned tasks, finished at exit: the kernel's end, not news
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    manifest_path = Path(run_dir) / "manifest.json"
-    entry = read_manifest(run_dir)["stages"].get(stage, {})
-    if entry.get("status") != "running":
-        return
-    if process_state(entry) == "alive":
-        try:
-            os.kill(entry["pid"], signal.SIGTERM)
-        except OSError:
-            pass
-        deadline = time.time() + wait
-        while time.time() < deadline and read_manifest(run_dir)["stages"].get(stage, {}).get("status") == "running":
-            time.sleep(0.1)
-        try:  # recorded (or stuck): it must not write to the run folder later, nor report to papermill while it stops
-            psutil.Process(entry["pid"]).kill()
-        except psutil.Error:
-            pass
-    manifest = read_manifest(run_dir)
-    current = manifest["stages"].get(stage, {})
-    reason = f"{signal_name(interrupt)} to the command running its notebook"
-    if current.get("status") == "running":
-        current.update(status="interrupted", interrupted=_now(), reason=reason)
-    elif current.get("status") == "interrupted" and current.get("started") == entry.get("started"):
-        current["reason"] = reason  # the kernel saw only the SIGTERM sent to it above
-    else:
-        return
-    write_json_atomic(manifest_path, manifest)
-
-
 def _mark_later_stale(manifest: dict, name: str) -> None:
     later = [s for s in STAGES[STAGES.index(name) + 1 :] if manifest["stages"].get(s, {}).get("status") == "complete"]
     for stage in later:
         manifest["stages"][stage]["status"] = "stale"
     if later:
         print(f"Stages {', '.join(later)} are now marked stale: re-run them to use the new {name} outputs.")
-
-
-def params_values(params: Params, keep: Callable[[str], bool]) -> dict:
-    """The flattened params values whose dotted keys `keep` accepts (where-keys never count): what params_key hashes."""
-    flat = flatten(params.model_dump(mode="json"))
-    return {k: v for k, v in flat.items() if not is_under(k, WHERE_KEYS) and keep(k)}
-
-
-def params_key(params: Params, keep: Callable[[str], bool]) -> str:
-    """A short hash of the params values whose dotted keys `keep` accepts."""
-    return hashlib.sha256(json.dumps(params_values(params, keep), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def stage_key(params: Params, stage: str) -> str:
-    """The key of a stage's outputs: every params value read by this stage or an earlier one."""
-    return params_key(params, lambda key: _read_by(key, stage))
-
-
-def stage_values(params: Params, stage: str) -> dict:
-    """The flattened params values stage_key hashes, to name the keys that differ between two keys."""
-    return params_values(params, lambda key: _read_by(key, stage))
-
-
-def _read_by(key: str, stage: str) -> bool:
-    return STAGES.index(first_read_by(key)) <= STAGES.index(stage)
-
-
-def first_read_by(key: str) -> str | None:
-    """The stage of a dotted key, or of the nearest section above it (a dict value's own keys are not in the schema)."""
-    parts = key.split(".")
-    for end in range(len(parts), 0, -1):
-        if ".".join(parts[:end]) in FIRST_READ_BY:
-            return FIRST_READ_BY[".".join(parts[:end])]
-    raise KeyError(f"{key} is not a params key")
-
-
-def is_under(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for name, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{name}."))
-        else:
-            flat[prefix + name] = value
-    return flat
 
 
 def adopt_stage(run: Run, donor: Run, stage: str) -> None:
@@ -337,100 +244,8 @@ def adopt_stage(run: Run, donor: Run, stage: str) -> None:
             os.replace(target / (top + ".tmp"), target / top)
     manifest = run.manifest()
     _mark_later_stale(manifest, stage)
-    manifest["stages"][stage] = {**entry, "outputs": outputs, "reused_from": donor.dir.name, "finished": _now()}
+    manifest["stages"][stage] = {**entry, "outputs": outputs, "reused_from": donor.dir.name, "finished": now()}
     run._write_manifest(manifest)
-
-
-class StageFailed(TunebookError):
-    def __init__(self, message: str, notebook: Path):
-        super().__init__(message)
-        self.notebook = notebook
-
-
-def execute_stage(stage: str, params_file: Path, run_dir: Path, parameters: dict | None = None) -> Path:
-    """Run notebooks/<stage>.ipynb headless with papermill into <run>/notebooks/<stage>.ipynb (returned). A failing
-    cell raises StageFailed; the executed notebook, saved either way, holds the full traceback."""
-    import papermill as pm
-    from nbclient.exceptions import DeadKernelError
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("papermill").setLevel(logging.INFO)
-    executed = run_dir / "notebooks" / f"{stage}.ipynb"
-    executed.parent.mkdir(exist_ok=True)
-    try:
-        with _interrupts_stop_the_stage(run_dir, stage), tempfile.TemporaryDirectory(prefix="tunebook-kernel-") as sockets:
-            pm.execute_notebook(
-                str(NOTEBOOKS / f"{stage}.ipynb"),
-                str(executed),
-                parameters={"params_path": str(params_file), "overrides": [], **(parameters or {})},
-                cwd=str(NOTEBOOKS),
-                kernel_name=_kernel_name(),
-                log_output=True,
-                progress_bar=False,
-                config=local_kernel_sockets(sockets),
-            )
-    except pm.PapermillExecutionError as e:
-        if e.ename in ("KeyboardInterrupt", "Terminated"):  # a signal to the kernel itself (Jupyter's interrupt, a kill)
-            raise StageFailed(
-                f"Stage {stage} was interrupted in its kernel ({e.ename}: {e.evalue}), and recorded so; the executed notebook up to there: {executed}", executed
-            ) from None
-        raise StageFailed(f"Stage {stage} failed: {e.ename}: {e.evalue}\nThe executed notebook with the full traceback: {executed}", executed) from None
-    except KeyboardInterrupt as e:  # (stopped already by the signal handler; this is for an interruption raised otherwise)
-        stop_stage(run_dir, stage, e)
-        raise
-    except DeadKernelError:  # killed from outside, or out of memory: its stage could record nothing
-        manifest = read_manifest(run_dir)
-        entry = manifest["stages"].get(stage, {})
-        pid = f" (process {entry['pid']})" if entry.get("status") == "running" and entry.get("pid") else ""
-        if entry.get("status") == "running":
-            entry.update(status="interrupted", interrupted=_now(), reason=f"its Jupyter kernel{pid} died")
-            write_json_atomic(run_dir / "manifest.json", manifest)
-        raise StageFailed(
-            f"Stage {stage} failed: its Jupyter kernel{pid} died without a Python error (killed, or out of memory). "
-            f"The executed notebook up to there: {executed}",
-            executed,
-        ) from None
-    return executed
-
-
-def local_kernel_sockets(folder: str):
-    """The kernel's sockets as files in `folder`, a folder of its own (kernels started at once, by a parallel sweep or
-    two tests, must never share a socket): over TCP, ipykernel warns at every start that its traffic is unencrypted.
-    TCP where there are no Unix sockets."""
-    from traitlets.config import Config
-
-    return Config({"KernelManager": {"transport": "ipc", "ip": str(Path(folder) / "kernel")}}) if os.name == "posix" else Config()
-
-
-@contextmanager
-def _interrupts_stop_the_stage(run_dir: Path, stage: str) -> Iterator[None]:
-    """Ctrl-C or SIGTERM to this process while a notebook runs: first stop the stage in the kernel (stop_stage), then
-    raise here, so papermill's own clean-up finds the kernel done and the interruption recorded by the stage."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stopping = []
-
-    def handler(signum, frame):
-        interrupt = Terminated("SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
-        if not stopping:  # a second Ctrl-C while the kernel is being stopped waits for it
-            stopping.append(signum)
-            stop_stage(run_dir, stage, interrupt)
-        raise interrupt
-
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old if old is not None else signal.SIG_DFL)
-
-
-def _kernel_name() -> str:
-    """The kernel `make setup` registers for this environment, else the default python3 (Colab, GPU hosts)."""
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    return "tunebook" if "tunebook" in KernelSpecManager().find_kernel_specs() else "python3"
 
 
 def open_run(params_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
@@ -491,61 +306,3 @@ def save_params(params: Params) -> Path:
     if not params_file.exists() or params_file.read_text(encoding="utf-8") != resolved:
         params_file.write_text(resolved, encoding="utf-8")
     return params_file
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        if not is_file_system_error(e):
-            raise
-        try:
-            tmp.unlink(missing_ok=True)  # a half-written one (a full disk)
-        except OSError:
-            pass
-        raise file_system_error(e, shown_path=path) from None  # the user knows the file, not its temporary twin
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a freshly written folder into place, so a crash never leaves a half-written one behind."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-@contextmanager
-def build_once(final: Path) -> Iterator[Path]:
-    """A folder of its own to build a shared cache entry in (a materialized model, a tool), moved to `final` when
-    the block ends. Two processes may build the same entry at once (two test workers, two notebooks): whichever
-    finishes second drops its copy and keeps the first. A build that raises leaves nothing behind; one that is
-    killed leaves a hidden `.<name>.*.tmp` folder beside the entry."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.exists():
-                raise
-            # another process finished first: renaming onto its non-empty folder fails, and its copy is as good
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def fresh_tmp_dir(final: Path) -> Path:
-    """The one folder a run's output is written in before `replace_dir` swaps it in. Its name is fixed, so a write
-    that crashed is cleared by the next try; one process writes a run's stage at a time (the manifest sees to that).
-    A cache that several processes may fill at once uses `build_once` instead."""
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp

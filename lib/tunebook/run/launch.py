@@ -17,8 +17,9 @@ from collections import deque
 from pathlib import Path
 
 from tunebook.errors import TunebookError
-from tunebook.params.schema import validate_params
-from tunebook.run.folder import Run, write_json_atomic
+from tunebook.params.load import validate_params
+from tunebook.run.files import write_json_atomic
+from tunebook.run.folder import Run
 
 ERROR_PREFIX = "tunebook error: "
 

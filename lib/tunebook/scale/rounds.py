@@ -37,8 +37,10 @@ from pathlib import Path
 
 from tunebook.errors import TunebookError
 from tunebook.metrics import SCORERS, SUMMARY_KEYS, loose_normalize
-from tunebook.params.schema import Params, read_params, validate_params
-from tunebook.run.folder import Run, save_params, write_json_atomic
+from tunebook.params.load import read_params, validate_params
+from tunebook.params.schema import Params
+from tunebook.run.files import write_json_atomic
+from tunebook.run.folder import Run, save_params
 from tunebook.run.rows import read_jsonl, write_jsonl
 from tunebook.scale.sweep import bring_stage, prepare_run, record_stage, stage_cell
 

@@ -4,7 +4,7 @@
 
 The runs live in <output_dir>/<run_name>/<run>/, named from the variant and grid values (all-linear.lora_r-16),
 and sweep.json beside them records what happened to each. A run's stage whose key (every params value read up to
-that stage, runs.stage_key) matches a stage another run of the sweep finished is copied from it, not run again:
+that stage, run/keys.py's stage_key) matches a stage another run of the sweep finished is copied from it, not run again:
 the LoRA variants share one dataset build, and 04 copies the base model's scores (evaluate.reusable_rows). Finished
 runs are skipped (unless --rerun), an interrupted sweep picks up where it stopped, and a failed run is recorded
 with its executed notebook and error while the sweep goes on.
@@ -23,8 +23,13 @@ from typing import Any
 
 from tunebook.checks.preflight import check_sweep
 from tunebook.errors import sigterm_raises
-from tunebook.params.schema import Params, ParamsError, apply_setting, read_params, validate_params
-from tunebook.run.folder import Run, StageFailed, adopt_stage, execute_stage, move_aside, save_params, stage_key, write_json_atomic
+from tunebook.params.load import read_params, validate_params
+from tunebook.params.overrides import apply_setting
+from tunebook.params.schema import Params, ParamsError
+from tunebook.run.files import write_json_atomic
+from tunebook.run.folder import Run, adopt_stage, move_aside, save_params
+from tunebook.run.keys import stage_key
+from tunebook.run.notebooks import StageFailed, execute_stage
 
 
 @dataclass
@@ -211,7 +216,7 @@ def reuse_stage(run: Run, donor: Run, stage: str) -> dict:
 
 
 def run_stage_notebook(run: Run, stage: str, members: dict[str, Run]) -> dict:
-    """Execute `stage`'s notebook in `run` (runs.execute_stage; 04 may reuse the other members' untrained rows). A
+    """Execute `stage`'s notebook in `run` (run/notebooks.py's execute_stage; 04 may reuse the other members' untrained rows). A
     failure is printed and returned for the sweep's record, and the sweep goes on."""
     started = time.time()
     print(f"=== {run.dir.name} {stage} → {run.dir / 'notebooks' / (stage + '.ipynb')}", flush=True)

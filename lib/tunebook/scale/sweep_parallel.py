@@ -17,7 +17,9 @@ import time
 
 from tunebook.errors import TunebookError, sigterm_raises
 from tunebook.evaluation.evaluate import untrained_key
-from tunebook.run.folder import Run, process_state, stage_key, stop_stage
+from tunebook.run.folder import Run, process_state
+from tunebook.run.keys import stage_key
+from tunebook.run.notebooks import stop_stage
 from tunebook.scale.sweep import Sweep, bring_stage, find_donor, finish_sweep, open_sweep, prepare_run, record_stage
 
 DONE = ("ran", "reused")

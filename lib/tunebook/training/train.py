@@ -31,13 +31,18 @@ from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunebook.colab.runtime import prepare_stage
 from tunebook.errors import TunebookError
 from tunebook.models.families import ChatFormat, chat_format, linear_layer_names, training_tokens
 from tunebook.models.load import has_cuda, model_type, nf4_config, pick_backend, pick_dtype, prepare_tokenizer, resolve_model
 from tunebook.models.merge import merge_for_run
-from tunebook.params.schema import Params, read_yaml
+from tunebook.models.patches import score_only_loss_positions
+from tunebook.params.load import read_yaml
+from tunebook.params.schema import Params
 from tunebook.run import launch, tracking
-from tunebook.run.folder import Run, fresh_tmp_dir, replace_dir, stage_key, stage_values, write_json_atomic
+from tunebook.run.files import fresh_tmp_dir, replace_dir, write_json_atomic
+from tunebook.run.folder import Run
+from tunebook.run.keys import stage_key, stage_values
 from tunebook.run.outputs import FinetuneOutputs
 
 STAGE = "02_finetune"
@@ -57,6 +62,7 @@ def finetune(run: Run) -> TrainResult:
     `accelerate launch` (train_on_processes). Either way the same steps train and save (train_and_save)."""
     p = run.params
     checkpoints = run.dir / "checkpoints"
+    prepare_stage(p, STAGE)
     with run.stage(STAGE) as outputs:
         resume_from = resume_point(checkpoints, p)  # before loading anything: changed params stop here
         checkpoints.mkdir(exist_ok=True)
@@ -389,32 +395,6 @@ def _check_trl(backend: str) -> None:
         raise TunebookError(
             f"TRL {trl.__version__} cannot train on a CPU-only torch (its fused LM-head loss needs Triton). Install TRL 1.16 or newer: pip install 'trl>=1.16'."
         )
-
-
-def score_only_loss_positions() -> None:
-    """Have TRL's fused LM head project only the positions that carry a loss on a CPU too, as it does on CUDA.
-
-    TRL 1.16 projects only those positions where it has Triton (CUDA, XPU) and every position elsewhere, so that
-    Neuron's compiler sees one shape. On a CPU that sends the whole prompt (99% of the default run's tokens) through
-    the 49k-word head and back for nothing: the default run's train steps took 1.5x as long (bench/cpu_lm_head.py).
-    The loss and the gradients are the same. Done only where that choice is the module's one use of `_use_triton`,
-    so another TRL keeps its own behaviour rather than being sent to Triton kernels on a CPU."""
-    import inspect
-
-    import trl.trainer.utils as trl_utils
-
-    decide = getattr(trl_utils, "_use_triton", None)
-    if decide is None or hasattr(decide, "wrapped"):  # not there, or done already
-        return
-    source = inspect.getsource(trl_utils)
-    if source.count("_use_triton(") != 1 or "compact = _use_triton(" not in source:
-        return
-
-    def compact_on_cpu_too(device) -> bool:
-        return device.type == "cpu" or decide(device)
-
-    compact_on_cpu_too.wrapped = decide
-    trl_utils._use_triton = compact_on_cpu_too
 
 
 def _check_gpu_only_knobs(p: Params, backend: str) -> None:
