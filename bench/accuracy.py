@@ -45,7 +45,7 @@ SHOWN = {"exact_match": "EM", "f1": "F1", "accuracy": "accuracy", "macro_f1": "m
 def run_one(name: str) -> dict:
     """Run one recipe through the pipeline, unless a complete run with exactly these params is there already
     (so an interrupted benchmark goes on where it stopped, and only changed recipes run again)."""
-    from tunebook.config import dump_params, load_params
+    from tunebook.params.load import dump_params, load_params
 
     recipe, caps = RUNS[name]
     overrides = [*COMMON, *caps, f"output_dir={OUTPUT_DIR}", f"run_name={name}"]
@@ -61,7 +61,7 @@ def run_one(name: str) -> dict:
         started = time.time()
         subprocess.run(command, cwd=ROOT, check=True)
         seconds = time.time() - started
-    from tunebook.runs import Run
+    from tunebook.run.folder import Run
 
     run = Run.load(run_dir)
     splits = {row["split"]: row for row in run.outputs_of("01_build_dataset").table}
@@ -82,7 +82,7 @@ def run_one(name: str) -> dict:
 
 def _complete_run(run_dir: Path, params_yaml: str) -> float | None:
     """Seconds the earlier run took, when it is complete and used exactly `params_yaml`; else None."""
-    from tunebook.runs import STAGES
+    from tunebook.params.schema import STAGES
 
     manifest_file, params_file = run_dir / "manifest.json", run_dir / "params.yaml"
     if not (manifest_file.exists() and params_file.exists()) or params_file.read_text(encoding="utf-8") != params_yaml:

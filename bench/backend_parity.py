@@ -54,10 +54,10 @@ def batch(family: str, folder: Path, work: Path):
     import family_matrix
     import torch
 
-    from tunebook.config import PromptParams
-    from tunebook.data import with_chat
-    from tunebook.families import chat_format, training_tokens
-    from tunebook.models import load_tokenizer
+    from tunebook.dataset.build import with_chat
+    from tunebook.models.families import chat_format, training_tokens
+    from tunebook.models.load import load_tokenizer
+    from tunebook.params.schema import PromptParams
 
     tokenizer = load_tokenizer(str(folder))
     fmt = chat_format(tokenizer)
@@ -85,7 +85,7 @@ def train_steps(model, backend: str, ids, labels, mask, steps: int) -> dict:
     if backend == "hf":
         from peft import LoraConfig, get_peft_model
 
-        from tunebook.families import linear_layer_names
+        from tunebook.models.families import linear_layer_names
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=linear_layer_names(model), task_type="CAUSAL_LM"))
     model.train()
@@ -120,7 +120,7 @@ def one_case(backend: str, family: str, variant: str, work: Path, steps: int = 0
         os.environ["UNSLOTH_RETURN_LOGITS"] = "1"  # else its training forward may hand back no logits
         from unsloth import FastLanguageModel
 
-        from tunebook.families import linear_layer_names
+        from tunebook.models.families import linear_layer_names
 
         model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=256, dtype=torch.bfloat16, load_in_4bit=False)
         targets = linear_layer_names(model)

@@ -2,10 +2,10 @@
 
     python bench/cpu_bfloat16.py          # both dtypes, each case in its own process
 
-On a CPU with bfloat16 matrix instructions (AVX-512 BF16 or AMX; `tunebook.models.cpu_computes_bfloat16`)
+On a CPU with bfloat16 matrix instructions (AVX-512 BF16 or AMX; `tunebook.models.load.cpu_computes_bfloat16`)
 `model.dtype: auto` computes in bfloat16; elsewhere in float32. Cases, on SmolLM2-135M-Instruct and the default
 params' real rows (stage 01 built into a scratch folder):
-- train: the workbook's train stage (`tunebook.train.build_trainer` + `train`, what notebook 02 runs) for
+- train: the workbook's train stage (`tunebook.training.train.build_trainer` + `train`, what notebook 02 runs) for
   TRAIN_STEPS optimizer steps with no evaluation; steady-state tokens/s from its own meter.
 - prefill: one forward pass over the first PREFILL_PROMPTS eval prompts in one left-padded batch (reading the
   prompt is what evaluation on CPU waits on), best of PREFILL_REPEATS.
@@ -38,9 +38,9 @@ TRAIN_STEPS, PREFILL_PROMPTS, PREFILL_REPEATS, AGREEMENT_PROMPTS = 5, 16, 3, 32
 def train_case(dtype: str) -> dict:
     from datasets import load_from_disk
 
-    from tunebook.data import build_dataset
-    from tunebook.runs import open_run
-    from tunebook.train import build_trainer, train
+    from tunebook.dataset.build import build_dataset
+    from tunebook.run.folder import open_run
+    from tunebook.training.train import build_trainer, train
 
     overrides = [f"output_dir={tempfile.mkdtemp()}", f"model.dtype={dtype}", f"train.max_steps={TRAIN_STEPS}", f"train.eval_steps={TRAIN_STEPS * 10}"]
     run = open_run(ROOT / "params/default.yaml", overrides)
@@ -54,8 +54,8 @@ def train_case(dtype: str) -> dict:
 def prefill_case(dtype: str) -> dict:
     import torch
 
-    from tunebook.generate import render_prompts
-    from tunebook.models import load_for_inference
+    from tunebook.models.generate import render_prompts
+    from tunebook.models.load import load_for_inference
 
     conversations, run = default_eval_set()
     model, tokenizer = load_for_inference(run.params.model.name, dtype=dtype, max_seq_length=run.params.model.max_seq_length)
@@ -71,8 +71,8 @@ def prefill_case(dtype: str) -> dict:
 
 
 def answers_case(dtype: str) -> dict:
-    from tunebook.generate import generate
-    from tunebook.models import load_for_inference
+    from tunebook.models.generate import generate
+    from tunebook.models.load import load_for_inference
 
     conversations, run = default_eval_set()
     model, tokenizer = load_for_inference(run.params.model.name, dtype=dtype, max_seq_length=run.params.model.max_seq_length)
@@ -100,7 +100,7 @@ def main() -> None:
         Path(out).write_text(json.dumps(CASES[case](dtype)))
         return
 
-    from tunebook.models import cpu_computes_bfloat16
+    from tunebook.models.load import cpu_computes_bfloat16
 
     results = {case: {dtype: run_case(case, dtype) for dtype in DTYPES} for case in CASES}
     answers = results.pop("answers")

@@ -1,5 +1,5 @@
 """The train stage on a CPU with TRL's fused LM head as shipped (every position projected through the head) against
-the workbook's `tunebook.train.score_only_loss_positions` (only the positions that carry a loss), side by side.
+the workbook's `tunebook.models.patches.score_only_loss_positions` (only the positions that carry a loss), side by side.
 
     python bench/cpu_lm_head.py          # both, each in its own process
 
@@ -32,9 +32,9 @@ CASES = ("every_position", "loss_positions")
 def train_case(case: str) -> dict:
     from datasets import load_from_disk
 
-    from tunebook import train as stage
-    from tunebook.data import build_dataset
-    from tunebook.runs import open_run
+    from tunebook.dataset.build import build_dataset
+    from tunebook.run.folder import open_run
+    from tunebook.training import train as stage
 
     if case == "every_position":
         stage.score_only_loss_positions = lambda: None  # TRL's own choice on a CPU

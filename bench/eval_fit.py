@@ -6,7 +6,7 @@
 Each case (its own process, so peak memory is its own) caps the GPU with torch.cuda.set_per_process_memory_fraction
 (14.5 GiB for a 15 GiB T4, 21.5 GiB for a 22.5 GiB L4, as bench/train_throughput.py's training fit does), builds
 the eval split with stage 01 from the params file itself (the default RAG-QA data, the params' prompt settings,
-the model's real Llama-3.1 / 3.2 tokenizer and chat template) and runs stage 04 (`tunebook.evaluate.evaluate`,
+the model's real Llama-3.1 / 3.2 tokenizer and chat template) and runs stage 04 (`tunebook.evaluation.evaluate.evaluate`,
 what notebook 04 calls: `load_for_inference` then the batched generator) on the base model, which is a
 random-weight checkpoint of the model's real shape (Llama-3-8B for colab_t4, loaded in 4-bit NF4 as its
 evaluate.load_in_4bit asks, float16 as a T4 has no bfloat16; Llama-3.2-3B in bfloat16 for colab_l4). The
@@ -134,11 +134,11 @@ def record_batches(model, log: list[dict]) -> None:
 def case(name: str, models: Path, scratch: Path) -> dict:
     import torch
 
-    from tunebook import evaluate as stage04
-    from tunebook.data import build_dataset, load_split
-    from tunebook.families import render_prompt
-    from tunebook.models import load_tokenizer
-    from tunebook.runs import open_run
+    from tunebook.dataset.build import build_dataset, load_split
+    from tunebook.evaluation import evaluate as stage04
+    from tunebook.models.families import render_prompt
+    from tunebook.models.load import load_tokenizer
+    from tunebook.run.folder import open_run
 
     params_file, shape, cap_gib, dtype, extra = CASES[name]
     gpu = torch.cuda.is_available()
@@ -257,7 +257,7 @@ def write(results: dict, path: Path) -> None:
 
 def report(results: dict) -> str:
     lines = [
-        "Stage 04 (tunebook.evaluate.evaluate: load_for_inference + the batched generator) on random weights of the",
+        "Stage 04 (tunebook.evaluation.evaluate.evaluate: load_for_inference + the batched generator) on random weights of the",
         "Colab params' model shapes, under a per-process GPU memory cap; prompts are stage 01's eval split of the params",
         "(default RAG-QA data, real Llama-3 tokenizer and chat template); every row generates all max_new_tokens.",
         "",

@@ -32,7 +32,7 @@ RESULTS = ROOT / "bench" / "results"
 
 def eval_rows(n: int) -> list[dict]:
     """n rows of the default data, each different: row i is row i % 504 with its passages rotated i // 504 places."""
-    from tunebook.rows import read_jsonl
+    from tunebook.run.rows import read_jsonl
 
     rows = read_jsonl(ROOT / "data/minipedia_rag_qa.jsonl")
     made = []
@@ -58,9 +58,9 @@ def overrides(args, folder: Path) -> list[str]:
 
 def case(args, folder: Path, processes: int) -> dict:
     """04 on `processes` processes in this process's run folder: its metrics row's times, the stage's wall time, answers."""
-    from tunebook.evaluate import evaluate
-    from tunebook.rows import read_jsonl
-    from tunebook.runs import open_run
+    from tunebook.evaluation.evaluate import evaluate
+    from tunebook.run.folder import open_run
+    from tunebook.run.rows import read_jsonl
 
     run = open_run(ROOT / "params/default.yaml", [*overrides(args, folder), f"evaluate.num_processes={processes}"])
     started = time.time()
@@ -74,9 +74,9 @@ def case(args, folder: Path, processes: int) -> dict:
 def measure(args) -> dict:
     """Stage 01 once, then each case in its own process; the one-process case sees one GPU only (else device_map auto
     would spread the model over all of them)."""
-    from tunebook.data import build_dataset
-    from tunebook.rows import write_jsonl
-    from tunebook.runs import open_run
+    from tunebook.dataset.build import build_dataset
+    from tunebook.run.folder import open_run
+    from tunebook.run.rows import write_jsonl
 
     folder = Path(tempfile.mkdtemp(prefix="eval_split-"))
     write_jsonl(folder / "eval.jsonl", eval_rows(args.prompts))

@@ -1,4 +1,4 @@
-"""Evaluation speed: the workbook's generation engine (`tunebook.generate.generate`, what notebook 04 runs)
+"""Evaluation speed: the workbook's generation engine (`tunebook.models.generate.generate`, what notebook 04 runs)
 against one-at-a-time generation, side by side in one run on one machine.
 
     python bench/eval_throughput.py cpu                            # SmolLM2-135M, the default eval set
@@ -58,8 +58,8 @@ GPU_CASES = [
 # ---------------------------------------------------------------------------------------------- prompts
 def default_eval_set(*overrides: str) -> tuple[list[list[dict]], object]:
     """The default params' eval prompts (stage 01 built into a scratch folder) and the run."""
-    from tunebook.data import build_dataset, load_split
-    from tunebook.runs import open_run
+    from tunebook.dataset.build import build_dataset, load_split
+    from tunebook.run.folder import open_run
 
     run = open_run(ROOT / "params/default.yaml", [f"output_dir={tempfile.mkdtemp()}", *overrides])
     build_dataset(run)
@@ -69,7 +69,7 @@ def default_eval_set(*overrides: str) -> tuple[list[list[dict]], object]:
 def rag_prompts(tokenizer, n: int, seed: int = 0) -> list[list[dict]]:
     """n RAG-QA prompts of 550-650 tokens: a question with its passages, then other articles' passages, the last
     one cut at a word so the prompt ends up at its drawn length."""
-    from tunebook.data import read_jsonl
+    from tunebook.dataset.build import read_jsonl
 
     rows = read_jsonl(ROOT / "data/minipedia_rag_qa.jsonl")
     pool = [p for r in rows for p in r["passages"]]
@@ -114,7 +114,7 @@ def one_at_a_time(model, tokenizer, conversations, max_new_tokens: int) -> list[
     """The evaluation loop as usually written: one prompt, generate(), decode, next."""
     import torch
 
-    from tunebook.generate import render_prompts
+    from tunebook.models.generate import render_prompts
 
     texts = []
     for prompt in render_prompts(tokenizer, conversations):
@@ -129,7 +129,7 @@ def plain_batched(model, tokenizer, conversations, batch_size: int, max_new_toke
     """Batches in the given order, left padding: batching without the engine's sorting or budget."""
     import torch
 
-    from tunebook.generate import render_prompts
+    from tunebook.models.generate import render_prompts
 
     prompts, texts = render_prompts(tokenizer, conversations), []
     tokenizer.padding_side = "left"
@@ -145,7 +145,7 @@ def prefill(model, tokenizer, conversations, batch_size: int) -> None:
     """Forward passes over the prompts (sorted, left-padded), keeping only the last position's logits."""
     import torch
 
-    from tunebook.generate import render_prompts
+    from tunebook.models.generate import render_prompts
 
     prompts = sorted(render_prompts(tokenizer, conversations), key=len, reverse=True)
     tokenizer.padding_side = "left"
@@ -170,10 +170,10 @@ def speed(n: int, seconds: float, **extra) -> dict:
 def cpu(results_path: Path) -> None:
     import torch
 
-    from tunebook.config import DEFAULT_MODEL
-    from tunebook.evaluate import answer_budget
-    from tunebook.generate import generate
-    from tunebook.models import load_for_inference
+    from tunebook.evaluation.evaluate import answer_budget
+    from tunebook.models.generate import generate
+    from tunebook.models.load import load_for_inference
+    from tunebook.params.schema import DEFAULT_MODEL
 
     conversations, run = default_eval_set()
     p = run.params.evaluate
@@ -201,9 +201,9 @@ def cpu(results_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- GPU
 def gpu_case(name: str, models: Path) -> dict:
-    from tunebook.evaluate import answer_budget
-    from tunebook.generate import generate
-    from tunebook.models import load_for_inference
+    from tunebook.evaluation.evaluate import answer_budget
+    from tunebook.models.generate import generate
+    from tunebook.models.load import load_for_inference
 
     if name.startswith("agreement_"):
         conversations, run = default_eval_set(f"model.name={smollm2_path()}")

@@ -76,9 +76,9 @@ def tiny_model(name: str, dest: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from tunebook.config import DEFAULT_MODEL
-    from tunebook.models import resolve_model
-    from tunebook.runs import build_once
+    from tunebook.models.load import resolve_model
+    from tunebook.params.schema import DEFAULT_MODEL
+    from tunebook.run.files import build_once
 
     family = FAMILIES[name]
     if (dest / "config.json").exists():
@@ -154,11 +154,14 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: tuple[str, 
     of the matrix (the test asserts them)."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from tunebook import analysis, data, evaluate, train
-    from tunebook import quantize as quantize_stage
-    from tunebook.families import PINNED_DATE, chat_format
-    from tunebook.models import load_tokenizer, resolve_model
-    from tunebook.runs import open_run
+    from tunebook.analysis import analysis
+    from tunebook.dataset import build
+    from tunebook.evaluation import evaluate
+    from tunebook.models.families import PINNED_DATE, chat_format
+    from tunebook.models.load import load_tokenizer, resolve_model
+    from tunebook.quantizing import quantize as quantize_stage
+    from tunebook.run.folder import open_run
+    from tunebook.training import train
 
     family = FAMILIES[name]
     work.mkdir(parents=True, exist_ok=True)
@@ -171,7 +174,7 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: tuple[str, 
     run = open_run(params)
     row, seconds = {"family": name}, {}
     for stage, call in (
-        ("01", data.build_dataset),
+        ("01", build.build_dataset),
         ("02", train.finetune),
         ("03", quantize_stage.quantize),
         ("04", evaluate.evaluate),
@@ -183,7 +186,7 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: tuple[str, 
     trained = run.outputs_of("02_finetune")
     tokenizer = load_tokenizer(trained.merged_dir)
     fmt = chat_format(tokenizer)
-    example = data.load_split(run, "train")[0]
+    example = build.load_split(run, "train")[0]
     row["chat_format"] = fmt.family
     row["end_of_turn"] = fmt.end_of_turn
     # The training text against the family's own template, rendered as its non-thinking mode with the pinned date.
@@ -208,7 +211,7 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: tuple[str, 
     row["byte_symbols_in_answers"] = sum(any(c in r["output"] for c in "ĠĊ") for r in finetuned)
     row["training_text_has_spaces"] = "capital of" in trained.loss_example["text"]
     # The merged model's tokenizer as any engine loads it (plain transformers): the text comes back.
-    from tunebook.tokenizer_check import PROBE, reproduces
+    from tunebook.models.tokenizer_check import PROBE, reproduces
 
     served = AutoTokenizer.from_pretrained(trained.merged_dir)
     row["merged_tokenizer_class"] = json.loads((Path(trained.merged_dir) / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
@@ -222,7 +225,7 @@ def run_family(name: str, work: Path, backend: str = "hf", quantize: tuple[str, 
 
 def evaluate_prompt_ids(run, tokenizer) -> list[int]:
     """The first training example's prompt as 04 tokenizes it for generation."""
-    from tunebook.generate import render_prompts
+    from tunebook.models.generate import render_prompts
 
     prompt = run.outputs_of("02_finetune").trained_prompt["prompt"]
     return tokenizer(render_prompts(tokenizer, [prompt])[0], add_special_tokens=False)["input_ids"]
@@ -235,7 +238,7 @@ def gguf_stops(run, end_of_turn_id: int) -> bool | None:
         return None
     import llama_cpp
 
-    from tunebook.generate import load_gguf
+    from tunebook.models.generate import load_gguf
 
     llm = load_gguf(variant.path, n_ctx=256)
     return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), end_of_turn_id))

@@ -1,4 +1,4 @@
-"""The fit check's predictions (tunebook.fit) against measured peaks: training and evaluation through tunebook's own code
+"""The fit check's predictions (tunebook.checks.fit) against measured peaks: training and evaluation through tunebook's own code
 on random-weight models of real shapes, each case in its own process.
 
     python bench/fit.py make-models --models DIR [--tokenizers DIR] [--tiny] [--shapes NAME ...]
@@ -14,10 +14,10 @@ layers, to prove the code path on a CPU (memory there is the process's RSS and i
 
 Cases (CASES): every params/colab_*.yaml as shipped, training and evaluation, on its model's shape (float16 where the
 file is meant for a T4, which has no bfloat16), plus Llama-3.2-1B on the hf backend at 1,024 tokens and Gemma-3-1B in
-4-bit at 1,024 tokens. Training: `tunebook.train.build_trainer` + `train` (what notebook 02 runs; Unsloth where it is
+4-bit at 1,024 tokens. Training: `tunebook.training.train.build_trainer` + `train` (what notebook 02 runs; Unsloth where it is
 installed, as backend auto picks) for 2 optimizer steps on rows of exactly the case's length (the worst case the fit
 check assumes: every row model.max_seq_length long), then for the cases marked merge, 02's save of the adapter and
-the merged model. Evaluation: `tunebook.models.load_for_inference` + `tunebook.generate.generate` (what 04 runs: the
+the merged model. Evaluation: `tunebook.models.load.load_for_inference` + `tunebook.models.generate.generate` (what 04 runs: the
 static KV cache, batches of evaluate.batch_size) over two batches of prompts of the case's length; random weights never
 write end-of-turn, so every row generates all max_new_tokens.
 
@@ -205,8 +205,9 @@ def offline_hub_cache() -> Path:
 def params_table(machine_name: str) -> str:
     """`check --machine` over every shipped params file, one markdown row each (hub models' configs from bench/configs)."""
     offline_hub_cache()
-    from tunebook.config import STAGES, load_params
-    from tunebook.fit import check_fit, machine_named
+    from tunebook.checks.fit import check_fit, machine_named
+    from tunebook.params.load import load_params
+    from tunebook.params.schema import STAGES
 
     machine = machine_named(machine_name)
     lines = [
@@ -251,8 +252,9 @@ COLAB_MARKERS = ("<!-- fit-colab-tables:start -->\n", "\n<!-- fit-colab-tables:e
 def colab_tables() -> str:
     """`check PARAMS --machine M` for each Colab params file on its own machine (hub models' configs from bench/configs)."""
     offline_hub_cache()
-    from tunebook.config import STAGES, load_params
-    from tunebook.fit import check_fit, machine_named
+    from tunebook.checks.fit import check_fit, machine_named
+    from tunebook.params.load import load_params
+    from tunebook.params.schema import STAGES
 
     shipped = sorted(p.name for p in (ROOT / "params").glob("colab_*.yaml"))
     unknown = sorted(set(shipped) - set(COLAB_MACHINES))
@@ -293,7 +295,7 @@ def sized_text(tokenizer, render, target: int, seed: int) -> tuple[str, int]:
 
 def training_rows(tokenizer, n: int, length: int, fmt) -> tuple[list[dict], int, int]:
     """n prompt/completion rows of at most `length` tokens as 02 tokenizes them, the longest row, the longest answer."""
-    from tunebook.families import training_tokens
+    from tunebook.models.families import training_tokens
 
     answer = [{"role": "assistant", "content": "copper harbor"}]
     rows, longest, answer_tokens = [], 0, 0
@@ -312,7 +314,7 @@ def training_rows(tokenizer, n: int, length: int, fmt) -> tuple[list[dict], int,
 
 def eval_prompts(tokenizer, n: int, length: int) -> tuple[list[list[dict]], int]:
     """n conversations whose generation prompt is at most `length` tokens, and the longest."""
-    from tunebook.generate import render_prompts
+    from tunebook.models.generate import render_prompts
 
     def render(text):
         return tokenizer(render_prompts(tokenizer, [[{"role": "user", "content": text}]])[0], add_special_tokens=False)["input_ids"]
@@ -374,8 +376,8 @@ def gpu_figures() -> dict:
 
 
 def predicted(p, model: Path, kind: str, lengths) -> dict:
-    """tunebook.fit's figures for this case on this machine: what it is compared with."""
-    from tunebook.fit import model_shape, predict, this_machine
+    """tunebook.checks.fit's figures for this case on this machine: what it is compared with."""
+    from tunebook.checks.fit import model_shape, predict, this_machine
 
     machine = this_machine(str(model))
     stage = "02_finetune" if kind == "train" else "04_evaluate"
@@ -394,9 +396,9 @@ def predicted(p, model: Path, kind: str, lengths) -> dict:
 def case(name: str, models: Path, scratch: Path) -> dict:
     import torch
 
-    from tunebook.config import load_params
-    from tunebook.fit import Lengths
-    from tunebook.models import pick_backend
+    from tunebook.checks.fit import Lengths
+    from tunebook.models.load import pick_backend
+    from tunebook.params.load import load_params
 
     c = CASES[name]
     path = models / c.shape
@@ -434,10 +436,10 @@ def case(name: str, models: Path, scratch: Path) -> dict:
 def train_case(p, path: Path, scratch: Path, c: Case, result: dict) -> dict:
     from datasets import Dataset
 
-    from tunebook.families import chat_format
-    from tunebook.merge import merge_for_run
-    from tunebook.models import load_tokenizer
-    from tunebook.train import build_trainer, save_adapter, train
+    from tunebook.models.families import chat_format
+    from tunebook.models.load import load_tokenizer
+    from tunebook.models.merge import merge_for_run
+    from tunebook.training.train import build_trainer, save_adapter, train
 
     tokenizer = load_tokenizer(str(path), p.model.chat_template, p.model.enable_thinking)
     batch, accumulation = p.train.per_process_batch()
@@ -478,8 +480,8 @@ def train_case(p, path: Path, scratch: Path, c: Case, result: dict) -> dict:
 
 
 def eval_case(p, path: Path, c: Case) -> dict:
-    from tunebook.generate import generate
-    from tunebook.models import load_for_inference
+    from tunebook.models.generate import generate
+    from tunebook.models.load import load_for_inference
 
     started = time.time()
     model, tokenizer = load_for_inference(
@@ -563,7 +565,7 @@ def report(results: dict) -> str:
         if not cases:
             continue
         lines += [
-            f"{title}: predicted (tunebook.fit) against measured peak GPU memory; measured = torch's peak reserved + the process's",
+            f"{title}: predicted (tunebook.checks.fit) against measured peak GPU memory; measured = torch's peak reserved + the process's",
             "memory outside torch (nvidia-smi's view); alloc = torch's peak allocated against the predicted tensors.",
             "",
             "| case | params | shape | kind, backend, dtype | batch | predicted GiB | measured GiB | error | alloc pred / meas GiB | reserved GiB | outside torch GiB | merge RAM pred / meas GiB (error) | peak RSS GiB |",

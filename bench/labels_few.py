@@ -4,14 +4,14 @@
                                [--model NAME] [--datasets DIR] [--out DIR] [--results DIR] [--copy-to DIR]
     python bench/labels_few.py report bench/results/labels_few.json     # its .md written again from the JSON
 
-The embedded SmolLM2-135M-Instruct is the student and, run locally through transformers (tunebook.teacher's local
+The embedded SmolLM2-135M-Instruct is the student and, run locally through transformers (tunebook.teacher.client's local
 path, no server), the teacher. Training uses Unsloth where it is installed with a GPU (model.backend auto), else
 transformers + PEFT. Each case runs in its own process (`python bench/labels_few.py case NAME ...`), its stages as the
 notebooks run them (the library calls each notebook makes), on the shipped recipes:
 - livedoor_real: params/livedoor_genre.yaml: the base model and the model trained on the real rows;
 - livedoor_teacher: params/livedoor_teacher.yaml: the model trained on the teacher's rows only (label check on);
 - livedoor_teacher_no_check: the same without the label check (what the check costs or saves with a 135M teacher);
-- squad_rounds: params/squad_rag_rounds.yaml through `tunebook.rounds`: exact match after plain SFT (round 0), round 1
+- squad_rounds: params/squad_rag_rounds.yaml through `tunebook.scale.rounds`: exact match after plain SFT (round 0), round 1
   and round 2, with the kept share of each round (the loop may stop early, and says so).
 The three livedoor cases are scored on the same 90 real eval rows (the same file, seed and eval_size; checked: the eval
 ids' hash must match), and every squad round on round 0's 300 eval rows. GPU sizes (about 8 minutes on one H100):
@@ -152,10 +152,10 @@ def run_case(name: str, tiny: bool, datasets: Path, out: Path, model: str) -> di
 
 
 def livedoor_case(recipe: str, overrides: list[str]) -> dict:
-    from tunebook.data import build_dataset
-    from tunebook.evaluate import evaluate
-    from tunebook.runs import open_run
-    from tunebook.train import finetune
+    from tunebook.dataset.build import build_dataset
+    from tunebook.evaluation.evaluate import evaluate
+    from tunebook.run.folder import open_run
+    from tunebook.training.train import finetune
 
     run = open_run(ROOT / "params" / f"{recipe}.yaml", overrides)
     built = build_dataset(run)
@@ -185,9 +185,9 @@ def livedoor_case(recipe: str, overrides: list[str]) -> dict:
 
 
 def rounds_case(recipe: str, overrides: list[str], folder: Path) -> dict:
-    from tunebook.rounds import RoundsError, run_rounds
-    from tunebook.rows import read_jsonl
-    from tunebook.runs import Run
+    from tunebook.run.folder import Run
+    from tunebook.run.rows import read_jsonl
+    from tunebook.scale.rounds import RoundsError, run_rounds
 
     error = None
     try:

@@ -5,8 +5,8 @@ config (default bench/configs/unsloth--Meta-Llama-3.1-8B-Instruct.json, Llama-3.
 LoRA adapter with the params' rank and targets (default params/colab_t4.yaml: r 64 on every linear layer; random A and
 B, no training), then runs, each in a process of its own:
 
-- merge: tunebook.merge.merge_adapter, as 02 calls it (float16, the T4's dtype);
-- gguf_f16: tunebook.quantize.write_f16_gguf, llama.cpp's converter on the merged folder (03's GGUF export);
+- merge: tunebook.models.merge.merge_adapter, as 02 calls it (float16, the T4's dtype);
+- gguf_f16: tunebook.quantizing.quantize.write_f16_gguf, llama.cpp's converter on the merged folder (03's GGUF export);
 - gguf_q4_k_m: llama.cpp's quantizer on that file, as 03 calls it (skipped where llama-cpp-python is not installed).
 
 Each case's peak is the largest resident memory of its process and every process under it (sampled every 0.1 s by
@@ -94,8 +94,8 @@ def build_adapter(base: Path, params_file: Path, dest: Path, seed: int = 1) -> P
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunebook.config import load_params
-    from tunebook.families import linear_layer_names
+    from tunebook.models.families import linear_layer_names
+    from tunebook.params.load import load_params
 
     if (dest / "adapter_model.safetensors").exists():
         return dest
@@ -155,13 +155,13 @@ def case(name: str, args) -> None:
         print(json.dumps({"torch": torch.__version__, "base_bytes": sum(f.stat().st_size for f in base.glob("*.safetensors"))}))
         return
     if name == "merge":
-        from tunebook.merge import merge_adapter
+        from tunebook.models.merge import merge_adapter
 
         out = work / "merged"
         shutil.rmtree(out, ignore_errors=True)
         merge_adapter(work / "base", work / "adapter", out, args.dtype)
     elif name == "gguf_f16":
-        from tunebook.quantize import write_f16_gguf
+        from tunebook.quantizing.quantize import write_f16_gguf
 
         write_f16_gguf(work / "merged", work / "model.f16.gguf", Path(args.converter) if args.converter else None)
     elif name == "gguf_q4_k_m":

@@ -7,7 +7,7 @@ fit under T4 / L4 memory caps.
 
 Cases (each in its own process, so peak memory is its own and no library patches leak between them):
 - speed: Llama-3-8B shape with random weights, QLoRA r=16 on all linear layers, batch 4 x 2048 tokens, for
-  (a) the workbook's train stage (`tunebook.train.build_trainer` + `train`, what notebook 02 runs),
+  (a) the workbook's train stage (`tunebook.training.train.build_trainer` + `train`, what notebook 02 runs),
   (b) a minimal raw Unsloth script (FastLanguageModel + get_peft_model + TRL's SFTTrainer on text rows, as in
   Unsloth's notebooks) and (c) transformers + PEFT + bitsandbytes 4-bit with gradient checkpointing
   (transformers' Trainer). Same rows, same optimizer (AdamW), same steps.
@@ -17,7 +17,7 @@ Cases (each in its own process, so peak memory is its own and no library patches
   weights of the model's shape, under torch.cuda.set_per_process_memory_fraction caps of 14.5 GiB (T4, in
   float16) and 21.5 GiB (L4), every row max_seq_length tokens long (the worst case).
 
-Steady-state tokens/s come from the workbook's own meter (`tunebook.train.throughput_meter`, used in all three
+Steady-state tokens/s come from the workbook's own meter (`tunebook.training.train.throughput_meter`, used in all three
 speed setups as the measuring instrument): non-padding tokens over the wall time of the optimizer steps after
 the first 20%, leaving out steps that contained an evaluation. Peak memory is torch's max_memory_reserved.
 Writes bench/results/train_throughput.json (every case, merged with earlier cases; --results elsewhere) and
@@ -97,7 +97,7 @@ def make_models(models: Path, shapes: tuple[str, ...] = tuple(SHAPES)) -> None:
 
 
 def smollm2_path() -> str:
-    from tunebook.models import resolve_model
+    from tunebook.models.load import resolve_model
 
     return os.environ.get("SMOLLM2_HF") or resolve_model("embedded:SmolLM2-135M-Instruct")
 
@@ -134,13 +134,13 @@ def _dataset(rows):
 
 # ---------------------------------------------------------------------------------------------- cases
 def _workbook_params(overrides: list[str], params_file: str = "default"):
-    from tunebook.config import load_params
+    from tunebook.params.load import load_params
 
     return load_params(ROOT / "params" / f"{params_file}.yaml", overrides)
 
 
 def _train_workbook(p, train_rows, eval_rows, out: Path) -> dict:
-    from tunebook.train import batching_in_use, build_trainer, train
+    from tunebook.training.train import batching_in_use, build_trainer, train
 
     started = time.time()
     trainer, backend = build_trainer(p, train_rows, eval_rows, out / "checkpoints")
@@ -158,7 +158,7 @@ def _train_workbook(p, train_rows, eval_rows, out: Path) -> dict:
 
 
 def speed_workbook(models: Path, out: Path) -> dict:
-    from tunebook.models import load_tokenizer
+    from tunebook.models.load import load_tokenizer
 
     path = models / "llama3-8b"
     rows = fixed_length_rows(load_tokenizer(str(path)), SPEED_STEPS * SPEED_BATCH, SPEED_LENGTH)
@@ -187,7 +187,7 @@ def speed_raw_unsloth(models: Path, out: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel  # first: it patches transformers and TRL
 
-    from tunebook.train import throughput_meter
+    from tunebook.training.train import throughput_meter
 
     started = time.time()
     model, tokenizer = FastLanguageModel.from_pretrained(str(models / "llama3-8b"), max_seq_length=SPEED_LENGTH, dtype=None, load_in_4bit=True)
@@ -237,7 +237,7 @@ def speed_hf_peft(models: Path, out: Path) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from tunebook.train import throughput_meter
+    from tunebook.training.train import throughput_meter
 
     started = time.time()
     path = str(models / "llama3-8b")
@@ -279,7 +279,8 @@ def speed_hf_peft(models: Path, out: Path) -> dict:
 def _batching(batching: str, out: Path, extra: tuple[str, ...] = ()) -> dict:
     from datasets import load_from_disk
 
-    from tunebook import data, runs
+    from tunebook.dataset.build import build_dataset
+    from tunebook.run.folder import open_run
 
     overrides = [
         f"model.name={smollm2_path()}",
@@ -293,8 +294,8 @@ def _batching(batching: str, out: Path, extra: tuple[str, ...] = ()) -> dict:
         f"run_name=batching_{batching}",
         *extra,
     ]
-    run = runs.open_run(ROOT / "params" / "default.yaml", overrides)
-    data.build_dataset(run)
+    run = open_run(ROOT / "params" / "default.yaml", overrides)
+    build_dataset(run)
     splits = load_from_disk(run.outputs_of("01_build_dataset").dataset_dir)
     return {"rows": len(splits["train"]), **_train_workbook(run.params, splits["train"], splits["eval"], out)}
 
@@ -333,7 +334,7 @@ def batching_3b_padding_free(models: Path, out: Path) -> dict:
 def fit(name: str, models: Path, out: Path) -> dict:
     import torch
 
-    from tunebook.models import load_tokenizer
+    from tunebook.models.load import load_tokenizer
 
     params_file, shape, cap_gib, dtype, extra = FITS[name]
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30

@@ -83,7 +83,7 @@ def write_params(tmp_path):
 
 def finetuned_record(**fields) -> dict:
     """What a real 02 records, for tests that fake stage 02: the fields they name, placeholders for the rest."""
-    from tunebook.stage_outputs import FinetuneOutputs
+    from tunebook.run.outputs import FinetuneOutputs
 
     placeholders = dict(
         backend="hf", family="SmolLM2", stop_ids=[2], adapter_dir="adapter", merged_dir="merged", train_log="train_log.json", steps=1, train_examples=1

@@ -1,8 +1,8 @@
 import json
 import sys
 
-from tunebook.analysis import categorize, confusion_matrix, is_right, transitions
-from tunebook.report import closest_gold, diff_html, gold_in_passages, highlight, item_html, report_html
+from tunebook.analysis.analysis import categorize, confusion_matrix, is_right, transitions
+from tunebook.analysis.report import closest_gold, diff_html, gold_in_passages, highlight, item_html, report_html
 
 
 def test_categories():
@@ -92,7 +92,7 @@ def rows_of(*rights: int, prefix: str = "") -> list[dict]:
 
 
 def test_changes_against_the_reference_model():
-    from tunebook.analysis import mark_changes, reference_model
+    from tunebook.analysis.analysis import mark_changes, reference_model
 
     assert [reference_model(m, ["base", "finetuned", "gguf_q8_0"]) for m in ("base", "finetuned", "gguf_q8_0")] == [None, "base", "finetuned"]
     assert reference_model("gpt-4o-mini", ["base", "gpt-4o-mini"]) is None
@@ -128,7 +128,7 @@ def parts(widget):
 
 
 def test_browser_filters_steps_and_saves_marks_without_losing_earlier_ones(tmp_path):
-    from tunebook.browser import browser, read_marks
+    from tunebook.analysis.browser import browser, read_marks
 
     marks = tmp_path / "relabels.jsonl"
     marks.write_text(json.dumps({"model": "finetuned", "id": "9", "question": "q", "gold_answers": ["x"], "prediction": "y", "mark": "gold_wrong"}) + "\n")
@@ -153,7 +153,7 @@ def test_browser_compares_any_two_models_and_steps_by_keyboard():
     from ipyevents import Event
     from ipywidgets import Widget
 
-    from tunebook.browser import browser
+    from tunebook.analysis.browser import browser
 
     base, tuned, copy = rows_of(0, 1, 0, 1), rows_of(1, 0, 0, 1), rows_of(1, 1, 0, 0)
     w = parts(browser({"base": base, "finetuned": tuned, "int8": copy}, None))
@@ -174,7 +174,7 @@ def test_browser_compares_any_two_models_and_steps_by_keyboard():
 
 
 def test_confusion_cells_list_their_answers():
-    from tunebook.browser import browser
+    from tunebook.analysis.browser import browser
 
     labels = ["sports", "movie"]
     rows = [
@@ -208,8 +208,8 @@ def test_confusion_cells_list_their_answers():
 def test_finished_runs_lists_evaluated_runs_only(write_params, tmp_path):
     import shutil
 
-    from tunebook.browser import finished_runs
-    from tunebook.runs import open_run
+    from tunebook.analysis.browser import finished_runs
+    from tunebook.run.folder import open_run
 
     def make_run(name: str, evaluated: bool):
         run = open_run(write_params(f"run_name: {name}\noutput_dir: out\ndata:\n  train_path: rows.jsonl\n", f"{name}.yaml"))
@@ -227,7 +227,7 @@ def test_finished_runs_lists_evaluated_runs_only(write_params, tmp_path):
 
 
 def test_category_and_length_plots():
-    from tunebook.analysis import length_vs_correctness, plot_categories, plot_length_vs_correctness
+    from tunebook.analysis.analysis import length_vs_correctness, plot_categories, plot_length_vs_correctness
 
     tuned = rows_of(1, 1, 0)
     assert length_vs_correctness(tuned) == [{"words": "1", "answers": 2, "right": 1.0}, {"words": "4-5", "answers": 1, "right": 0.0}]
@@ -240,7 +240,7 @@ def test_browser_on_colab_enables_its_custom_widget_manager(monkeypatch):
     """Colab draws ipyevents (the keyboard stepping) only after enable_custom_widget_manager(); the cell calls it."""
     import types
 
-    from tunebook.browser import browser
+    from tunebook.analysis.browser import browser
 
     calls = []
     output = types.SimpleNamespace(enable_custom_widget_manager=lambda: calls.append("enabled"))

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from servers import MODEL_ALIAS, FaultProxy, free_port, serving
-from tunebook import api_baseline
-from tunebook.analysis import analyze
-from tunebook.api_baseline import generate_api
-from tunebook.config import ApiBaselineParams
-from tunebook.data import build_dataset, load_split, read_jsonl
+from tunebook.analysis.analysis import analyze
+from tunebook.dataset.build import build_dataset, load_split, read_jsonl
 from tunebook.errors import TunebookError
-from tunebook.evaluate import evaluate
-from tunebook.runs import open_run
+from tunebook.evaluation.evaluate import evaluate
+from tunebook.params.schema import ApiBaselineParams
+from tunebook.run.folder import open_run
+from tunebook.teacher import endpoint
+from tunebook.teacher.endpoint import generate_api
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,8 @@ def proxy(llama_server):
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(api_baseline, "WAIT_INITIAL", 0.01)
-    monkeypatch.setattr(api_baseline, "WAIT_MAX", 0.05)
+    monkeypatch.setattr(endpoint, "WAIT_INITIAL", 0.01)
+    monkeypatch.setattr(endpoint, "WAIT_MAX", 0.05)
 
 
 def baseline(base_url: str, **kwargs) -> ApiBaselineParams:
@@ -103,7 +103,7 @@ def test_faults_are_retried_recorded_and_no_row_is_lost(proxy, capsys):
 
 
 def test_unreachable_endpoint_fails_every_row_without_raising(monkeypatch, capsys):
-    monkeypatch.setattr(api_baseline, "PROGRESS_EVERY", 1)
+    monkeypatch.setattr(endpoint, "PROGRESS_EVERY", 1)
     params = baseline(f"http://127.0.0.1:{free_port()}/v1", max_retries=1, timeout_seconds=2)
     gen = generate_api(params, chat("a", "b", "c"), max_new_tokens=4)
     assert gen.texts == ["", "", ""]

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from conftest import ROOT
-from tunebook.config import DEFAULT_MODEL
-from tunebook.models import load_tokenizer
+from tunebook.models.load import load_tokenizer
+from tunebook.params.schema import DEFAULT_MODEL
 
 spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
 train_throughput = importlib.util.module_from_spec(spec)

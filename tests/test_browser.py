@@ -14,9 +14,9 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from conftest import ROOT
-from tunebook.analysis import categorize, confusion_matrix, is_right, load_predictions
-from tunebook.report import gold_in_passages, report_html
-from tunebook.runs import open_run
+from tunebook.analysis.analysis import categorize, confusion_matrix, is_right, load_predictions
+from tunebook.analysis.report import gold_in_passages, report_html
+from tunebook.run.folder import open_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from tunebook.config import DataParams, ParamsError, PromptParams, load_params
-from tunebook.data import build_dataset, data_format, read_rows, row_format, to_examples, with_chat
-from tunebook.rows import DataError
-from tunebook.runs import open_run
+from tunebook.dataset.build import build_dataset, data_format, read_rows, row_format, to_examples, with_chat
+from tunebook.params.load import load_params
+from tunebook.params.schema import DataParams, ParamsError, PromptParams
+from tunebook.run.folder import open_run
+from tunebook.run.rows import DataError
 
 DEFAULT = ROOT / "params" / "default.yaml"
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -134,7 +135,7 @@ def test_a_conversation_trains_on_its_last_answer_in_every_family(family):
     whole conversation as generation renders it, the completion the last answer and the end of turn alone."""
     from test_families import tokenizer_of
 
-    from tunebook.families import chat_format, training_text
+    from tunebook.models.families import chat_format, training_text
 
     tokenizer = tokenizer_of(family)
     fmt = chat_format(tokenizer)
@@ -273,7 +274,7 @@ def test_params_a_chat_format_cannot_honour_are_refused(write_params, tmp_path):
 
 
 def test_the_preflight_compares_chat_eval_rows_with_training_rows(tmp_path):
-    from tunebook.preflight import no_overlap
+    from tunebook.checks.preflight import no_overlap
 
     (tmp_path / "eval.jsonl").write_text((EXAMPLES / "sharegpt.jsonl").read_text(encoding="utf-8").split("\n", 1)[0] + "\n", encoding="utf-8")
     p = load_params(SMOKE, [f"data.train_path={EXAMPLES / 'messages.jsonl'}", f"data.eval_path={tmp_path / 'eval.jsonl'}", "data.group_field=topic"])

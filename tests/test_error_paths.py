@@ -1,6 +1,6 @@
 """Bad input as a new user gives it: every class ends in one message that names what, where and what is allowed, exit
 code 2 and no traceback, before anything in an existing run folder changes. Through the CLI (`python -m tunebook` in a
-subprocess) and through papermill (runs.execute_stage, the notebooks' path); real components throughout. The seconds
+subprocess) and through papermill (run/notebooks.py's execute_stage, the notebooks' path); real components throughout. The seconds
 until each message appears are printed at the end (with -s); the 10-second target is bench/bad_inputs.py's."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import pytest
 
 from conftest import ROOT
 from tunebook.errors import TunebookError
-from tunebook.runs import Run, execute_stage, open_run
+from tunebook.run.folder import Run, open_run
+from tunebook.run.notebooks import execute_stage
 
 SMOKE = ROOT / "params" / "smoke.yaml"
 TIMES: dict[str, float] = {}

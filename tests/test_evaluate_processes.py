@@ -4,11 +4,11 @@ gloo; the answers and scores must be those of one process."""
 import pytest
 
 from conftest import ROOT
-from tunebook.data import build_dataset
+from tunebook.dataset.build import build_dataset
 from tunebook.errors import TunebookError
-from tunebook.evaluate import EvalModel, evaluate, generate_launched
-from tunebook.rows import read_jsonl
-from tunebook.runs import open_run
+from tunebook.evaluation.evaluate import EvalModel, evaluate, generate_launched
+from tunebook.run.folder import open_run
+from tunebook.run.rows import read_jsonl
 
 TIMINGS = ("seconds", "examples_per_second", "load_seconds", "peak_memory_mb", "processes")
 

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import ROOT, family_matrix, finetuned_record, gpu_present
 from tunebook.errors import TunebookError
-from tunebook.families import PINNED_DATE, TemplateError, chat_format, choose_pad_token, linear_layer_names, split_reasoning, training_text
-from tunebook.models import load_tokenizer, pick_dtype, prepare_tokenizer
+from tunebook.models.families import PINNED_DATE, TemplateError, chat_format, choose_pad_token, linear_layer_names, split_reasoning, training_text
+from tunebook.models.load import load_tokenizer, pick_dtype, prepare_tokenizer
 
 PROMPT = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "What is the capital of France?"}]
 ANSWER = [{"role": "assistant", "content": "Paris"}]
@@ -122,8 +122,8 @@ def test_a_collator_that_masks_the_end_of_turn_as_padding_stops_training(tmp_pat
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling
 
-    from tunebook.families import training_tokens
-    from tunebook.train import _check_collated_stop
+    from tunebook.models.families import training_tokens
+    from tunebook.training.train import _check_collated_stop
 
     tokenizer = tokenizer_of("llama3_1")
     fmt = chat_format(tokenizer)
@@ -190,9 +190,9 @@ def test_all_linear_is_the_architectures_own_linear_layers():
 
 def test_evaluation_prompt_that_drifted_from_training_is_stopped(tmp_path, write_params):
     """A Qwen3 fine-tuned without thinking, evaluated with the switch flipped: 04 stops before generating."""
-    from tunebook.evaluate import check_trained_prompt
-    from tunebook.families import training_tokens
-    from tunebook.runs import open_run
+    from tunebook.evaluation.evaluate import check_trained_prompt
+    from tunebook.models.families import training_tokens
+    from tunebook.run.folder import open_run
 
     tokenizer = tokenizer_of("qwen3")
     prompt_ids, _ = training_tokens(tokenizer, chat_format(tokenizer), PROMPT, ANSWER)
@@ -250,9 +250,9 @@ def test_deepseek_tokenizer_keeps_its_spaces_from_load_to_the_training_text_01_w
     R1-Distill models): transformers 5's LlamaTokenizer replaced its pipeline and every space was lost."""
     from transformers import AutoTokenizer
 
-    from tunebook.data import build_dataset, load_split
-    from tunebook.families import training_tokens
-    from tunebook.runs import open_run
+    from tunebook.dataset.build import build_dataset, load_split
+    from tunebook.models.families import training_tokens
+    from tunebook.run.folder import open_run
 
     model = deepseek_model()
     shipped = AutoTokenizer.from_pretrained(model)  # what transformers builds from the files alone
@@ -279,10 +279,10 @@ def test_a_tokenizer_that_does_not_give_the_text_back_stops_01_before_anything_i
     the class, what went in, what came back and the fix; the run folder gets no dataset and no 01 entry."""
     import shutil
 
-    from tunebook.data import build_dataset
-    from tunebook.preflight import PreflightError, check_or_stop
-    from tunebook.runs import open_run
-    from tunebook.tokenizer_check import TokenizerError
+    from tunebook.checks.preflight import PreflightError, check_or_stop
+    from tunebook.dataset.build import build_dataset
+    from tunebook.models.tokenizer_check import TokenizerError
+    from tunebook.run.folder import open_run
 
     model = tmp_path / "no_decoder"
     shutil.copytree(tiny_smollm2, model)
@@ -301,14 +301,14 @@ def test_a_tokenizer_that_does_not_give_the_text_back_stops_01_before_anything_i
 
 
 def load_params_of(path):
-    from tunebook.config import load_params
+    from tunebook.params.load import load_params
 
     return load_params(path)
 
 
 def test_a_declared_normalization_is_not_a_round_trip_failure():
     """Qwen 2.5 declares NFC: decomposed text comes back composed, which is the tokenizer's own normalization."""
-    from tunebook.tokenizer_check import check_round_trip
+    from tunebook.models.tokenizer_check import check_round_trip
 
     tokenizer = tokenizer_of("qwen2_5")
     decomposed = "Cafe\u0301 au lait, s'il vous plai\u0302t."
@@ -317,7 +317,7 @@ def test_a_declared_normalization_is_not_a_round_trip_failure():
 
 
 def test_error_view_shows_the_reasoning_taken_out_of_an_answer():
-    from tunebook.report import item_html
+    from tunebook.analysis.report import item_html
 
     row = {
         "question": "Capital?",
@@ -361,11 +361,11 @@ def test_gemma3_trains_with_transformers_on_a_gpu_unless_unsloth_is_asked_for(mo
     """A tiny Gemma 3 learned no answer format through Unsloth's trainer in the family matrix (0% in format, where the
     hf backend reached 100%): backend auto routes it to transformers and says why; asked for explicitly, Unsloth is
     used with a warning. Other families keep Unsloth."""
-    from tunebook import models
-    from tunebook.models import pick_backend
+    from tunebook.models import load
+    from tunebook.models.load import pick_backend
 
-    monkeypatch.setattr(models, "has_cuda", lambda: True)
-    monkeypatch.setattr(models, "has_unsloth", lambda: True)
+    monkeypatch.setattr(load, "has_cuda", lambda: True)
+    monkeypatch.setattr(load, "has_unsloth", lambda: True)
     assert pick_backend("auto", model_type="gemma3_text") == "hf" and pick_backend("auto", model_type="gemma3") == "hf"
     said = capsys.readouterr().out
     assert "model.backend auto: training with transformers, not Unsloth: through Unsloth's trainer a tiny Gemma 3 learned no answer format" in said

@@ -1,4 +1,4 @@
-"""The fit check (tunebook.fit): a prediction checked against a calculation written out by hand and against the peak
+"""The fit check (tunebook.checks.fit): a prediction checked against a calculation written out by hand and against the peak
 the project measured for the same configuration, the refusal with the knob that makes a run fit, the warning within
 10% of a limit, the preflight stopping a run that cannot fit before any model loads, and `check --machine` reading a
 hub model's config.json alone (from a loopback hub that records what is asked of it)."""
@@ -17,10 +17,11 @@ import pytest
 
 from conftest import ROOT
 from servers import JsonHandler, answering
+from tunebook.checks.fit import GIB, MACHINES, Machine, check_fit, fit_here, model_shape, predict
+from tunebook.checks.preflight import PreflightError, check_or_stop
 from tunebook.cli import main
-from tunebook.config import STAGES, load_params
-from tunebook.fit import GIB, MACHINES, Machine, check_fit, fit_here, model_shape, predict
-from tunebook.preflight import PreflightError, check_or_stop
+from tunebook.params.load import load_params
+from tunebook.params.schema import STAGES
 
 CONFIGS = ROOT / "bench" / "configs"
 TRAIN = ["02_finetune"]
@@ -28,7 +29,7 @@ TRAIN = ["02_finetune"]
 
 def config_folder(tmp_path: Path, config: str | dict, name: str = "model") -> Path:
     """A model folder holding a config.json and the embedded model's tokenizer files, and no weights."""
-    from tunebook.models import resolve_model
+    from tunebook.models.load import resolve_model
 
     folder = tmp_path / name
     folder.mkdir()
@@ -193,8 +194,8 @@ def test_check_says_in_one_line_when_the_hub_is_unreachable_and_nothing_is_cache
 
 
 def test_once_01_has_run_the_check_uses_the_longest_rows_it_built(tmp_path):
-    from tunebook.data import build_dataset
-    from tunebook.runs import open_run
+    from tunebook.dataset.build import build_dataset
+    from tunebook.run.folder import open_run
 
     run = open_run(ROOT / "params" / "default.yaml", [f"output_dir={tmp_path}", "data.max_train_examples=40", "data.eval_size=20"])
     build_dataset(run)
@@ -214,8 +215,8 @@ def test_every_colab_params_file_fits_its_machine_as_shipped():
     configs from bench/configs): nothing does not fit. docs/fit.md's tables are `python bench/fit.py docs`."""
     import importlib.util
 
-    from tunebook.config import STAGES
-    from tunebook.fit import shape_from_config
+    from tunebook.checks.fit import shape_from_config
+    from tunebook.params.schema import STAGES
 
     spec = importlib.util.spec_from_file_location("fit_bench", ROOT / "bench" / "fit.py")
     fit_bench = importlib.util.module_from_spec(spec)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from servers import MODEL_ALIAS, FaultProxy, free_port, serving
-from tunebook import api_baseline
-from tunebook.config import TeacherParams
-from tunebook.data import build_dataset, read_jsonl
-from tunebook.runs import open_run
-from tunebook.synthetic import SynthesisError
-from tunebook.teacher import Teacher
+from tunebook.dataset.build import build_dataset, read_jsonl
+from tunebook.dataset.synthetic import SynthesisError
+from tunebook.params.schema import TeacherParams
+from tunebook.run.folder import open_run
+from tunebook.teacher import endpoint
+from tunebook.teacher.client import Teacher
 
 # Our own small documentation of a made-up package manager. Two pages carry the proxy's fault markers: the teacher's
 # reply for one is not JSON (MALFORMED), the request for the other always fails (FAIL-ALWAYS).
@@ -62,8 +62,8 @@ def proxy(llama_server):
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(api_baseline, "WAIT_INITIAL", 0.01)
-    monkeypatch.setattr(api_baseline, "WAIT_MAX", 0.05)
+    monkeypatch.setattr(endpoint, "WAIT_INITIAL", 0.01)
+    monkeypatch.setattr(endpoint, "WAIT_MAX", 0.05)
 
 
 def test_teacher_caches_replies_counts_them_and_never_caches_a_failure(proxy, tmp_path):

@@ -3,13 +3,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunebook.config import DEFAULT_MODEL
-from tunebook.data import build_dataset, load_split
+from tunebook.dataset.build import build_dataset, load_split
 from tunebook.errors import TunebookError
-from tunebook.evaluate import answer_budget
-from tunebook.generate import Generation, answer_token_budget, cut_at_stop, end_of_turn_ids, generate, merge_shards, peak_memory, shard_rows
-from tunebook.models import load_for_inference, use_grouped_query_sdpa
-from tunebook.runs import open_run
+from tunebook.evaluation.evaluate import answer_budget
+from tunebook.models.generate import Generation, answer_token_budget, cut_at_stop, end_of_turn_ids, generate, merge_shards, peak_memory, shard_rows
+from tunebook.models.load import load_for_inference
+from tunebook.models.patches import use_grouped_query_sdpa
+from tunebook.params.schema import DEFAULT_MODEL
+from tunebook.run.folder import open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

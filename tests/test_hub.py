@@ -17,9 +17,9 @@ from huggingface_hub import ModelCard
 
 from conftest import ROOT
 from hub_server import fake_hub
-from tunebook.model_card import artifacts, cards, write_cards
-from tunebook.runs import Run, open_run
-from tunebook.stage_outputs import AnalysisOutputs, DatasetOutputs, EvaluateOutputs, FinetuneOutputs, QuantizedCopy, QuantizeOutputs
+from tunebook.analysis.model_card import artifacts, cards, write_cards
+from tunebook.run.folder import Run, open_run
+from tunebook.run.outputs import AnalysisOutputs, DatasetOutputs, EvaluateOutputs, FinetuneOutputs, QuantizedCopy, QuantizeOutputs
 
 TOKEN = "hf_tunebookFakeToken9f3c1e7b2a"  # distinctive: the grep in test_share_smoke.py looks for it
 METRICS = [

@@ -11,12 +11,12 @@ import pytest
 
 from conftest import ROOT
 from servers import MODEL_ALIAS, FaultProxy, serving
-from tunebook import labelled
-from tunebook.analysis import analyze
-from tunebook.data import build_dataset
-from tunebook.evaluate import evaluate
-from tunebook.rows import read_jsonl, write_jsonl
-from tunebook.runs import open_run
+from tunebook.analysis.analysis import analyze
+from tunebook.dataset import labelled
+from tunebook.dataset.build import build_dataset
+from tunebook.evaluation.evaluate import evaluate
+from tunebook.run.folder import open_run
+from tunebook.run.rows import read_jsonl, write_jsonl
 
 # Our own short news items, two topics: real training rows and real eval rows.
 TRAIN = [
@@ -208,10 +208,10 @@ def test_the_teachers_label_and_the_attributes_asked_for(write_params, tmp_path)
     asked = [labelled.attributes(p, "cooking", k) for k in range(4)]
     assert [a["length"] for a in asked] == ["short", "long"] * 2 and [a["subtopic"] for a in asked] == ["bread", "soup"] * 2
     assert labelled.attributes(p, "sports", 0)["subtopic"] is None  # the teacher picks one and names it
-    from tunebook import colab
-    from tunebook.config import load_params
+    from tunebook.colab import runtime
+    from tunebook.params.load import load_params
 
     teacher_recipe = load_params(ROOT / "params" / "livedoor_teacher.yaml")
-    assert "synthesize.labelled" in colab.groups_for(teacher_recipe, "01_build_dataset")["documents"]
+    assert "synthesize.labelled" in runtime.groups_for(teacher_recipe, "01_build_dataset")["documents"]
     judged = teacher_recipe.model_copy(update={"evaluate": teacher_recipe.evaluate.model_copy(update={"metric": "faq", "judge": True})})
-    assert "evaluate.judge" in colab.groups_for(judged, "04_evaluate")["documents"]
+    assert "evaluate.judge" in runtime.groups_for(judged, "04_evaluate")["documents"]

@@ -1,4 +1,4 @@
-"""The shard-by-shard merge (tunebook.merge): the same weights as PEFT's merge_and_unload, the same outputs as the base
+"""The shard-by-shard merge (tunebook.models.merge): the same weights as PEFT's merge_and_unload, the same outputs as the base
 model with the adapter on it, whatever the shard size; a merged folder made from another adapter is not taken."""
 
 import json
@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from tunebook.merge import MERGE_RECORD, made_from, merge_adapter, sixteen_bit_name
+from tunebook.models.merge import MERGE_RECORD, made_from, merge_adapter, sixteen_bit_name
 
 
 def random_adapter(base, folder, seed=0, **lora):
@@ -74,7 +74,7 @@ def test_a_4bit_hub_model_is_merged_from_its_16bit_weights():
 
 def test_the_base_model_with_the_adapter_loads_as_the_merged_model(tiny_smollm2, tmp_path):
     """04 in a runtime without a merged copy scores the base model with the adapter on it: the same model."""
-    from tunebook.models import load_for_inference
+    from tunebook.models.load import load_for_inference
 
     random_adapter(tiny_smollm2, tmp_path / "adapter", seed=4)
     for file in tiny_smollm2.iterdir():  # 02 saves the tokenizer with the adapter

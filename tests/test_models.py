@@ -1,9 +1,9 @@
 import pytest
 
 from conftest import CPU_ONLY
-from tunebook.config import DEFAULT_MODEL as DEFAULT_MODEL_NAME
 from tunebook.errors import TunebookError
-from tunebook.models import load_tokenizer, materialize_embedded, pick_backend, resolve_model
+from tunebook.models.load import load_tokenizer, materialize_embedded, pick_backend, resolve_model
+from tunebook.params.schema import DEFAULT_MODEL as DEFAULT_MODEL_NAME
 
 
 def test_embedded_default_is_a_plain_trainable_folder():
@@ -47,7 +47,7 @@ def test_unsloth_without_gpu_stops_clearly():
 def test_dtype_follows_the_gpu(monkeypatch):
     import torch
 
-    from tunebook.models import pick_dtype
+    from tunebook.models.load import pick_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4
@@ -60,7 +60,7 @@ def test_dtype_follows_the_gpu(monkeypatch):
 def test_cpu_computes_in_bfloat16_only_with_bfloat16_instructions(monkeypatch):
     import torch
 
-    from tunebook.models import pick_dtype
+    from tunebook.models.load import pick_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
@@ -72,7 +72,7 @@ def test_cpu_computes_in_bfloat16_only_with_bfloat16_instructions(monkeypatch):
 
 
 def test_named_chat_template_without_unsloth_is_explained():
-    from tunebook.models import has_unsloth
+    from tunebook.models.load import has_unsloth
 
     if has_unsloth():
         pytest.skip("unsloth is installed")

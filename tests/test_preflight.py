@@ -48,8 +48,9 @@ OFFLINE_RECIPES = sorted(p.name for p in (ROOT / "params").glob("*.yaml") if "em
 def test_every_offline_recipe_passes_its_preflight(recipe):
     """No false alarm on a shipped recipe: each one that runs here passes (the FAQ recipes' eval rows take their
     passages from the documents, so they have none of their own)."""
-    from tunebook.config import STAGES, load_params
-    from tunebook.preflight import preflight
+    from tunebook.checks.preflight import preflight
+    from tunebook.params.load import load_params
+    from tunebook.params.schema import STAGES
 
     params = load_params(str(ROOT / "params" / recipe), [])
     paths = [p for p in (params.data.train_path, params.data.eval_path, params.synthesize.documents_path) if p and "shared" in p]

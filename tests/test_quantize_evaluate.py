@@ -1,11 +1,11 @@
 import pytest
 
 from conftest import finetuned_record
-from tunebook.config import DEFAULT_MODEL
-from tunebook.evaluate import EvalModel, models_to_evaluate
-from tunebook.models import dir_size_mb
-from tunebook.quantize import Skipped, _check_group_size, size_table
-from tunebook.runs import open_run
+from tunebook.evaluation.evaluate import EvalModel, models_to_evaluate
+from tunebook.models.load import dir_size_mb
+from tunebook.params.schema import DEFAULT_MODEL
+from tunebook.quantizing.quantize import Skipped, _check_group_size, size_table
+from tunebook.run.folder import open_run
 
 
 def test_dir_size_mb(tmp_path):
@@ -60,9 +60,9 @@ def test_gguf_round_trip_on_cpu(tmp_path):
     pytest.importorskip("llama_cpp")
     import llama_cpp
 
-    from tunebook.generate import generate_gguf, load_gguf
-    from tunebook.models import load_tokenizer, resolve_model
-    from tunebook.quantize import write_f16_gguf
+    from tunebook.models.generate import generate_gguf, load_gguf
+    from tunebook.models.load import load_tokenizer, resolve_model
+    from tunebook.quantizing.quantize import write_f16_gguf
 
     f16, q8 = tmp_path / "model.f16.gguf", tmp_path / "q8_0.gguf"
     write_f16_gguf(resolve_model(DEFAULT_MODEL), f16)

@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from tunebook.config import DataParams, PromptParams, RaftParams
-from tunebook.data import DataError, raft_example, to_examples, with_chat
-from tunebook.evaluate import final_answer
+from tunebook.dataset.build import DataError, raft_example, to_examples, with_chat
+from tunebook.evaluation.evaluate import final_answer
+from tunebook.params.schema import DataParams, PromptParams, RaftParams
 
 # A HotpotQA-shaped row written for this test: [title, [sentences]] paragraphs and [title, sentence] facts.
 ROW = {

@@ -5,15 +5,16 @@ import json
 import pytest
 
 from conftest import ROOT
-from tunebook import data, runs
+from tunebook.dataset.build import build_dataset
+from tunebook.run.folder import open_run
 
 RECIPES = ["squad_rag", "jaqket_rag", "hotpotqa_raft", "livedoor_genre", "debian_faq"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_builds_its_dataset(recipe, shared_datasets, tmp_path):
-    run = runs.open_run(ROOT / "params" / f"{recipe}.yaml", [f"output_dir={tmp_path}"])
-    built = data.build_dataset(run)
+    run = open_run(ROOT / "params" / f"{recipe}.yaml", [f"output_dir={tmp_path}"])
+    built = build_dataset(run)
     train_ids, eval_ids = {e["id"] for e in built.train}, {e["id"] for e in built.eval}
     assert len(built.eval) >= 20 and len(built.train) > len(built.eval) / 2 and not train_ids & eval_ids
     stats = {row["split"]: row for row in built.summary.table}
@@ -35,11 +36,11 @@ def test_recipe_builds_its_dataset(recipe, shared_datasets, tmp_path):
 def test_teacher_recipe_builds_its_dataset_from_the_debian_faq(recipe, shared_datasets, tmp_path):
     """The two recipes whose training rows a teacher writes from documents, with the local teacher (the embedded
     model) on 4 chunks: the eval rows are the FAQ's real questions with retrieved chunks, decontaminated against."""
-    run = runs.open_run(
+    run = open_run(
         ROOT / "params" / f"{recipe}.yaml",
         [f"output_dir={tmp_path}", "synthesize.max_chunks=4", "synthesize.teacher.max_new_tokens=160", f"synthesize.teacher.cache_dir={tmp_path / 'cache'}"],
     )
-    built = data.build_dataset(run)
+    built = build_dataset(run)
     s = built.summary.synthetic
     assert s["teacher"]["requests"] == 4 and s["failed_chunks"] == 0
     assert "shares an n-gram with an eval question" in [r["step"] for r in s["steps"]]

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import ROOT
 from tunebook.errors import TunebookError
-from tunebook.runs import Run, adopt_stage, open_run
-from tunebook.train import checkpoint_step, last_checkpoint, resume_point
+from tunebook.run.folder import Run, adopt_stage, open_run
+from tunebook.training.train import checkpoint_step, last_checkpoint, resume_point
 
 STEPS = 6
 # 8 rows in batches of 2: 4 steps an epoch, so checkpoint-2 is mid-epoch and checkpoint-4 an epoch boundary.
@@ -62,8 +62,8 @@ def cli(name, out, *args):
 
 
 def notebook(run: Run):
-    """Notebook 02 through papermill, as the CLI runs it (runs.execute_stage)."""
-    code = "import sys; from pathlib import Path; from tunebook.runs import execute_stage; execute_stage('02_finetune', Path(sys.argv[1]), Path(sys.argv[2]))"
+    """Notebook 02 through papermill, as the CLI runs it (run/notebooks.py's execute_stage)."""
+    code = "import sys; from pathlib import Path; from tunebook.run.notebooks import execute_stage; execute_stage('02_finetune', Path(sys.argv[1]), Path(sys.argv[2]))"
     return [sys.executable, "-c", code, str(run.dir / "params.yaml"), str(run.dir)]
 
 

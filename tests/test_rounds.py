@@ -17,11 +17,12 @@ import pytest
 
 from conftest import ROOT
 from servers import MODEL_ALIAS
-from tunebook import cli, rounds
+from tunebook import cli
 from tunebook.metrics import loose_normalize
-from tunebook.rows import read_jsonl, write_jsonl
-from tunebook.runs import Run, adopt_stage
-from tunebook.train import checkpoint_step, last_checkpoint
+from tunebook.run.folder import Run, adopt_stage
+from tunebook.run.rows import read_jsonl, write_jsonl
+from tunebook.scale import rounds
+from tunebook.training.train import checkpoint_step, last_checkpoint
 
 # min_score 0 keeps every answer that is not empty: a random-weight model's answers, so that round 1 has rows to train on.
 ROUNDS = """run_name: {name}

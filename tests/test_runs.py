@@ -3,7 +3,7 @@ import json
 import pytest
 
 from tunebook.errors import TunebookError
-from tunebook.runs import open_run
+from tunebook.run.folder import open_run
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def test_open_run_writes_resolved_params(run, tmp_path):
 
 
 def test_stage_records_outputs_and_next_stage_reads_them_by_name(run):
-    from tunebook.stage_outputs import AnalysisOutputs
+    from tunebook.run.outputs import AnalysisOutputs
 
     with run.stage("05_error_analysis") as outputs:
         outputs.update(AnalysisOutputs(report_html="report.html", analysis_json="analysis.json").as_json())
@@ -40,8 +40,8 @@ def test_recorded_outputs_from_another_tunebook_read_by_name_or_stop_clearly(run
 
 
 def test_every_stage_has_its_outputs_record():
-    from tunebook.config import STAGES
-    from tunebook.stage_outputs import BY_STAGE
+    from tunebook.params.schema import STAGES
+    from tunebook.run.outputs import BY_STAGE
 
     assert list(BY_STAGE) == list(STAGES)
 
@@ -80,7 +80,7 @@ def test_changed_params_keep_the_earlier_version(write_params, run):
 
 
 def test_build_once_keeps_the_first_finished_copy_and_leaves_no_temp_folder(tmp_path):
-    from tunebook.runs import build_once
+    from tunebook.run.files import build_once
 
     entry = tmp_path / "cache" / "model-v1"
     with build_once(entry) as first, build_once(entry) as second:  # two processes building the same entry

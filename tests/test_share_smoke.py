@@ -18,9 +18,9 @@ from test_hub import TOKEN, tunebook
 from test_ollama import CONVERSATION, harness, ollama_reads  # noqa: F401 - harness is a fixture
 
 from hub_server import fake_hub
-from tunebook.model_card import artifacts
-from tunebook.ollama import SUFFIX, modelfile_path
-from tunebook.runs import Run
+from tunebook.analysis.model_card import artifacts
+from tunebook.quantizing.ollama import SUFFIX, modelfile_path
+from tunebook.run.folder import Run
 
 REPO = "tester/smoke"
 # params/smoke.yaml's copies that a CPU makes (bnb_nf4 is skipped), each with its card beside it.
@@ -69,7 +69,7 @@ def test_05_wrote_a_card_beside_the_adapter_the_merged_model_and_each_copy(smoke
 
 
 def test_03_wrote_a_modelfile_ollama_reads_as_the_tokenizer_prompts(smoke_run, harness):  # noqa: F811
-    from tunebook.models import load_tokenizer
+    from tunebook.models.load import load_tokenizer
 
     run_dir, _ = smoke_run
     gguf = run_dir / "quantized" / "gguf_q8_0.gguf"

@@ -17,10 +17,11 @@ import pytest
 
 from conftest import ROOT
 from servers import failing_endpoint, free_port
-from tunebook.analysis import analyze
-from tunebook.data import EvalOverlapError, build_dataset, eval_overlap, read_jsonl
-from tunebook.evaluate import EvaluationFailed, evaluate, no_answers
-from tunebook.runs import StageFailed, execute_stage, open_run
+from tunebook.analysis.analysis import analyze
+from tunebook.dataset.build import EvalOverlapError, build_dataset, eval_overlap, read_jsonl
+from tunebook.evaluation.evaluate import EvaluationFailed, evaluate, no_answers
+from tunebook.run.folder import open_run
+from tunebook.run.notebooks import StageFailed, execute_stage
 
 GOLD_REMOVED = ("q1", "q3")  # these rows' passages lose every gold answer: half of each article
 
@@ -213,7 +214,7 @@ def test_dead_api_baseline_is_not_scored_and_04_fails_through_the_cli(tiny_run, 
 
 
 def test_nothing_scored_through_papermill_leaves_the_metrics_as_they_were(tiny_run):
-    """The notebook path (runs.execute_stage, as `run` and a sweep execute a stage): only a dead baseline to score."""
+    """The notebook path (run/notebooks.py's execute_stage, as `run` and a sweep execute a stage): only a dead baseline to score."""
     run_dir, *_ = tiny_run
     before = hashes(run_dir, skip=re.compile(BOOKKEEPING.pattern + "|^manifest.json$|^predictions/dead-api.failed.jsonl$"))
     with failing_endpoint() as url, pytest.raises(StageFailed) as error:

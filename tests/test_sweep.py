@@ -8,12 +8,14 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from tunebook.compare import best_rows, sort_table, to_markdown
-from tunebook.config import ParamsError, validate_params
+from tunebook.analysis.compare import best_rows, sort_table, to_markdown
 from tunebook.errors import TunebookError
-from tunebook.evaluate import untrained_key
-from tunebook.runs import Run, adopt_stage, open_run, stage_key
-from tunebook.sweep import expand, prepare_run
+from tunebook.evaluation.evaluate import untrained_key
+from tunebook.params.load import validate_params
+from tunebook.params.schema import ParamsError
+from tunebook.run.folder import Run, adopt_stage, open_run
+from tunebook.run.keys import stage_key
+from tunebook.scale.sweep import expand, prepare_run
 
 BASE = "run_name: lora\noutput_dir: out\ndata:\n  train_path: rows.jsonl\n"
 

@@ -1,4 +1,4 @@
-from tunebook.synthetic import LEANS_ON_CHUNK, contaminated, exact_duplicates, near_duplicates, normalize, parse_pairs, parse_score, supporting_sentence
+from tunebook.dataset.synthetic import LEANS_ON_CHUNK, contaminated, exact_duplicates, near_duplicates, normalize, parse_pairs, parse_score, supporting_sentence
 
 QUESTIONS = [
     "How do I upgrade Debian to the next stable release?",

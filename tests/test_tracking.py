@@ -1,4 +1,4 @@
-"""Experiment tracking (train.report_to, tunebook.tracking): 02's losses, 04's metrics and 05's counts in one tracker
+"""Experiment tracking (train.report_to, tunebook.run.tracking): 02's losses, 04's metrics and 05's counts in one tracker
 run, read back with TensorBoard's own reader; a missing tracker package named at preflight with its pip install."""
 
 import importlib.util
@@ -7,11 +7,12 @@ import json
 import pytest
 
 from conftest import ROOT
-from tunebook import preflight, tracking
-from tunebook.config import load_params
+from tunebook.checks import preflight
 from tunebook.errors import TunebookError
-from tunebook.runs import open_run
-from tunebook.stage_outputs import AnalysisOutputs, EvaluateOutputs, FinetuneOutputs
+from tunebook.params.load import load_params
+from tunebook.run import tracking
+from tunebook.run.folder import open_run
+from tunebook.run.outputs import AnalysisOutputs, EvaluateOutputs, FinetuneOutputs
 
 METRICS = [
     {"model": "base", "exact_match": 0.0, "f1": 0.125, "n": 8, "peak_memory_mb": 900.5, "bits": 16},
@@ -149,7 +150,7 @@ def test_preflight_names_the_pip_install_of_a_missing_tracker(tracker, monkeypat
 def test_02_without_the_tracker_package_stops_before_the_trainer_is_made(monkeypatch, tmp_path, tiny_smollm2):
     from datasets import Dataset
 
-    from tunebook.train import build_trainer
+    from tunebook.training.train import build_trainer
 
     without("wandb", monkeypatch)
     params = load_params(ROOT / "params/smoke.yaml", ["train.report_to=wandb", f"model.name={tiny_smollm2}", "model.dtype=float32"])
@@ -186,10 +187,10 @@ def test_a_resumed_curve_holds_each_step_once(tmp_path):
 def test_a_run_with_tensorboard_holds_its_losses_metrics_and_counts(tmp_path, tiny_smollm2):
     """params/smoke.yaml with train.report_to=tensorboard (on the tiny SmolLM2-shaped model, no 03), through the stage
     functions: the Trainer's train and eval losses at their steps, 04's metrics and 05's counts at the last step."""
-    from tunebook.analysis import analyze
-    from tunebook.data import build_dataset
-    from tunebook.evaluate import evaluate
-    from tunebook.train import finetune
+    from tunebook.analysis.analysis import analyze
+    from tunebook.dataset.build import build_dataset
+    from tunebook.evaluation.evaluate import evaluate
+    from tunebook.training.train import finetune
 
     # float32: the tracker does not depend on the dtype, and the run not on whether this CPU computes bfloat16.
     overrides = [

@@ -3,9 +3,9 @@ import types
 import pytest
 
 from conftest import CPU_ONLY
-from tunebook.config import validate_params
 from tunebook.errors import TunebookError
-from tunebook.train import _check_labels, _check_trl, _hf_model, _total_steps, _trainer, build_trainer, loss_curves, out_of_memory_message, train
+from tunebook.params.load import validate_params
+from tunebook.training.train import _check_labels, _check_trl, _hf_model, _total_steps, _trainer, build_trainer, loss_curves, out_of_memory_message, train
 
 
 def params(**train):
@@ -117,7 +117,7 @@ def test_on_a_cpu_the_fused_head_projects_only_the_loss_positions_with_the_same_
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
 
-    from tunebook.train import score_only_loss_positions
+    from tunebook.models.patches import score_only_loss_positions
 
     shipped = getattr(trl_utils._use_triton, "wrapped", trl_utils._use_triton)  # an earlier build_trainer may have set it
     monkeypatch.setattr(trl_utils, "_use_triton", shipped)

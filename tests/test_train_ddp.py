@@ -12,10 +12,11 @@ import sys
 import pytest
 
 from conftest import ROOT
-from tunebook.config import ParamsError, load_params
 from tunebook.errors import TunebookError
-from tunebook.runs import Run
-from tunebook.train import checked_accelerate_config, finetune
+from tunebook.params.load import load_params
+from tunebook.params.schema import ParamsError
+from tunebook.run.folder import Run
+from tunebook.training.train import checked_accelerate_config, finetune
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """tunebook: numbered notebooks + this small library for supervised fine-tuning of a small LLM for one task.
 
-One module per stage: data (01), train (02), quantize (03), generate/evaluate/metrics (04), analysis/report/browser (05);
-config (the params schema), runs (the run folder and its manifest), models (base model loading), cli.
+One folder per stage: dataset (01), training (02), quantizing (03), evaluation (04), analysis (05); the shared parts:
+params (the schema), run (the run folder and its manifest), models, teacher, checks, scale (sweeps, rounds), sharing,
+colab; and metrics, errors and cli here. README's code map names every module.
 """
 
 import logging

@@ -23,12 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-from tunebook.config import DEFAULT_MODEL, STAGES, load_params, schema_markdown, stage_names
+from tunebook.checks.fit import MACHINE_NAMES
 from tunebook.errors import Terminated, TunebookError, file_system_error, is_file_system_error, signal_name, sigterm_raises
-from tunebook.fit import MACHINE_NAMES
 from tunebook.metrics import SCORERS
-from tunebook.rows import write_jsonl
-from tunebook.runs import Run, execute_stage, interruption_note, move_aside, refuse_sweep, save_params, stage_key, stage_values
+from tunebook.params.load import load_params
+from tunebook.params.reference import schema_markdown
+from tunebook.params.schema import DEFAULT_MODEL, STAGES, stage_names
+from tunebook.run.folder import Run, interruption_note, move_aside, refuse_sweep, save_params
+from tunebook.run.keys import stage_key, stage_values
+from tunebook.run.notebooks import execute_stage
+from tunebook.run.rows import write_jsonl
 
 PARAMS_DOC = "docs/params.md"  # the params reference page, its table generated from the schema (a test checks it)
 
@@ -115,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--license", help="License id for the cards' metadata (default: the base model's, else unknown)")
 
     home_cmd = sub.add_parser(
-        "home", help="Print the repository tunebook.home names; --write rewrites the Colab badges and links, the set-up cells and [project.urls] from it."
+        "home", help="Print the repository tunebook.colab.home names; --write rewrites the Colab badges and links, the set-up cells and [project.urls] from it."
     )
     home_cmd.add_argument(
-        "--write", action="store_true", help="Rewrite the notebooks, README.md, docs/ and pyproject.toml (for a fork, after editing lib/tunebook/home.py)"
+        "--write", action="store_true", help="Rewrite the notebooks, README.md, docs/ and pyproject.toml (for a fork, after editing lib/tunebook/colab/home.py)"
     )
 
     args = parser.parse_args(argv)
@@ -155,12 +159,12 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "run":
         return run_pipeline(args.params, args.overrides, args.stages, resume=args.resume, overwrite=args.overwrite)
     if args.command == "check" and args.machine:
-        from tunebook.fit import fit_command
+        from tunebook.checks.fit import fit_command
 
         return fit_command(load_params(args.params, args.overrides), select_stages(args.stages), args.machine)
     if args.command == "check":
-        from tunebook.fit import fit_command
-        from tunebook.preflight import check_or_stop
+        from tunebook.checks.fit import fit_command
+        from tunebook.checks.preflight import check_or_stop
 
         params = load_params(args.params, args.overrides)
         checks = check_or_stop(params, select_stages(args.stages), args.params)
@@ -170,19 +174,19 @@ def _command(args: argparse.Namespace) -> int:
             return fit_command(params, select_stages(args.stages), None)
         return 0
     if args.command == "sweep" and (args.parallel > 1 or args.ray_address):
-        from tunebook.sweep_parallel import run_sweep_parallel
+        from tunebook.scale.sweep_parallel import run_sweep_parallel
 
         return run_sweep_parallel(args.params, args.overrides, parallel=args.parallel, ray_address=args.ray_address, rerun=args.rerun, dry_run=args.dry_run)
     if args.command == "sweep":
-        from tunebook.sweep import run_sweep
+        from tunebook.scale.sweep import run_sweep
 
         return run_sweep(args.params, args.overrides, rerun=args.rerun, dry_run=args.dry_run)
     if args.command == "rounds":
-        from tunebook.rounds import run_rounds
+        from tunebook.scale.rounds import run_rounds
 
         return run_rounds(args.params, args.overrides, notebooks=args.notebooks)
     if args.command == "compare":
-        from tunebook.compare import compare_command
+        from tunebook.analysis.compare import compare_command
 
         return compare_command(args.runs, args.model, args.sort, args.out)
     if args.command == "score":
@@ -195,28 +199,28 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "card":
         return write_cards_command(args.run, args.license)
     if args.command == "push":
-        from tunebook.hub import push
+        from tunebook.sharing.hub import push
 
         what = [w.strip() for w in args.what.split(",") if w.strip()] if args.what is not None else None
         push(args.run, args.repo, what, dry_run=args.dry_run, public=args.public, license=args.license)
         return 0
     if args.command == "home":
-        from tunebook import home
-        from tunebook.colab import write_home
+        from tunebook.colab import home
+        from tunebook.colab.runtime import write_home
 
         print(f"{home.URL} (branch {home.BRANCH})")
         for path in write_home() if args.write else []:
             print(f"rewrote {path}")
         return 0
-    from tunebook.models import materialize_embedded
+    from tunebook.models.load import materialize_embedded
 
     print(materialize_embedded(args.name))
     return 0
 
 
 def write_cards_command(run_dir: str, license: str | None) -> int:
-    from tunebook.model_card import artifacts, write_cards
-    from tunebook.ollama import modelfile_path, write_modelfile
+    from tunebook.analysis.model_card import artifacts, write_cards
+    from tunebook.quantizing.ollama import modelfile_path, write_modelfile
 
     if not (Path(run_dir) / "params.yaml").is_file():
         raise TunebookError(f"{run_dir} is not a run folder (no params.yaml): give a folder like outputs/<run>.")
@@ -241,7 +245,7 @@ def select_stages(spec: str | None) -> list[str]:
 
 
 def run_pipeline(params_path: str, overrides: list[str], stages_spec: str | None, *, resume: bool = False, overwrite: bool = False) -> int:
-    from tunebook.preflight import check_or_stop
+    from tunebook.checks.preflight import check_or_stop
 
     params = load_params(params_path, overrides)  # fail on a typo before anything starts
     refuse_sweep(params, params_path)
@@ -355,9 +359,9 @@ def replace_section(path: Path, markers: tuple[str, str], content: str) -> None:
 
 
 def score_file(path: str, jsonl_out: str | None, metric: str = "squad") -> int:
-    from tunebook.families import split_reasoning
     from tunebook.metrics import score_predictions
-    from tunebook.rows import read_jsonl
+    from tunebook.models.families import split_reasoning
+    from tunebook.run.rows import read_jsonl
 
     source = Path(path)
     if source.is_dir():
