@@ -65,12 +65,7 @@ def params_reads(module: str) -> set[str]:
     return reads
 
 
-# Known: 03 writes each GGUF copy's Ollama Modelfile with evaluate.stop_strings (a 04 key) as stop parameters, so a
-# sweep varying only that key copies 03 with the first run's stops. Strict: the day the key is marked 03, this says so.
-KNOWN = {"quantizing/ollama": "evaluate.stop_strings is read by 03's Ollama Modelfiles but declared 04"}
-
-
-@pytest.mark.parametrize("module", [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN[m])) if m in KNOWN else m for m in STAGE_MODULES])
+@pytest.mark.parametrize("module", list(STAGE_MODULES))
 def test_no_stage_reads_a_key_declared_for_a_later_stage(module):
     stage, later = STAGE_MODULES[module], []
     for key in sorted(params_reads(module)):

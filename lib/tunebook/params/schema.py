@@ -586,7 +586,9 @@ class EvaluateParams(Section):
     )
     stop_strings: list[str] = Field(
         [],
-        json_schema_extra=allowed('a list of non-empty strings, e.g. ["\\n"] (an empty one would cut every answer to nothing)'),
+        json_schema_extra=allowed('a list of non-empty strings, e.g. ["\\n"] (an empty one would cut every answer to nothing)')
+        # 03 writes them into each GGUF copy's Ollama Modelfile as stop parameters, so a change re-runs 03.
+        | read_first_by("03_quantize"),
         description='Each answer ends at the first of these strings (cut off), as well as at end-of-turn; e.g. ["\\n"] for one-line answers.',
     )
     api_baselines: list[ApiBaselineParams] = Field(
