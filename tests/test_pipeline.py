@@ -2,10 +2,12 @@
 real, on a few rows."""
 
 import ast
+import html
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import papermill
@@ -126,3 +128,55 @@ def test_failed_stage_is_reported_and_marked(tmp_path):
     assert "Stage 01_build_dataset failed" in result.stderr and "longer than model.max_seq_length=32" in result.stderr, result.stderr
     manifest = json.loads((tmp_path / "smoke" / "manifest.json").read_text())
     assert manifest["stages"]["01_build_dataset"]["status"] == "failed"
+
+
+def html_tables(cell) -> list[str]:
+    return ["".join(o["data"]["text/html"]) for o in cell.get("outputs", []) if "text/html" in o.get("data", {})]
+
+
+def printed(cell) -> str:
+    return "".join("".join(o.get("text", "")) for o in cell.get("outputs", []))
+
+
+def test_each_executed_notebook_says_what_it_needs_wrote_and_what_is_next(smoke_run):
+    """The notebooks teach: each opens with what it needs, its runtime and time, and ends with a table of what this
+    run's stage wrote (read from the manifest, each path on disk) and the next step; 02 and 04 show eval questions
+    answered by the base and the fine-tuned model side by side; a section that does not apply says so in one line."""
+    run_dir, _ = smoke_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for n, stage in enumerate(STAGES):
+        executed = nbformat.read(run_dir / "notebooks" / f"{stage}.ipynb", as_version=4)
+        markdown = [c.source for c in executed.cells if c.cell_type == "markdown"]
+        assert all(word in markdown[1] for word in ("**needs**", "**runtime**", "**time**", "**writes**")), stage
+        assert markdown[-2].startswith("## What this notebook wrote") and markdown[-1].startswith("## Next"), stage
+        if n < 4:
+            assert f"]({STAGES[n + 1]}.ipynb)" in markdown[-1], stage
+        wrote = html_tables(executed.cells[-2])
+        assert len(wrote) == 1, stage
+        outputs = manifest["stages"][stage]["outputs"]
+        for name in {
+            "01_build_dataset": ["dataset_dir", "eval_jsonl"],
+            "02_finetune": ["adapter_dir", "train_log"],
+            "04_evaluate": ["metrics_csv"],
+            "05_error_analysis": ["report_html"],
+        }.get(stage, []):
+            shown = str(Path(outputs[name]).relative_to(run_dir))
+            assert f"<td>{shown}" in wrote[0], (stage, name, shown)
+        assert not [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"], stage
+    finetune = nbformat.read(run_dir / "notebooks" / "02_finetune.ipynb", as_version=4)
+    before_after = next(c for c in finetune.cells if "answers_before_after" in c.source)
+    table = html_tables(before_after)[0]
+    rows = [json.loads(line) for line in (run_dir / "dataset" / "eval.jsonl").read_text().splitlines()]
+    questions = [r["question"] for r in sorted(rows, key=lambda r: r["n_tokens"])[:3]]
+    assert all(html.escape(" ".join(q.split())[:40], quote=False) in table for q in questions) and "<th>base</th>" in table and "<th>finetuned</th>" in table
+    assert table.count("✓") + table.count("✗") == 6
+    evaluate = nbformat.read(run_dir / "notebooks" / "04_evaluate.ipynb", as_version=4)
+    answers = html_tables(next(c for c in evaluate.cells if "answers_table" in c.source))[0]
+    predictions = [json.loads(line) for line in (run_dir / "predictions" / "finetuned.jsonl").read_text().splitlines()[:5]]
+    assert answers.count("✓") == sum(bool(r["right"]) for r in predictions) + sum(
+        bool(json.loads(line)["right"]) for line in (run_dir / "predictions" / "base.jsonl").read_text().splitlines()[:5]
+    )
+    confusions = next(c for c in evaluate.cells if "plot_confusions" in c.source)
+    assert printed(confusions).startswith("Not a classification run")
+    built = nbformat.read(run_dir / "notebooks" / "01_build_dataset.ipynb", as_version=4)
+    assert printed(next(c for c in built.cells if "built.summary.synthetic" in c.source)).startswith("No teacher in this run")

@@ -147,6 +147,24 @@ def analyze(run: Run) -> dict:
     return {"predictions": predictions, "counts": counts, "base_vs_finetuned": compare, "labels": labels, "confusion": confusion, "judge": judged}
 
 
+def changes_table(compare: dict[str, int] | None):
+    """analyze()'s base_vs_finetuned as a table: how many questions training fixed, broke, left wrong or left right."""
+    import pandas as pd
+
+    if compare is None:
+        print("Base → fine-tuned needs both models' answers (evaluate.models lists base and finetuned): not in this run.")
+        return None
+    meaning = {
+        "fixed": "wrong before training, right after",
+        "broken": "right before training, wrong after",
+        "still_wrong": "wrong before and after",
+        "both_right": "right before and after",
+    }
+    total = sum(compare.values()) or 1
+    rows = [{"change": k, "meaning": meaning[k], "questions": v, "share": f"{v / total:.0%}"} for k, v in compare.items()]
+    return pd.DataFrame(rows).set_index("change")
+
+
 def confusion_matrix(rows: list[dict], labels: list[str]) -> dict:
     """Classification: counts[gold][predicted] over the labels, plus an "(invalid)" column for outputs
     that are no label (free generation)."""

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -515,6 +516,68 @@ def _retrieval_hit_rate(examples: list[dict]) -> dict:
     return {"retrieval_hit_rate": round(sum(flags) / len(flags), 4)} if flags else {}
 
 
+def shorten(text: str, width: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def marked(answer: str, right: bool) -> str:
+    return f"{'✓' if right else '✗'} {shorten(answer, 120) if answer.strip() else '(empty)'}"
+
+
+def side_by_side(examples: list[dict], answers: dict[str, list[str]], right: dict[str, list[bool]]):
+    """One row per question: its gold answers and each model's answer marked ✓ (right, as 04 counts it) or ✗."""
+    import pandas as pd
+
+    rows = [
+        {"question": shorten(e["question"]), "gold": shorten(" | ".join(e["answers"]), 80), **{m: marked(answers[m][i], right[m][i]) for m in answers}}
+        for i, e in enumerate(examples)
+    ]
+    return pd.DataFrame(rows)
+
+
+def answers_before_after(run: Run, n: int = 3):
+    """02's look at what training changed: the n shortest eval questions (the quickest to read) answered by the base
+    model and by the fine-tuned one, greedy as 04 generates (04 scores every question). One load: the base model with
+    02's adapter on it; the base answers come with the adapter switched off."""
+    p = run.params
+    rows = load_split(run, "eval")
+    shortest = sorted(range(len(rows)), key=lambda i: rows[i].get("n_tokens", len(str(rows[i]["prompt"]))))[:n]
+    examples = [rows[i] for i in sorted(shortest)]
+    labels = run.outputs_of("01_build_dataset").labels
+    adapter = run.outputs_of("02_finetune").adapter_dir
+    model, tokenizer = load_to_generate(run, EvalModel("finetuned", "finetuned", "adapter", adapter), backend="hf")
+    budget = answer_budget(run)
+    answers, right = {}, {}
+    for label in ("base", "finetuned"):
+        with model.disable_adapter() if label == "base" else nullcontext():
+            result = generate_answers(run, model, tokenizer, examples, labels, max_new_tokens=budget, desc=label)
+        answers[label] = as_generated(run, result, 0.0, None).answers
+        scores, _ = score_predictions(p.evaluate.metric, answers[label], [e["answers"] for e in examples], labels)
+        right[label] = [s["right"] for s in scores]
+    del model
+    gc.collect()
+    return side_by_side(examples, answers, right)
+
+
+def answers_table(run: Run, n: int = 5, models: tuple[str, ...] = ("base", "finetuned")):
+    """04's predictions of the first n eval questions side by side: base and fine-tuned by default (any scored model
+    label can be named), each answer marked as 04 scored it."""
+    files = run.outputs_of("04_evaluate").predictions
+    shown = [m for m in models if m in files]
+    if not shown:
+        print(f"None of {', '.join(models)} was scored in this run (evaluate.models): no answers to show.")
+        return None
+    predictions = {m: read_jsonl(Path(files[m]))[:n] for m in shown}
+    first = predictions[shown[0]]
+    examples = [{"question": r["question"], "answers": r["gold_answers"]} for r in first]
+    return side_by_side(
+        examples,
+        {m: [r["prediction"] for r in rows] for m, rows in predictions.items()},
+        {m: [bool(r.get("right")) for r in rows] for m, rows in predictions.items()},
+    )
+
+
 def plot_metrics(table: list[dict], metric: str = "squad"):
     import matplotlib.pyplot as plt
 
@@ -539,6 +602,7 @@ def plot_confusions(run: Run):
     evaluated = run.outputs_of("04_evaluate")
     labels = evaluated.labels
     if not labels:
+        print(f"Not a classification run (evaluate.metric {run.params.evaluate.metric}): no confusion matrix.")
         return None
     files = evaluated.predictions
     fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 5.5), squeeze=False)

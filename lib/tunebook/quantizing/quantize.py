@@ -53,6 +53,8 @@ def quantize(run: Run) -> list[QuantizedCopy]:
     with run.stage("03_quantize") as outputs:
         merged_dir = str(merged_model(run))  # rebuilt from the base model and the adapter where 02 ran elsewhere
         variants = []
+        if not run.params.quantize.methods:
+            print("quantize.methods is empty: no copies to make (04 scores the base and fine-tuned models).")
         for method in run.params.quantize.methods:
             bits, fmt = QUANTIZE_METHODS[method].bits, QUANTIZE_METHODS[method].format
             target = folder / (f"{method}.gguf" if fmt == "gguf" else method)

@@ -650,6 +650,27 @@ def loss_curves(log_history: list[dict]):
     return train, evals
 
 
+def summary_table(summary: FinetuneOutputs):
+    """What 02 recorded, as a two-column table for the notebook (the manifest keeps the same values)."""
+    import pandas as pd
+
+    rows = [
+        ("backend", summary.backend),
+        ("chat format", summary.family),
+        ("batching", summary.batching),
+        ("training examples", summary.train_examples),
+        ("optimizer steps", summary.steps),
+        ("resumed from step", summary.resumed_from_step or None),
+        ("processes", summary.num_processes if summary.num_processes > 1 else None),
+        ("mean training loss", summary.train_loss),
+        ("training seconds", summary.train_seconds),
+        ("tokens per second (steady state)", summary.tokens_per_second),
+        ("peak GPU memory (GB)", summary.peak_gpu_memory_gb),
+        ("checkpoints written", summary.checkpoints_written),
+    ]
+    return pd.DataFrame([(k, str(v)) for k, v in rows if v is not None], columns=["", "value"]).set_index("")
+
+
 def plot_loss(log_history: list[dict]):
     import matplotlib.pyplot as plt
 
