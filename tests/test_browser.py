@@ -203,7 +203,10 @@ def open_notebook_05(browser, jupyterlab, tmp_path, run_dir):
     page.wait_for_function("window.jupyterapp?.shell.currentWidget?.sessionContext?.session?.kernel?.status === 'idle'", timeout=90_000)
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     page.get_by_role("button", name="◀ previous").wait_for(timeout=120_000)
-    page.locator(".jp-OutputArea .item").first.wait_for()
+    item = page.locator(".jp-OutputArea .item").first
+    item.wait_for()
+    # JupyterLab renders only the cells in view (CSS content-visibility): the browser's cell is scrolled to, as a user does.
+    item.scroll_into_view_if_needed()
     return page
 
 

@@ -31,8 +31,8 @@ STAGE_MODULES = {
 def test_every_key_has_a_stage_or_is_where_a_run_lives():
     for key, _, _ in schema_rows():
         stage = first_read_by(key.split("[]")[0].rstrip("."))
-        assert stage in STAGES or (stage is None and key.split(".")[0] in WHERE_KEYS), key
-    assert set(WHERE_KEYS) >= {"run_name", "output_dir", "sweep", "colab"}
+        assert stage in STAGES or (stage is None and (key.split(".")[0] in WHERE_KEYS or key in WHERE_KEYS)), key
+    assert set(WHERE_KEYS) >= {"run_name", "output_dir", "sweep", "colab", "train.answers_before_after"}
     assert first_read_by("model.name") == "01_build_dataset" and first_read_by("model.backend") == "02_finetune"
     assert first_read_by("evaluate.metric") == "01_build_dataset" and first_read_by("evaluate.batch_size") == "04_evaluate"
 

@@ -536,11 +536,15 @@ def side_by_side(examples: list[dict], answers: dict[str, list[str]], right: dic
     return pd.DataFrame(rows)
 
 
-def answers_before_after(run: Run, n: int = 3):
-    """02's look at what training changed: the n shortest eval questions (the quickest to read) answered by the base
+def answers_before_after(run: Run, n: int | None = None):
+    """02's look at what training changed: the n (train.answers_before_after) shortest eval questions (the quickest to read) answered by the base
     model and by the fine-tuned one, greedy as 04 generates (04 scores every question). One load: the base model with
     02's adapter on it; the base answers come with the adapter switched off."""
     p = run.params
+    n = p.train.answers_before_after if n is None else n
+    if n == 0:
+        print("train.answers_before_after is 0: no answers shown here (04 scores every eval question).")
+        return None
     rows = load_split(run, "eval")
     shortest = sorted(range(len(rows)), key=lambda i: rows[i].get("n_tokens", len(str(rows[i]["prompt"]))))[:n]
     examples = [rows[i] for i in sorted(shortest)]

@@ -40,7 +40,8 @@ def allowed(text: str) -> dict:
 def read_first_by(stage: str | None) -> dict:
     """Field(json_schema_extra=read_first_by(STAGE)): the stage that first reads this section or key; the keys of a
     section inherit its stage unless they name their own. A stage's key (what a re-run or a sweep compares) hashes every
-    value read by it or an earlier stage. None: where a run lives or how it is launched, which no stage key counts."""
+    value read by it or an earlier stage. None: where a run lives, how it is launched or what a notebook only shows,
+    which no stage key counts."""
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown stage {stage}")
     return {"stage": stage}
@@ -295,6 +296,13 @@ class TrainParams(Section):
         description="Steps between checkpoints (adapter, optimizer, scheduler, RNG and data position) in <run>/checkpoints/; an interrupted 02 (a lost Colab runtime) resumes from the last one.",
     )
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the oldest is deleted); all are removed once 02 has saved its adapter.")
+    answers_before_after: int = Field(
+        3,
+        ge=0,
+        # Shown, not written: no stage key counts it, so changing it re-runs nothing.
+        json_schema_extra=read_first_by(None),
+        description="After training, notebook 02 shows this many eval questions (the shortest) answered by the base model and by the fine-tuned one, side by side: one more load of the base model with the adapter (about a minute for an 8B model on a T4). 0 = not shown. 04 scores every question either way.",
+    )
     report_to: Literal["none", "tensorboard", "trackio", "wandb", "mlflow"] = Field(
         "none",
         description="Experiment tracker for one run named run_name: the train and eval loss (02), then 04's metrics and 05's error counts: tensorboard (event files in <run>/tensorboard/), trackio, wandb or mlflow (pip install the one you pick; keys come from its own login or variables, never params). none = the run folder only.",
