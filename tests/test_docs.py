@@ -91,3 +91,11 @@ def test_the_link_checker_finds_what_is_broken(tmp_path):
     )
     assert anchors(page) == {"title", "part", "part-1"}
     assert [t for _, t in links(page)] == ["#part-1", "other.md", "#nowhere"]
+
+
+def test_the_readme_routes_in_at_most_250_lines():
+    """The README is the entry point (what, choose your path, your own data, the docs index); topics live in docs/."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: move a topic into docs/ and link it"
+    headings = [line for line in lines if line.startswith("## ")]
+    assert headings[:3] == ["## Choose your path", "## Your own model and data", "## What a run writes"], headings
