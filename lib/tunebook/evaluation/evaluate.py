@@ -537,19 +537,38 @@ def side_by_side(examples: list[dict], answers: dict[str, list[str]], right: dic
 
 
 def answers_before_after(run: Run, n: int | None = None):
-    """02's look at what training changed: the n (train.answers_before_after) shortest eval questions (the quickest to read) answered by the base
-    model and by the fine-tuned one, greedy as 04 generates (04 scores every question). One load: the base model with
-    02's adapter on it; the base answers come with the adapter switched off."""
+    """02's look at what training changed: the n (train.answers_before_after) shortest eval questions, the quickest to
+    read, answered by the base model and by the fine-tuned one, greedy as 04 generates (04 scores every question). One
+    load: the base model with 02's adapter on it; the base answers come with the adapter switched off.
+
+    Shown, not written: 02 has saved its work when this runs, so a failure here (say, the training backend's patches
+    in this kernel) is said in one line and does not stop the run; 04 loads the same models in a fresh process."""
     p = run.params
     n = p.train.answers_before_after if n is None else n
     if n == 0:
         print("train.answers_before_after is 0: no answers shown here (04 scores every eval question).")
         return None
+    try:
+        return generated_before_after(run, n)
+    except Exception as e:  # noqa: BLE001 (any failure of a display-only step is reported, not raised)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(
+            f"The answers before and after training could not be shown here ({type(e).__name__}: {reason}). 02's outputs are saved; 04 scores every question."
+        )
+        return None
+
+
+def generated_before_after(run: Run, n: int):
+    p = run.params
     rows = load_split(run, "eval")
     shortest = sorted(range(len(rows)), key=lambda i: rows[i].get("n_tokens", len(str(rows[i]["prompt"]))))[:n]
     examples = [rows[i] for i in sorted(shortest)]
     labels = run.outputs_of("01_build_dataset").labels
     adapter = run.outputs_of("02_finetune").adapter_dir
+    if has_cuda():  # what training left in torch's cache goes back before the base model loads
+        import torch
+
+        torch.cuda.empty_cache()
     model, tokenizer = load_to_generate(run, EvalModel("finetuned", "finetuned", "adapter", adapter), backend="hf")
     budget = answer_budget(run)
     answers, right = {}, {}
