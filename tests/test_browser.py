@@ -147,6 +147,11 @@ def jupyterlab(tmp_path):
     """JupyterLab on loopback (no token, no browser of its own), serving tmp_path, with its app object exposed."""
     port = free_port()
     settings = tmp_path / ".lab"
+    # Every cell attached and rendered: by default JupyterLab skips rendering the cells out of view (CSS
+    # content-visibility), and an answer browser below the fold then reads as empty text.
+    tracker = settings / "user" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text(json.dumps({"windowingMode": "none"}))
     command = [
         sys.executable,
         "-m",
@@ -205,8 +210,7 @@ def open_notebook_05(browser, jupyterlab, tmp_path, run_dir):
     page.get_by_role("button", name="◀ previous").wait_for(timeout=120_000)
     item = page.locator(".jp-OutputArea .item").first
     item.wait_for()
-    # JupyterLab renders only the cells in view (CSS content-visibility): the browser's cell is scrolled to, as a user does.
-    item.scroll_into_view_if_needed()
+    item.scroll_into_view_if_needed()  # as a user scrolls to the browser
     return page
 
 

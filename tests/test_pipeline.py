@@ -164,19 +164,19 @@ def test_each_executed_notebook_says_what_it_needs_wrote_and_what_is_next(smoke_
             assert f"<td>{shown}" in wrote[0], (stage, name, shown)
         assert not [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"], stage
     finetune = nbformat.read(run_dir / "notebooks" / "02_finetune.ipynb", as_version=4)
-    before_after = next(c for c in finetune.cells if "answers_before_after" in c.source)
+    before_after = next(c for c in finetune.cells if c.cell_type == "code" and "answers_before_after" in c.source)
     table = html_tables(before_after)[0]
     rows = [json.loads(line) for line in (run_dir / "dataset" / "eval.jsonl").read_text().splitlines()]
     questions = [r["question"] for r in sorted(rows, key=lambda r: r["n_tokens"])[:3]]
     assert all(html.escape(" ".join(q.split())[:40], quote=False) in table for q in questions) and "<th>base</th>" in table and "<th>finetuned</th>" in table
     assert table.count("✓") + table.count("✗") == 6
     evaluate = nbformat.read(run_dir / "notebooks" / "04_evaluate.ipynb", as_version=4)
-    answers = html_tables(next(c for c in evaluate.cells if "answers_table" in c.source))[0]
+    answers = html_tables(next(c for c in evaluate.cells if c.cell_type == "code" and "answers_table" in c.source))[0]
     predictions = [json.loads(line) for line in (run_dir / "predictions" / "finetuned.jsonl").read_text().splitlines()[:5]]
     assert answers.count("✓") == sum(bool(r["right"]) for r in predictions) + sum(
         bool(json.loads(line)["right"]) for line in (run_dir / "predictions" / "base.jsonl").read_text().splitlines()[:5]
     )
-    confusions = next(c for c in evaluate.cells if "plot_confusions" in c.source)
+    confusions = next(c for c in evaluate.cells if c.cell_type == "code" and "plot_confusions" in c.source)
     assert printed(confusions).startswith("Not a classification run")
     built = nbformat.read(run_dir / "notebooks" / "01_build_dataset.ipynb", as_version=4)
-    assert printed(next(c for c in built.cells if "built.summary.synthetic" in c.source)).startswith("No teacher in this run")
+    assert printed(next(c for c in built.cells if c.cell_type == "code" and "built.summary.synthetic" in c.source)).startswith("No teacher in this run")
